@@ -1,0 +1,33 @@
+"""Model I/O: safe loading (restricted unpickler, arch specs) and atomic saving with a plan sidecar.
+
+Example:
+    >>> from dsrewrite.io import load_model
+    >>> load_model("demo").kind
+    'demo'
+"""
+
+from .load import LoadedModel, build_arch, load_model
+from .safe_pickle import restricted_torch_load
+from .save import (
+    atomic_save,
+    atomic_write_bytes,
+    check_output_path,
+    default_output_path,
+    load_rewrite,
+    plan_path_for,
+    save_rewrite,
+)
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "build_arch",
+    "restricted_torch_load",
+    "atomic_save",
+    "atomic_write_bytes",
+    "check_output_path",
+    "default_output_path",
+    "plan_path_for",
+    "save_rewrite",
+    "load_rewrite",
+]

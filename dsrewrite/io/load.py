@@ -1,0 +1,457 @@
+"""Load a model from a file (full-module pickle or checkpoint) or from an architecture spec.
+
+``load_model(spec)`` accepts:
+
+* ``"demo"``: the embedded demo U-Net (:func:`dsrewrite.demo.demo_unet`);
+* an **arch spec**, random weights, never a download: ``timm:resnet18``,
+  ``torchvision:resnet18``, ``smp:Unet:resnet18`` (segmentation_models_pytorch
+  ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``
+  (imported and called with no arguments);
+* a **file** written by ``torch.save``:
+
+  - a full module (``torch.save(model)``), read by the restricted unpickler of
+    :mod:`dsrewrite.io.safe_pickle` (``trust_pickle=True``: plain ``torch.load``);
+  - a checkpoint: a state dict, or a dict holding one under ``"state_dict"``,
+    ``"model"`` or ``"model_state_dict"``, read with ``weights_only=True`` and
+    loaded into ``arch`` (a ``module.`` prefix from DataParallel/DDP is stripped);
+  - a ``.safetensors`` file (a state dict; needs ``arch``).
+
+``nn.DataParallel``/``DistributedDataParallel`` wrappers are unwrapped. Every
+failure is a :class:`~dsrewrite.errors.ModelLoadError` (CLI exit 2) saying what
+to do. Models come back in the train/eval mode they were saved in (arch specs:
+train mode, as constructed).
+
+Example:
+    >>> m = load_model("torchvision:resnet18")
+    >>> m.kind, type(m.model).__name__
+    ('arch', 'ResNet')
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, UnsafePickleError, did_you_mean
+from .safe_pickle import restricted_torch_load
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "build_arch",
+    "read_torch_file",
+    "extract_state_dict",
+    "load_state_dict_checked",
+    "unwrap_parallel",
+    "ARCH_EXAMPLES",
+    "STATE_DICT_KEYS",
+]
+
+Kind = Literal["module", "state_dict", "arch", "demo"]
+
+ARCH_EXAMPLES = "'timm:resnet18', 'torchvision:resnet18', 'smp:Unet:resnet18' or 'mypkg.models:build_model'"
+_ARCH_FLAG_EXAMPLES = (
+    "--arch timm:resnet18, --arch torchvision:resnet18, --arch smp:Unet:resnet18 or --arch mypkg.models:build_model"
+)
+#: Keys under which a checkpoint dict may hold the state dict (searched in this order).
+STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
+_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors"}
+_LIBRARY_PREFIXES = ("timm", "torchvision", "smp")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model and where it came from.
+
+    ``source`` describes it for humans (file, format, unwrapping, arch);
+    ``kind`` is ``"module"`` (full-module pickle), ``"state_dict"`` (checkpoint
+    loaded into an arch), ``"arch"`` (random weights from an arch spec) or
+    ``"demo"``; ``source_spec`` is the spec as given; ``path`` is the file, if any.
+    """
+
+    model: nn.Module
+    source: str
+    kind: Kind
+    source_spec: str = ""
+    path: Optional[Path] = None
+
+
+def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Strip ``nn.DataParallel``/``DistributedDataParallel`` wrappers; return the model and what was stripped.
+
+    Example:
+        >>> m, notes = unwrap_parallel(nn.DataParallel(nn.Linear(2, 2)))
+        >>> type(m).__name__, notes
+        ('Linear', ['unwrapped nn.DataParallel'])
+    """
+    notes = []
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        notes.append(f"unwrapped nn.{type(model).__name__}")
+        model = model.module
+    return model, notes
+
+
+# ----------------------------------------------------------------------------- arch specs
+
+
+def _looks_like_arch(spec: str) -> bool:
+    return ":" in spec and not any(sep in spec for sep in ("/", "\\")) and Path(spec).suffix not in _FILE_SUFFIXES
+
+
+def _timm(name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}. "
+            "List them with `python -c \"import timm; print(timm.list_models('resnet*'))\"`."
+        ) from None
+
+
+def _torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise ModelLoadError(
+            f"unknown torchvision model {name!r}{did_you_mean(name, names)}. "
+            "List them with `python -c \"import torchvision; print(torchvision.models.list_models())\"`."
+        )
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: dict[str, Any] = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # segmentation/detection models would fetch a backbone
+    return builder(**kwargs)
+
+
+def _smp(rest: str) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    arch, _, encoder = rest.partition(":")
+    archs = {a.__name__.lower(): a.__name__ for a in smp.MODEL_ARCHITECTURES_MAPPING.values()} \
+        if hasattr(smp, "MODEL_ARCHITECTURES_MAPPING") else {}
+    if archs and arch.lower() not in archs:
+        raise ModelLoadError(f"unknown smp architecture {arch!r}{did_you_mean(arch, archs.values())}.")
+    kwargs: dict[str, Any] = {"encoder_weights": None}
+    if encoder:
+        encoders = smp.encoders.get_encoder_names()
+        if encoder not in encoders:
+            raise ModelLoadError(f"unknown smp encoder {encoder!r}{did_you_mean(encoder, encoders)}.")
+        kwargs["encoder_name"] = encoder
+    return smp.create_model(arch, **kwargs)
+
+
+def _factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"arch {spec!r}: cannot import module {module_name!r} ({exc}). Run from the directory "
+            "that holds it or add it to PYTHONPATH."
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            options = [n for n in dir(obj) if not n.startswith("_")]
+            raise ModelLoadError(f"arch {spec!r}: {module_name!r} has no {attr!r}{did_you_mean(part, options)}.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelLoadError(f"arch {spec!r}: {attr!r} is not callable; name a class or factory function.")
+    try:
+        model = obj()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"arch {spec!r}: calling {attr}() failed ({type(exc).__name__}: {exc}); the factory "
+            "must build the model with no arguments."
+        ) from exc
+    return model
+
+
+def build_arch(spec: str) -> nn.Module:
+    """Build a model with random weights from an arch spec (never downloads).
+
+    Forms: ``demo``, ``timm:NAME``, ``torchvision:NAME``, ``smp:ARCH[:ENCODER]``,
+    ``package.module:factory``.
+
+    Example:
+        >>> type(build_arch("timm:resnet18")).__name__
+        'ResNet'
+        >>> build_arch("timm:resnet81")
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.ModelLoadError: unknown timm model 'resnet81' (did you mean 'resnet18'?). List them with `python -c "import timm; print(timm.list_models('resnet*'))"`.
+    """
+    spec = str(spec).strip()
+    if spec == "demo":
+        from ..demo import demo_unet
+
+        return demo_unet()
+    prefix, sep, rest = spec.partition(":")
+    if not sep or not prefix or not rest or not re.fullmatch(r"[A-Za-z_][\w.]*", prefix):
+        raise ModelLoadError(f"unknown arch spec {spec!r}: use 'demo', {ARCH_EXAMPLES}.")
+    try:
+        if prefix == "timm":
+            model = _timm(rest)
+        elif prefix == "torchvision":
+            model = _torchvision(rest)
+        elif prefix == "smp":
+            model = _smp(rest)
+        else:
+            model = _factory(spec)
+    except ModelLoadError:
+        raise
+    except ImportError as exc:
+        raise ModelLoadError(f"arch {spec!r} needs a package that is not installed ({exc}).") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"arch {spec!r}: building the model failed ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"arch {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _check_file(path: Path) -> str:
+    """Return the format ('zip', 'legacy', 'safetensors') or raise a ModelLoadError."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}. Check the path, or pass an arch spec ({ARCH_EXAMPLES}) or 'demo'.")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the model file written by torch.save.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); the save that wrote it probably failed. Re-save the model.")
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(
+                f"{path} is truncated or corrupt: a zip archive without its central directory "
+                f"({size} bytes). Re-save or re-copy the file."
+            )
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if not any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+                raise ModelLoadError(
+                    f"{path} is a zip archive but not a torch file (no data.pkl among {len(names)} entries); "
+                    "expected a file written by torch.save (a model or a state dict)."
+                )
+            if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in names):
+                raise ModelLoadError(
+                    f"{path} is a TorchScript archive; dsrewrite needs the eager nn.Module: save it with "
+                    "torch.save(model), or save its state_dict and pass --arch."
+                )
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy"
+    raise ModelLoadError(
+        f"{path} is not a torch file (it starts with {head!r}); expected a file written by torch.save "
+        "(a model or a state dict)."
+    )
+
+
+def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
+    if "Invalid magic number" in str(exc):
+        return ModelLoadError(
+            f"{path} is not a torch file (a pickle without torch's header); expected a file written by "
+            "torch.save (a model or a state dict)."
+        )
+    return ModelLoadError(
+        f"{path} could not be read as a torch file; it looks truncated or corrupt "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Re-save or re-copy the file."
+    )
+
+
+def read_torch_file(path: Union[str, os.PathLike], *, trust_pickle: bool = False,
+                    map_location: Any = "cpu") -> tuple[Any, str]:
+    """Read a ``torch.save`` file; return the object and how it was read.
+
+    Tries ``weights_only=True`` first (checkpoints); a pickle that needs more is
+    read by the restricted unpickler (or plain ``torch.load`` if ``trust_pickle``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "sd.pt"; torch.save({"w": torch.ones(1)}, p)
+        >>> read_torch_file(p)[1]
+        'weights_only'
+    """
+    path = Path(path)
+    fmt = _check_file(path)
+    if fmt == "safetensors":
+        try:
+            import safetensors.torch
+
+            device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+            return safetensors.torch.load_file(os.fspath(path), device=str(device)), "safetensors"
+        except ImportError as exc:
+            raise ModelLoadError(f"{path}: reading .safetensors needs the 'safetensors' package ({exc}).") from exc
+        except Exception as exc:
+            raise _corrupt(path, exc) from exc
+    if trust_pickle:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False), "trusted pickle"
+        except Exception as exc:
+            raise _corrupt(path, exc) from exc
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True), "weights_only"
+    except pickle.UnpicklingError:
+        pass  # needs more than weights: try the restricted unpickler below
+    except Exception as exc:
+        raise _corrupt(path, exc) from exc
+    try:
+        return restricted_torch_load(path, map_location=map_location), "restricted unpickler"
+    except ModelLoadError:  # UnsafePickleError included
+        raise
+    except Exception as exc:
+        raise _corrupt(path, exc) from exc
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, *, source: str = "<object>") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state dict in a checkpoint object; strip a ``module.`` prefix; say where it was.
+
+    Example:
+        >>> sd, where = extract_state_dict({"state_dict": {"module.w": torch.ones(1)}})
+        >>> list(sd), where
+        (['w'], "key 'state_dict', stripped 'module.' prefix")
+    """
+    notes: list[str] = []
+    if _is_tensor_mapping(obj):
+        sd = dict(obj)
+    else:
+        found = None
+        if isinstance(obj, Mapping):
+            for key in STATE_DICT_KEYS:
+                if _is_tensor_mapping(obj.get(key)):
+                    found = key
+                    break
+        if found is None:
+            what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+            raise ModelLoadError(
+                f"{source} holds {what}, not a model or a state dict: expected torch.save(model), a dict of "
+                f"tensors, or a checkpoint with one under {', '.join(map(repr, STATE_DICT_KEYS))}."
+            )
+        sd = dict(obj[found])
+        notes.append(f"key {found!r}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        notes.append("stripped 'module.' prefix")
+    return sd, ", ".join(notes)
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str) -> None:
+    """``model.load_state_dict(sd, strict=True)`` with a clear error naming keys and shapes.
+
+    Example:
+        >>> load_state_dict_checked(nn.Linear(2, 3), {"weight": torch.ones(3, 3)}, source="x.pt", arch="lin")
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.ModelLoadError: state dict in x.pt does not fit arch 'lin': 1 missing (bias), 1 shape mismatch (weight: file [3, 3] vs model [3, 2]). Check that --arch names the architecture (and head size) the checkpoint was saved from.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if mismatched:
+            shown = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mismatched]
+            parts.append(f"{len(mismatched)} shape mismatch{'es' if len(mismatched) > 1 else ''} ({_few(shown, 3)})")
+        raise ModelLoadError(
+            f"state dict in {source} does not fit arch {arch!r}: {', '.join(parts)}. Check that --arch names "
+            "the architecture (and head size) the checkpoint was saved from."
+        )
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"state dict in {source} does not load into arch {arch!r}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_model(
+    spec: Union[str, os.PathLike],
+    *,
+    arch: Optional[str] = None,
+    trust_pickle: bool = False,
+    map_location: Any = "cpu",
+) -> LoadedModel:
+    """Load a model from a file, an arch spec or ``"demo"`` (see the module docstring).
+
+    Example:
+        >>> load_model("demo").source
+        'demo U-Net (ResNet18 encoder, random weights, seed 0)'
+        >>> load_model("resnet18")
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.ModelLoadError: 'resnet18' is neither a file nor a model spec: pass a file written by torch.save, 'demo', or an arch spec such as 'timm:resnet18', 'torchvision:resnet18', 'smp:Unet:resnet18' or 'mypkg.models:build_model'.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if not isinstance(spec, os.PathLike) and not path.exists():
+        if text == "demo":
+            from ..demo import demo_unet
+
+            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text)
+        if _looks_like_arch(text):
+            return LoadedModel(build_arch(text), f"{text} (random weights)", "arch", text)
+        if path.suffix not in _FILE_SUFFIXES and os.sep not in text and "/" not in text:
+            raise ModelLoadError(
+                f"{text!r} is neither a file nor a model spec: pass a file written by torch.save, 'demo', "
+                f"or an arch spec such as {ARCH_EXAMPLES}."
+            )
+    obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location)
+    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+        for key in ("model", "module", "net"):
+            if isinstance(obj.get(key), nn.Module):
+                obj, how = obj[key], f"{how}, key {key!r}"
+                break
+    if isinstance(obj, nn.Module):
+        model, notes = unwrap_parallel(obj)
+        desc = f"{path}: full module {type(model).__name__} ({', '.join([how, *notes])})"
+        if arch is not None:
+            desc += f"; --arch {arch} ignored (the file holds the whole model)"
+        return LoadedModel(model, desc, "module", text, path)
+    sd, where = extract_state_dict(obj, source=str(path))
+    if arch is None:
+        raise ModelLoadError(
+            f"{path} holds a state dict ({len(sd)} tensors, e.g. {next(iter(sd))!r}), not a whole model: "
+            f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {_ARCH_FLAG_EXAMPLES}."
+        )
+    model = build_arch(arch)
+    load_state_dict_checked(model, sd, source=str(path), arch=arch)
+    detail = ", ".join(x for x in (how, where) if x)
+    return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {arch}", "state_dict", text, path)

@@ -1,0 +1,292 @@
+"""Atomic saving, output-path checks, and the rewritten model + plan sidecar round trip.
+
+Every write goes to a temporary file in the destination's directory, is flushed
+and fsync'ed, then ``os.replace``'d over the destination: a reader sees the old
+file or the new one, never a partial one, and a failed write removes its
+temporary file and leaves any previous file untouched.
+
+``save_rewrite`` writes two files: the rewritten full module (``torch.save``) at
+``out.pt`` and the plan as JSON at ``out.plan.json``. ``load_rewrite`` rebuilds
+the rewrite on a fresh instance of the architecture from the plan and loads the
+weights from either file kind: a state-dict file (read with ``weights_only=True``)
+or the full-module ``out.pt`` itself (read by the restricted unpickler, of which
+only the ``state_dict()`` is used).
+
+Example:
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> atomic_write_bytes(b"hello", d / "a.txt").read_bytes()
+    b'hello'
+    >>> default_output_path("timm:resnet18")
+    PosixPath('timm_resnet18.ds.pt')
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+from typing import IO, Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, OutputError
+from ..plan_types import Plan
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_save",
+    "check_output_path",
+    "default_output_path",
+    "plan_path_for",
+    "save_rewrite",
+    "load_rewrite",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            # mode 0o666 minus the umask, like open(path, "wb") would give
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - best effort
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    path = Path(path)
+    tmp: Optional[Path] = None
+    try:
+        fd, tmp = _create_temp(path)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+            raise OutputError(
+                f"could not write {path}: {type(exc).__name__}: {exc}. Nothing was written there"
+                f"{' (the previous file is unchanged)' if path.exists() else ''}; free space or choose another -o."
+            ) from exc
+        raise
+    return path
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``); return the path.
+
+    Raises:
+        OutputError: the write failed; no partial file is left and a previous file is unchanged.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x.json"
+        >>> atomic_write_bytes(b"{}", p).read_text()
+        '{}'
+    """
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically; return the path.
+
+    Raises:
+        OutputError: the save failed; no partial file is left and a previous file is unchanged.
+
+    Example:
+        >>> import tempfile
+        >>> p = atomic_save({"w": torch.ones(2)}, Path(tempfile.mkdtemp()) / "sd.pt")
+        >>> torch.load(p, weights_only=True)["w"]
+        tensor([1., 1.])
+    """
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None, force: bool = False) -> Path:
+    """Refuse an output path that cannot or must not be written; return it as a ``Path``.
+
+    Refused, each with an :class:`~dsrewrite.errors.OutputError`: the input file
+    itself (symlinks and hard links resolved; even with ``force``), a directory,
+    an existing file without ``force``, a missing parent directory, and a
+    directory where no file can be created (probed by creating and removing a
+    temporary file, so it is right for root and read-only mounts too).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / "m.pt").write_bytes(b"x") and None
+        >>> check_output_path(d / "m.pt", input_path=d / "m.pt", force=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.OutputError: output ... is the input model file; it is never overwritten: choose another -o.
+        >>> check_output_path(d / "new.pt").name
+        'new.pt'
+    """
+    out = Path(output)
+    if input_path is not None and _same_file(out, Path(input_path)):
+        raise OutputError(f"output {out} is the input model file; it is never overwritten: choose another -o.")
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; pass a file path to -o (e.g. {out / 'model.ds.pt'}).")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"output {out} already exists: pass --force to overwrite it, or choose another -o.")
+    parent = out.absolute().parent
+    if not parent.exists():
+        raise OutputError(f"output directory {parent} does not exist: create it, or choose another -o.")
+    if not parent.is_dir():
+        raise OutputError(f"output {out}: {parent} is not a directory; choose another -o.")
+    try:
+        fd, tmp = _create_temp(parent / out.name)
+        os.close(fd)
+        tmp.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"output directory {parent} is not writable ({type(exc).__name__}: {exc.strerror or exc}): "
+            "choose another -o."
+        ) from exc
+    return out
+
+
+_KEEP_SUFFIXES = (".pt", ".pth")
+
+
+def default_output_path(input_spec: PathLike) -> Path:
+    """Where ``apply`` writes by default: ``model.pt`` → ``model.ds.pt`` beside it; specs → ``./<name>.ds.pt``.
+
+    A spec that is not an existing file and looks like ``demo`` or an arch spec
+    (``timm:resnet18``) is sanitised into a file name in the current directory.
+
+    Example:
+        >>> default_output_path("runs/unet.pth")
+        PosixPath('runs/unet.ds.pth')
+        >>> default_output_path("demo")
+        PosixPath('demo.ds.pt')
+    """
+    text = os.fspath(input_spec)
+    p = Path(text)
+    is_file_like = isinstance(input_spec, os.PathLike) or p.exists() or "/" in text or os.sep in text \
+        or (p.suffix in _KEEP_SUFFIXES + (".bin", ".ckpt", ".safetensors", ".tar", ".pkl") and ":" not in text)
+    if is_file_like:
+        suffix = p.suffix if p.suffix in _KEEP_SUFFIXES else ".pt"
+        stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+        return p.with_name(f"{stem}.ds{suffix}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "model"
+    return Path(f"{name}.ds.pt")
+
+
+def plan_path_for(weights_path: PathLike) -> Path:
+    """The plan sidecar of a rewritten model file: ``out.pt`` → ``out.plan.json``.
+
+    Example:
+        >>> plan_path_for("runs/unet.ds.pt")
+        PosixPath('runs/unet.ds.plan.json')
+    """
+    return Path(weights_path).with_suffix(".plan.json")
+
+
+def save_rewrite(
+    model: nn.Module,
+    plan: Plan,
+    path: PathLike,
+    *,
+    force: bool = False,
+    input_path: Optional[PathLike] = None,
+) -> tuple[Path, Path]:
+    """Write the rewritten full module to ``path`` and the plan JSON beside it; return both paths.
+
+    Both paths are checked (:func:`check_output_path`) before anything is
+    written; each write is atomic. Reload with :func:`dsrewrite.io.load_model`
+    (full module) or :func:`load_rewrite` (fresh architecture + plan + weights).
+
+    Example:
+        >>> import tempfile
+        >>> from dsrewrite.plan_types import Plan
+        >>> w, p = save_rewrite(nn.Linear(2, 2), Plan((), "decoder_only", "fx"), Path(tempfile.mkdtemp()) / "o.pt")
+        >>> w.name, p.name
+        ('o.pt', 'o.plan.json')
+    """
+    weights = Path(path)
+    plan_file = plan_path_for(weights)
+    check_output_path(weights, input_path=input_path, force=force)
+    check_output_path(plan_file, input_path=input_path, force=force)
+    atomic_save(model, weights)
+    atomic_write_bytes(plan.to_json().encode("utf-8"), plan_file)
+    return weights, plan_file
+
+
+def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: PathLike) -> nn.Module:
+    """Rebuild a saved rewrite: apply the plan to a copy of ``fresh_model``, then load the weights.
+
+    ``weights_path`` may be a state-dict file (``torch.save(model.state_dict())``,
+    read with ``weights_only=True``) or the full-module file written by
+    :func:`save_rewrite` (read by the restricted unpickler; only its
+    ``state_dict()`` is used). ``fresh_model`` is not modified.
+
+    Raises:
+        ModelLoadError: a file is missing or unreadable, or the weights do not fit.
+        PlanError: the plan is not valid or does not fit ``fresh_model``.
+
+    Example:
+        >>> import tempfile
+        >>> from dsrewrite.plan_types import Plan
+        >>> d = Path(tempfile.mkdtemp()); m = nn.Linear(2, 2)
+        >>> w, p = save_rewrite(m, Plan((), "decoder_only", "fx"), d / "o.pt")
+        >>> torch.equal(load_rewrite(nn.Linear(2, 2), p, w).weight, m.weight)
+        True
+    """
+    from ..apply import apply_plan
+    from .load import extract_state_dict, load_state_dict_checked, read_torch_file, unwrap_parallel
+
+    plan_path = Path(plan_path)
+    try:
+        text = plan_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read plan file {plan_path}: {exc.strerror or exc}. Pass the .plan.json "
+                             "written next to the rewritten model.") from exc
+    plan = Plan.from_json(text, source=str(plan_path))
+    model = apply_plan(fresh_model, plan, inplace=False, init="random")
+    obj, _how = read_torch_file(weights_path)
+    if isinstance(obj, nn.Module):
+        sd = unwrap_parallel(obj)[0].state_dict()
+    else:
+        sd, _where = extract_state_dict(obj, source=str(weights_path))
+    load_state_dict_checked(model, sd, source=str(weights_path),
+                            arch=f"{type(fresh_model).__name__} + plan {plan_path.name}")
+    return model
