@@ -540,6 +540,10 @@ def _header(rep: Report) -> str:
             f"{sum(not r.replaced for r in rep.layers)} skipped")
 
 
+#: rel L2 above which the report adds a hint on how to recover fidelity
+LARGE_CHANGE = 0.3
+
+
 def _fidelity_lines(rep: Report) -> list[str]:
     out = []
     labels = {"example": "on the example input", "calibration": "on the calibration inputs"}
@@ -548,6 +552,13 @@ def _fidelity_lines(rep: Report) -> list[str]:
         out.append(f"fidelity {labels[key]} ({fid.batches} batch{'es' if fid.batches != 1 else ''}): "
                    f"rel L2 {fid.rel_l2:.3e}, cosine {fid.cosine:.6f}, argmax agreement {arg}, "
                    f"max |Δ| {fid.max_abs:.3e}")
+    worst = max((f.rel_l2 for f in rep.fidelity.values() if f.rel_l2 == f.rel_l2), default=0.0)
+    if worst > LARGE_CHANGE:
+        out.append(
+            f"hint: the outputs moved a lot (rel L2 {worst:.2f} > {LARGE_CHANGE}). SVD keeps the best rank-m kernel, "
+            "but untrained or random kernels have flat spectra. Calibrate on a few unlabeled batches (--calib), "
+            "raise --depth-multiplier, convert fewer layers (e.g. decoder_high_res), or fine-tune (dsrewrite heal)."
+        )
     return out
 
 

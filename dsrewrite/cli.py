@@ -1,0 +1,308 @@
+"""The ``dsrewrite`` command line: parse, call the API, print. No logic lives here.
+
+Exit codes: 0 success, 1 the rewrite itself failed, 2 bad usage or input.
+
+Example:
+    >>> from click.testing import CliRunner
+    >>> r = CliRunner().invoke(main, ["recipes"])
+    >>> r.exit_code, "decoder_only" in r.output
+    (0, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import click
+
+from .errors import DsRewriteError, UsageError
+
+__all__ = ["main"]
+
+
+def _parse_shape(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[int, ...]]:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in value.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,3,512,512")
+    if len(shape) < 3 or any(s <= 0 for s in shape):
+        raise click.BadParameter(f"{value!r} must have at least 3 positive dimensions, e.g. 1,3,512,512")
+    return shape
+
+
+def _progress(msg: str) -> None:
+    """Progress on a terminal, silence when piped."""
+    if sys.stderr.isatty():
+        click.echo(msg, err=True)
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map dsrewrite errors to one or two lines and the exit code (2 usage, 1 failure)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except DsRewriteError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2 if isinstance(exc, UsageError) else 1)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug or an unexpected torch failure
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: the rewrite failed: {type(exc).__name__}: {exc}", err=True)
+            click.echo("hint: rerun with --debug for the traceback", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--trust-pickle", is_flag=True,
+                      help="Load full-module pickles with plain torch.load (runs code from the file).")(fn)
+    fn = click.option("--arch", default=None,
+                      help="Architecture for a state-dict checkpoint: timm:NAME, torchvision:NAME, pkg.mod:factory.")(fn)
+    fn = click.option("--input-shape", callback=_parse_shape, default="1,3,224,224", show_default=True,
+                      help="Example input shape, e.g. 1,3,512,512.")(fn)
+    fn = click.argument("model")(fn)
+    return fn
+
+
+def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--init", type=click.Choice(["svd", "random"]), default=None,
+                      help="Override the recipe's init.")(fn)
+    fn = click.option("--order", type=click.Choice(["dw_pw", "pw_dw", "auto"]), default=None,
+                      help="Override the recipe's order.")(fn)
+    fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
+                      help="Override the recipe's depth multiplier (or energy threshold).")(fn)
+    fn = click.option("--recipe", "recipe", required=True, help="Built-in recipe name or path to a YAML recipe.")(fn)
+    return fn
+
+
+def _load(model: str, arch: Optional[str], trust_pickle: bool) -> Any:
+    from .io import load_model
+
+    _progress(f"loading {model} ...")
+    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+def _make_plan(loaded: Any, recipe: str, input_shape: Sequence[int], **overrides: Any) -> tuple[Any, Any]:
+    from .api import example_input
+    from .planner import NothingSelectedWarning, plan
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    x = example_input(loaded.model, input_shape)
+    _progress("capturing the graph ...")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingSelectedWarning)
+        p = plan(loaded.model, rec, x, input_shape=input_shape, **overrides)
+    if not p.replaced:
+        raise UsageError(
+            f"recipe {rec.name!r} selects no conv of {loaded.source} ({len(p.entries)} candidates, all "
+            f"skipped). Hint: `dsrewrite plan {loaded.source_spec if hasattr(loaded, 'source_spec') else 'MODEL'} "
+            f"--recipe {recipe}` shows why each was skipped; `dsrewrite inspect` lists the convs."
+        )
+    return p, x
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="dsrewrite")
+def main(debug: bool) -> None:
+    """Swap dense k×k convs of a trained PyTorch model for depthwise-separable ones.
+
+    MODEL is a file written by torch.save(model), a state-dict checkpoint with --arch,
+    an architecture spec (timm:resnet18, torchvision:resnet18, pkg.mod:factory), or
+    `demo` (an embedded U-Net with a ResNet18 encoder, random weights).
+    """
+
+
+@main.command()
+@_model_options
+@_recipe_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default: MODEL.ds.pt beside the input). A .plan.json is written beside it.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON (.json) or Markdown (.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG bar chart of per-layer MACs before/after.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration data: a folder of images or a saved tensor file (.pt).")
+@click.option("--calib-size", default=None, help="Resize calibration images to H,W (default: the input shape's).")
+@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
+              help="Normalisation of calibration images (overridden by --calib-mean/--calib-std).")
+@click.option("--calib-mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+@click.option("--calib-std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--calib-limit", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Use at most this many calibration images.")
+@click.option("--benchmark", is_flag=True, help="Measure latency before/after (interleaved, medians).")
+@click.option("--dry-run", is_flag=True, help="Plan and report, write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_handle_errors
+def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
+          depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], output: Optional[str],
+          report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
+          calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
+          benchmark: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+    """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
+    from .io import check_output_path, default_output_path, plan_path_for, save_rewrite
+    from .report import render_table, save_plot, save_report
+
+    out_path = Path(output) if output else default_output_path(model)
+    input_path = Path(model) if Path(model).exists() else None
+    if not dry_run:
+        check_output_path(out_path, input_path=input_path, force=force)
+        check_output_path(plan_path_for(out_path), input_path=input_path, force=force)
+    for extra in (report_path, plot_path):
+        if extra:
+            check_output_path(Path(extra), input_path=input_path, force=True)
+    loaded = _load(model, arch, trust_pickle)
+    calib_batches = None
+    if calib:
+        from .calib_data import load_calibration
+
+        _progress("reading calibration data ...")
+        calib_batches = load_calibration(
+            calib, input_shape=input_shape, size=calib_size, preset=calib_preset, mean=calib_mean,
+            std=calib_std, limit=calib_limit,
+        )
+    p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    from .api import rewrite_with_plan
+
+    _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_batches else " ..."))
+    result = rewrite_with_plan(loaded.model, p, x, calibration=calib_batches, benchmark=benchmark)
+    rep = result.report
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+    else:
+        click.echo(render_table(rep))
+    if report_path:
+        save_report(rep, report_path)
+    if plot_path:
+        save_plot(rep, plot_path)
+    if dry_run:
+        click.echo("dry run: nothing written", err=True)
+        return
+    weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path)
+    click.echo(f"wrote {weights} and {plan_file}", err=True)
+
+
+@main.command("plan")
+@_model_options
+@_recipe_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan report as JSON on stdout.")
+@_handle_errors
+def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
+             depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], as_json: bool) -> None:
+    """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
+    from .report import build_plan_report, render_table
+
+    loaded = _load(model, arch, trust_pickle)
+    p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    rep = build_plan_report(loaded.model, p, x)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+    else:
+        click.echo(p.table())
+        click.echo()
+        click.echo(render_table(rep))
+
+
+@main.command()
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON on stdout.")
+@_handle_errors
+def inspect(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool,
+            as_json: bool) -> None:
+    """List every conv with its graph facts: the names and facts to write a recipe with."""
+    from .api import example_input
+    from .capture import capture
+    from .report import build_inventory, render_inventory
+
+    loaded = _load(model, arch, trust_pickle)
+    _progress("capturing the graph ...")
+    cap = capture(loaded.model, example_input(loaded.model, input_shape), input_shape=input_shape)
+    inv = build_inventory(loaded.model, cap, example_input(loaded.model, input_shape))
+    if as_json:
+        click.echo(json.dumps(inv, indent=2))
+    else:
+        click.echo(render_inventory(inv))
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the built-in recipes (``recipes show NAME`` prints one)."""
+    if ctx.invoked_subcommand is None:
+        from .recipe import builtin_recipes
+
+        items = builtin_recipes()
+        width = max(len(n) for n in items)
+        for name, desc in items.items():
+            click.echo(f"{name:<{width}}  {desc}")
+
+
+@recipes.command("show")
+@click.argument("name")
+@_handle_errors
+def recipes_show(name: str) -> None:
+    """Print a built-in recipe (or a recipe file) as YAML."""
+    from .recipe import builtin_recipe_path, load_recipe
+
+    path = Path(name) if Path(name).exists() else builtin_recipe_path(name)
+    load_recipe(str(path))  # validate
+    click.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+@main.command()
+@_model_options
+@click.option("--rewritten", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The rewritten model written by `dsrewrite apply`.")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="Unlabeled data: a folder of images or a saved tensor file (.pt).")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint file (written at the end; with --resume, continued from).")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Where to write the healed model.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@_handle_errors
+def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, rewritten: str,
+         data: str, steps: int, lr: float, batch_size: int, checkpoint: Optional[str], resume: bool,
+         output: str, force: bool) -> None:
+    """Distil the original MODEL into the rewritten model for a few steps (no labels)."""
+    from .calib_data import load_calibration
+    from .heal import heal as heal_fn
+    from .io import atomic_save, check_output_path, load_model
+
+    check_output_path(Path(output), input_path=Path(rewritten), force=force)
+    original = _load(model, arch, trust_pickle).model
+    student = load_model(rewritten, trust_pickle=trust_pickle).model
+    batches = load_calibration(data, input_shape=input_shape, batch_size=batch_size)
+    result = heal_fn(student, original, batches, steps=steps, lr=lr, checkpoint=checkpoint, resume=resume,
+                     progress=sys.stderr.isatty())
+    atomic_save(student, Path(output))
+    hist = getattr(result, "losses", None) or []
+    if hist:
+        click.echo(f"distillation loss {hist[0]:.4g} -> {hist[-1]:.4g} over {len(hist)} steps")
+    click.echo(f"wrote {output}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
