@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from .capture import capture
 from .facts import Capture, ConvFact
-from .factorize import rank_for_energy
+from .factorize import rank_for_energy, relative_weight_error
+from .measure import time_dense_vs_separable, time_orders
 from .plan_types import LayerConfig, Plan, PlanEntry
 from .recipe import Recipe, load_recipe, select
+from .recipe.schema import LatencySpec
 
 __all__ = ["plan", "plan_from_capture", "resolve_config", "separable_macs", "NothingSelectedWarning"]
 
@@ -75,12 +77,16 @@ def resolve_config(
     init: str,
     mid_norm: Optional[str] = None,
     mid_act: Optional[str] = None,
+    auto_order: str = "macs",
+    timing: Optional[LatencySpec] = None,
 ) -> LayerConfig:
     """Turn a recipe's replace spec into a concrete :class:`LayerConfig` for one conv.
 
-    ``order="auto"`` picks the order with fewer MACs at this conv's shapes (ties go
-    to ``dw_pw``) and says why in ``note``; ``energy`` picks the smallest rank that
-    keeps that share of the kernel's spectrum (needs real weights).
+    ``order="auto"`` picks per conv, as ``auto_order`` says: ``"macs"`` (fewer MACs at
+    this conv's shapes; ties go to ``dw_pw``), ``"error"`` (lower weight reconstruction
+    error; the note gives both MAC counts) or ``"measured"`` (faster when both blocks
+    are timed at the real input shape). ``note`` says why. ``energy`` picks the
+    smallest rank that keeps that share of the kernel's spectrum (needs real weights).
 
     Example:
         >>> conv = nn.Conv2d(256, 64, 3, padding=1)
@@ -91,7 +97,25 @@ def resolve_config(
         >>> resolve_config(f, conv, order="auto", depth_multiplier=1, energy=None, init="svd").order
         'pw_dw'
     """
+    return _resolve(fact, conv, order=order, depth_multiplier=depth_multiplier, energy=energy, init=init,
+                    mid_norm=mid_norm, mid_act=mid_act, auto_order=auto_order, timing=timing)[0]
+
+
+def _resolve(
+    fact: ConvFact,
+    conv: nn.Conv2d,
+    *,
+    order: str,
+    depth_multiplier: Optional[int],
+    energy: Optional[float],
+    init: str,
+    mid_norm: Optional[str],
+    mid_act: Optional[str],
+    auto_order: str,
+    timing: Optional[LatencySpec],
+) -> tuple[LayerConfig, dict[str, float]]:
     notes: list[str] = []
+    measured: dict[str, float] = {}
     orders = ("dw_pw", "pw_dw") if order == "auto" else (order,)
     ranks: dict[str, int] = {}
     for o in orders:
@@ -101,25 +125,43 @@ def resolve_config(
             ranks[o] = rank_for_energy(conv.weight, energy, o)
         else:
             ranks[o] = int(depth_multiplier or 1)
+    chosen = orders[0]
     if order == "auto":
         if fact.input_shape is None or fact.output_shape is None:
-            chosen = "dw_pw"
             notes.append("order auto: no shapes recorded, kept dw_pw")
         else:
             macs = {o: separable_macs(fact, o, ranks[o]) for o in orders}
-            chosen = "pw_dw" if macs["pw_dw"] < macs["dw_pw"] else "dw_pw"
-            other = "dw_pw" if chosen == "pw_dw" else "pw_dw"
-            notes.append(
-                f"order auto: {chosen} has fewer MACs ({macs[chosen]:,} vs {macs[other]:,} for {other})"
-                if macs[chosen] != macs[other]
-                else "order auto: equal MACs, kept dw_pw"
-            )
-    else:
-        chosen = order
+            by_macs = "pw_dw" if macs["pw_dw"] < macs["dw_pw"] else "dw_pw"
+            mac_text = f"MACs {macs['dw_pw']:,} dw_pw vs {macs['pw_dw']:,} pw_dw"
+            if auto_order == "measured":
+                spec = timing or LatencySpec()
+                t = time_orders(conv, ranks, fact.input_shape, rounds=spec.rounds, warmup=spec.warmup,
+                                channels_last=spec.channels_last)
+                measured.update(t)
+                chosen = "pw_dw" if t["order_ratio"] < 1.0 else "dw_pw"
+                notes.append(
+                    f"order auto (measured): pw_dw took {t['order_ratio']:.2f}× the time of dw_pw "
+                    f"(median of {spec.rounds} interleaved rounds), {chosen} chosen; {mac_text}"
+                )
+            elif auto_order == "error" and conv.weight.device.type != "meta":
+                errs = {o: relative_weight_error(conv.weight, ranks[o], o) for o in orders}
+                chosen = "pw_dw" if errs["pw_dw"] < errs["dw_pw"] else "dw_pw"
+                notes.append(
+                    f"order auto (by weight error): {errs['dw_pw']:.3f} dw_pw vs {errs['pw_dw']:.3f} pw_dw, "
+                    f"{chosen} chosen; {mac_text}"
+                )
+            else:
+                chosen = by_macs
+                other = "dw_pw" if chosen == "pw_dw" else "pw_dw"
+                notes.append(
+                    f"order auto: {chosen} has fewer MACs ({macs[chosen]:,} vs {macs[other]:,} for {other})"
+                    if macs[chosen] != macs[other]
+                    else "order auto: equal MACs, kept dw_pw"
+                )
     m = ranks[chosen]
     if energy is not None:
         notes.append(f"energy {energy:g} -> m={m}")
-    return LayerConfig(
+    cfg = LayerConfig(
         order=chosen,  # type: ignore[arg-type]
         depth_multiplier=m,
         init=init,  # type: ignore[arg-type]
@@ -127,6 +169,7 @@ def resolve_config(
         mid_act=mid_act,
         note="; ".join(notes),
     )
+    return cfg, measured
 
 
 def plan_from_capture(
@@ -154,21 +197,42 @@ def plan_from_capture(
             entries.append(PlanEntry(fact.name, "skip", sel.reason, fact=fact.to_dict()))
             continue
         spec = sel.replace
+        conv = modules[fact.name]
         try:
-            cfg = resolve_config(
+            cfg, measured = _resolve(
                 fact,
-                modules[fact.name],  # type: ignore[arg-type]
+                conv,  # type: ignore[arg-type]
                 order=spec.order,
                 depth_multiplier=spec.depth_multiplier,
                 energy=spec.energy,
                 init=spec.init,
                 mid_norm=spec.mid_norm,
                 mid_act=spec.mid_act,
+                auto_order=spec.auto_order,
+                timing=recipe.latency,
             )
         except ValueError as exc:
             entries.append(PlanEntry(fact.name, "skip", f"cannot resolve its configuration: {exc}", fact=fact.to_dict()))
             continue
-        entries.append(PlanEntry(fact.name, "replace", sel.reason, config=cfg, fact=fact.to_dict()))
+        lat = recipe.latency
+        if lat is not None and fact.input_shape is not None and conv.weight.device.type != "meta":  # type: ignore[union-attr]
+            t = time_dense_vs_separable(conv, cfg, fact.input_shape, rounds=lat.rounds,  # type: ignore[arg-type]
+                                        warmup=lat.warmup, channels_last=lat.channels_last)
+            measured.update(t)
+            speedup = 1.0 / t["ratio"] if t["ratio"] > 0 else float("inf")
+            timed = (f"measured {cfg.order} m={cfg.depth_multiplier} at {tuple(fact.input_shape)}: "
+                     f"{t['separable_ms']:.3f} ms vs {t['dense_ms']:.3f} ms dense ({speedup:.2f}× speedup")
+            if speedup < lat.min_speedup:
+                entries.append(PlanEntry(
+                    fact.name, "skip", f"kept dense: {timed}, below the required {lat.min_speedup:g}×)",
+                    fact=fact.to_dict(), measured=measured,
+                ))
+                continue
+            reason = f"{sel.reason}; {timed} ≥ {lat.min_speedup:g}×)"
+        else:
+            reason = sel.reason
+        entries.append(PlanEntry(fact.name, "replace", reason, config=cfg, fact=fact.to_dict(),
+                                 measured=measured or None))
     notes = list(cap.notes)
     for fc in cap.functional_convs:
         notes.append(f"functional convolution {fc} belongs to no conv module: not replaceable, counted only by FlopCounterMode")

@@ -30,6 +30,7 @@ import yaml
 
 from ..errors import RecipeError, did_you_mean
 from .schema import (
+    AUTO_ORDERS,
     INITS,
     MID_ACT_NAMES,
     MID_NORMS,
@@ -37,6 +38,7 @@ from .schema import (
     PREDICATE_KEYS,
     GraphPredicates,
     Kernel,
+    LatencySpec,
     NamePattern,
     Override,
     Range,
@@ -62,12 +64,13 @@ __all__ = [
 #: Where the built-in recipes live (shipped as package data).
 BUILTIN_DIR: Path = Path(__file__).resolve().parent / "builtin"
 
-TOP_KEYS: tuple[str, ...] = ("name", "description", "extends", "select", "replace", "overrides")
+TOP_KEYS: tuple[str, ...] = ("name", "description", "extends", "select", "replace", "overrides", "latency")
+LATENCY_KEYS: tuple[str, ...] = ("min_speedup", "rounds", "warmup", "channels_last")
 SELECT_KEYS: tuple[str, ...] = (
     "kernel_size", "groups", "in_channels", "out_channels", "stride", "dilation", "regions",
     "when_no_region_matches", "include", "exclude", "output_stride", *PREDICATE_KEYS,
 )
-REPLACE_KEYS: tuple[str, ...] = ("order", "depth_multiplier", "energy", "init", "mid_norm", "mid_act")
+REPLACE_KEYS: tuple[str, ...] = ("order", "auto_order", "depth_multiplier", "energy", "init", "mid_norm", "mid_act")
 OVERRIDE_KEYS: tuple[str, ...] = ("match", "replace", "skip")
 
 KeyPath = tuple[Union[str, int], ...]
@@ -301,7 +304,35 @@ def parse_recipe(data: Any, *, source: str = "<mapping>", default_name: str = "c
         select=_selector(ctx, data.get("select")),
         replace=_replace_spec(ctx, ("replace",), data.get("replace")),
         overrides=_overrides(ctx, data.get("overrides")),
+        latency=_latency(ctx, data.get("latency")),
     )
+
+
+def _latency(ctx: _Ctx, value: Any) -> Optional[LatencySpec]:
+    """The optional ``latency:`` section (latency-aware selection)."""
+    if value is None:
+        return None
+    path: KeyPath = ("latency",)
+    data = _mapping(ctx, path, value)
+    _check_keys(ctx, path, data, LATENCY_KEYS)
+    out: dict[str, Any] = {}
+    if data.get("min_speedup") is not None:
+        v = data["min_speedup"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _wrong_type(ctx, (*path, "min_speedup"), v, "a number > 0, e.g. 1.1")
+        if not v > 0:
+            raise ctx.error((*path, "min_speedup"), f"{v!r} is out of range: must be > 0 (1.1 = at least 10% faster).")
+        out["min_speedup"] = float(v)
+    if data.get("rounds") is not None:
+        out["rounds"] = _int(ctx, (*path, "rounds"), data["rounds"], minimum=1)
+    if data.get("warmup") is not None:
+        out["warmup"] = _int(ctx, (*path, "warmup"), data["warmup"], minimum=0)
+    if data.get("channels_last") is not None:
+        v = data["channels_last"]
+        if not isinstance(v, bool):
+            raise _wrong_type(ctx, (*path, "channels_last"), v, "true or false")
+        out["channels_last"] = v
+    return LatencySpec(**out)
 
 
 def _extend(ctx: _Ctx, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -527,6 +558,8 @@ def _replace_values(ctx: _Ctx, path: KeyPath, data: Mapping[Any, Any]) -> dict[s
     out: dict[str, Any] = {}
     if "order" in data:
         out["order"] = _choice(ctx, (*path, "order"), data["order"], ORDERS, "order")
+    if "auto_order" in data:
+        out["auto_order"] = _choice(ctx, (*path, "auto_order"), data["auto_order"], AUTO_ORDERS, "auto_order")
     if data.get("depth_multiplier") is not None:
         out["depth_multiplier"] = _int(ctx, (*path, "depth_multiplier"), data["depth_multiplier"], minimum=1)
     if data.get("energy") is not None:

@@ -23,6 +23,8 @@ from ..layers.dsconv import INITS, MID_ACTS, MID_NORMS
 
 __all__ = [
     "ORDERS",
+    "AUTO_ORDERS",
+    "LatencySpec",
     "INITS",
     "MID_NORMS",
     "MID_ACT_NAMES",
@@ -41,6 +43,8 @@ __all__ = [
 
 #: Accepted ``replace.order`` values (``auto`` is resolved per conv by the planner).
 ORDERS: tuple[str, ...] = ("dw_pw", "pw_dw", "auto")
+#: how ``order: auto`` decides per conv
+AUTO_ORDERS: tuple[str, ...] = ("macs", "error", "measured")
 #: Accepted ``replace.mid_act`` names (besides ``null``).
 MID_ACT_NAMES: tuple[str, ...] = tuple(MID_ACTS)
 #: Graph predicates a recipe may require, in the order they are checked.
@@ -188,6 +192,7 @@ class ReplaceSpec:
     init: Literal["svd", "random"] = "svd"
     mid_norm: Optional[str] = None
     mid_act: Optional[str] = None
+    auto_order: Literal["macs", "error", "measured"] = "macs"
 
     def with_changes(self, **changes: Any) -> "ReplaceSpec":
         """A copy with ``changes`` applied; setting ``depth_multiplier`` clears ``energy`` and vice versa.
@@ -203,7 +208,8 @@ class ReplaceSpec:
     def describe(self) -> str:
         """Short form, e.g. ``'dw_pw m=1 init=svd'`` or ``'auto energy=0.9 init=svd mid=batchnorm/relu'``."""
         rank = f"m={self.depth_multiplier}" if self.energy is None else f"energy={self.energy:g}"
-        text = f"{self.order} {rank} init={self.init}"
+        order = self.order if self.order != "auto" or self.auto_order == "macs" else f"auto({self.auto_order})"
+        text = f"{order} {rank} init={self.init}"
         if self.mid_norm or self.mid_act:
             text += f" mid={self.mid_norm or '-'}/{self.mid_act or '-'}"
         return text
@@ -252,6 +258,21 @@ class Override:
 
 
 @dataclass(frozen=True)
+class LatencySpec:
+    """Latency-aware selection (the ``latency:`` section).
+
+    Each selected conv is timed, dense against its separable replacement, at its real
+    input shape on the model's device, interleaved (medians of per-round ratios); it is
+    kept dense unless the separable block is at least ``min_speedup`` times faster.
+    """
+
+    min_speedup: float = 1.05
+    rounds: int = 15
+    warmup: int = 3
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe. ``source`` says where it came from (a path, ``builtin:NAME`` or ``<mapping>``)."""
 
@@ -261,6 +282,7 @@ class Recipe:
     select: Selector = Selector()
     replace: ReplaceSpec = ReplaceSpec()
     overrides: tuple[Override, ...] = ()
+    latency: Optional[LatencySpec] = None
 
     def with_overrides(
         self,
