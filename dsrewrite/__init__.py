@@ -14,7 +14,7 @@ Example:
 
 from .api import RewriteResult, example_input, rewrite, rewrite_and_report, rewrite_with_plan
 from .apply import apply_plan
-from .errors import DsRewriteError
+from .errors import DsRewriteError, UnsupportedModelError
 from .layers import DepthwiseSeparableConv2d
 from .planner import plan
 from .plan_types import LayerConfig, Plan, PlanEntry
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DepthwiseSeparableConv2d",
     "DsRewriteError",
+    "UnsupportedModelError",
     "LayerConfig",
     "Plan",
     "PlanEntry",

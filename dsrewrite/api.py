@@ -13,17 +13,86 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .apply import apply_plan
+from .apply import apply_plan, check_rewritable
+from .errors import UnsupportedModelError
 from .planner import RecipeLike, plan as make_plan
 from .plan_types import Plan
 
-__all__ = ["rewrite", "rewrite_and_report", "rewrite_with_plan", "RewriteResult", "example_input"]
+__all__ = [
+    "rewrite",
+    "rewrite_and_report",
+    "rewrite_with_plan",
+    "RewriteResult",
+    "example_input",
+    "unwrap_for_rewrite",
+    "UnsupportedModelError",
+]
+
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+_PREFIX = "module."
+
+
+def unwrap_for_rewrite(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Optional[nn.Module]]:
+    """Strip ``nn.DataParallel``/``DistributedDataParallel`` wrappers: ``(inner model, outermost wrapper or None)``.
+
+    The rewrite works on the inner model, so plan names carry no ``module.`` prefix
+    and fit a fresh, unwrapped instance of the architecture. A DDP wrapper cannot
+    be rewritten in place: its gradient hooks are bound to the old parameters.
+
+    Raises:
+        UnsupportedModelError: ``inplace=True`` on a ``DistributedDataParallel``.
+
+    Example:
+        >>> inner, wrapper = unwrap_for_rewrite(nn.DataParallel(nn.Conv2d(3, 8, 3)))
+        >>> type(inner).__name__, type(wrapper).__name__
+        ('Conv2d', 'DataParallel')
+    """
+    outer: Optional[nn.Module] = model if isinstance(model, _WRAPPERS) else None
+    while isinstance(model, _WRAPPERS):
+        if inplace and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise UnsupportedModelError(
+                "cannot rewrite a DistributedDataParallel in place: its gradient hooks are bound to the old "
+                "parameters. Rewrite model.module (or pass inplace=False) and wrap the result in a new DDP."
+            )
+        model = model.module
+    return model, outer
+
+
+def _rewrap(outer: Optional[nn.Module], rewritten: nn.Module, inplace: bool) -> nn.Module:
+    """The wrapper class back around the rewritten model (DataParallel), or the bare model (DDP)."""
+    if outer is None:
+        return rewritten
+    if inplace:
+        return outer  # its inner model was rewritten in place
+    if isinstance(outer, nn.DataParallel) and not isinstance(outer, nn.parallel.DistributedDataParallel):
+        return nn.DataParallel(
+            rewritten,
+            device_ids=getattr(outer, "device_ids", None) or None,
+            output_device=getattr(outer, "output_device", None),
+            dim=getattr(outer, "dim", 0),
+        )
+    return rewritten  # DDP needs the process group: the caller wraps the result again
+
+
+def _unprefixed(plan: Plan, inner: nn.Module) -> Plan:
+    """A plan made on the wrapper (``module.`` names) rewritten to the inner model's names."""
+    names = dict(inner.named_modules())
+    if all(e.name in names for e in plan.replaced):
+        return plan
+    if not all(e.name.startswith(_PREFIX) and e.name[len(_PREFIX):] in names for e in plan.replaced):
+        return plan  # apply_plan explains which name does not fit
+    entries = tuple(
+        dataclasses.replace(e, name=e.name[len(_PREFIX):]) if e.name.startswith(_PREFIX) else e
+        for e in plan.entries
+    )
+    return dataclasses.replace(plan, entries=entries)
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -79,11 +148,14 @@ def rewrite_with_plan(
         >>> type(res.model[1]).__name__
         'DepthwiseSeparableConv2d'
     """
+    inner, outer = unwrap_for_rewrite(model, inplace=inplace)
+    check_rewritable(inner)
+    plan = _unprefixed(plan, inner)
     calib_batches = list(calibration) if calibration is not None else None
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
-    original = copy.deepcopy(model) if needs_original else model
-    rewritten = apply_plan(model, plan, inplace=inplace)
+    original = copy.deepcopy(inner) if needs_original else inner
+    rewritten = apply_plan(inner, plan, inplace=inplace)
     calib_result = None
     if calib_batches:
         from .calibrate import calibrate
@@ -100,7 +172,8 @@ def rewrite_with_plan(
                 report.calibration = calib_result
             except AttributeError:  # pragma: no cover - frozen report record
                 pass
-    return RewriteResult(model=rewritten, plan=plan, report=report, calibration=calib_result)
+    return RewriteResult(model=_rewrap(outer, rewritten, inplace), plan=plan, report=report,
+                         calibration=calib_result)
 
 
 def _run(
@@ -116,8 +189,10 @@ def _run(
     with_report: bool,
     benchmark: bool,
 ) -> RewriteResult:
-    x = example_inputs if example_inputs is not None else example_input(model, input_shape)
-    p = make_plan(model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    inner, _ = unwrap_for_rewrite(model, inplace=inplace)
+    check_rewritable(inner)
+    x = example_inputs if example_inputs is not None else example_input(inner, input_shape)
+    p = make_plan(inner, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
     return rewrite_with_plan(model, p, x, calibration=calibration, inplace=inplace, with_report=with_report,
                              benchmark=benchmark)
 
@@ -137,7 +212,12 @@ def rewrite(
     """Swap the convs ``recipe`` selects for depthwise-separable ones; return the model.
 
     The returned model is the same class as ``model`` with submodules swapped; the
-    caller's model is untouched unless ``inplace=True``. ``calibration`` (an iterable
+    caller's model is untouched unless ``inplace=True``. An ``nn.DataParallel`` or
+    ``DistributedDataParallel`` wrapper is looked through: the plan names the inner
+    model's modules (no ``module.`` prefix); a DataParallel comes back around the
+    rewritten model, a DDP model comes back unwrapped (wrap it again: DDP binds to
+    its parameters when constructed). Quantized convs and models on the meta device
+    are refused (:class:`~dsrewrite.errors.UnsupportedModelError`). ``calibration`` (an iterable
     of example inputs) refits the new blocks in closed form against the original
     (see :mod:`dsrewrite.calibrate`). ``depth_multiplier``, ``order`` and ``init``
     override the recipe for every selected conv. To get the plan and the report of

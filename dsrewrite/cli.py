@@ -100,10 +100,12 @@ def _load(model: str, arch: Optional[str], trust_pickle: bool) -> Any:
 
 def _make_plan(loaded: Any, recipe: str, input_shape: Sequence[int], **overrides: Any) -> tuple[Any, Any]:
     from .api import example_input
+    from .apply import check_rewritable
     from .planner import NothingSelectedWarning, plan
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
+    check_rewritable(loaded.model)
     x = example_input(loaded.model, input_shape)
     _progress("capturing the graph ...")
     with warnings.catch_warnings():
@@ -190,15 +192,16 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
         click.echo(render_table(rep))
+    # The model and its plan first (both or neither): a failed write leaves no output at all.
+    if not dry_run:
+        weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path)
+        click.echo(f"wrote {weights} and {plan_file}", err=True)
     if report_path:
         save_report(rep, report_path)
     if plot_path:
         save_plot(rep, plot_path)
     if dry_run:
-        click.echo("dry run: nothing written", err=True)
-        return
-    weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path)
-    click.echo(f"wrote {weights} and {plan_file}", err=True)
+        click.echo("dry run: model not written", err=True)
 
 
 @main.command("plan")

@@ -28,6 +28,7 @@ __all__ = [
     "OutputError",
     "InputShapeError",
     "UnsupportedConvError",
+    "UnsupportedModelError",
     "CaptureError",
     "PlanError",
     "RewriteError",
@@ -62,6 +63,10 @@ class OutputError(UsageError):
 
 class InputShapeError(UsageError):
     """The model cannot run on the given example input."""
+
+
+class UnsupportedModelError(UsageError):
+    """The model as a whole cannot be rewritten: quantized convs, or weights on the meta device (CLI exit 2)."""
 
 
 class UnsupportedConvError(DsRewriteError):

@@ -268,6 +268,9 @@ def plan(
     ``recipe`` is a built-in name (``"decoder_only"``), a path to a YAML file, a
     mapping, or a loaded :class:`~dsrewrite.recipe.Recipe`. ``example_inputs``
     defaults to a seeded random tensor of ``input_shape``. The model is not changed.
+    A ``DataParallel``/``DistributedDataParallel`` wrapper is looked through (names
+    carry no ``module.`` prefix); quantized convs are refused
+    (:class:`~dsrewrite.errors.UnsupportedModelError`).
     Warns :class:`NothingSelectedWarning` when nothing is selected.
 
     Example:
@@ -276,5 +279,10 @@ def plan(
         '2'
     """
     rec = load_recipe(recipe)
+    from .api import unwrap_for_rewrite  # DataParallel/DDP: plan the inner model (names without 'module.')
+    from .apply import check_rewritable
+
+    model, _ = unwrap_for_rewrite(model)
+    check_rewritable(model, needs_weights=False)
     cap = capture(model, example_inputs, input_shape=tuple(input_shape))
     return plan_from_capture(model, rec, cap, depth_multiplier=depth_multiplier, order=order, init=init)

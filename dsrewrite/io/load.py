@@ -399,6 +399,26 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], *,
         raise ModelLoadError(f"state dict in {source} does not load into arch {arch!r}: {exc}") from exc
 
 
+def _check_rebuilt(model: nn.Module, path: Path) -> nn.Module:
+    """Refuse a module the unpickler could not rebuild whole (its submodule tree or state dict is broken).
+
+    Quantized modules, for one, do not survive ``torch.save``/``torch.load`` in every
+    torch version: they come back without their ``_modules``.
+    """
+    try:
+        for _ in model.named_modules():
+            pass
+        model.state_dict()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}: the {type(model).__name__} in the file could not be rebuilt ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); torch.load returned a broken module "
+            "(quantized modules, for one, do not survive torch.save/torch.load). Save the float model, or its "
+            "state dict and pass --arch."
+        ) from exc
+    return model
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -440,7 +460,7 @@ def load_model(
                 obj, how = obj[key], f"{how}, key {key!r}"
                 break
     if isinstance(obj, nn.Module):
-        model, notes = unwrap_parallel(obj)
+        model, notes = unwrap_parallel(_check_rebuilt(obj, path))
         desc = f"{path}: full module {type(model).__name__} ({', '.join([how, *notes])})"
         if arch is not None:
             desc += f"; --arch {arch} ignored (the file holds the whole model)"

@@ -20,6 +20,9 @@
 
 Everything else (including ``torch.fx`` graph modules, whose pickles ``exec``
 code) raises :class:`~dsrewrite.errors.UnsafePickleError` naming the object.
+Quantized modules (``torch.ao.nn.quantized``, whose packed state needs their own
+``__setstate__``) raise a :class:`~dsrewrite.errors.ModelLoadError` saying to
+rewrite the float model before quantizing it.
 Modules named by the pickle are imported only if they are already imported or
 are not part of the standard library (an installed package's own classes must be
 importable to be rebuilt; importing a stdlib module is never needed).
@@ -93,6 +96,12 @@ _REBUILD_FUNCTIONS: tuple[str, ...] = (
     "_rebuild_device_tensor_from_cpu_tensor",
 )
 
+
+# Quantized module packages: their pickled state is packed params restored by custom __setstate__.
+_QUANTIZED_PACKAGES: tuple[str, ...] = (
+    "torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.",
+    "torch.nn.intrinsic.quantized.",
+)
 
 # Modules whose state is code (fx graph modules recompile Python source; TorchScript is
 # its own format): never rebuilt from a pickle by dsrewrite.
@@ -263,6 +272,14 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
                 else f"module {module!r} has no {name!r} (a different version of the package?)"
             )
             raise ModelLoadError(f"the pickle needs '{full}' but {where}.") from None
+        if isinstance(obj, type) and obj.__module__.startswith(_QUANTIZED_PACKAGES):
+            raise ModelLoadError(
+                f"the pickle holds '{full}', a quantized module: the restricted loader does not rebuild "
+                "quantized modules (their packed state is restored by their own code), and dsrewrite cannot "
+                "factorise quantized convs anyway. Rewrite the float model before quantizing it. If only "
+                "non-conv layers are quantized (e.g. dynamically quantized Linear) and you trust the file, "
+                "re-run with --trust-pickle."
+            )
         if _may_call(obj) or _may_instantiate(obj):
             return obj
         if module == "torch.nn.functional" and callable(obj) and not name.startswith("_"):

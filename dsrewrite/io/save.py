@@ -73,33 +73,108 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    path = Path(path)
-    tmp: Optional[Path] = None
+def _unlink_quietly(path: Optional[Path]) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _write_failed(path: Path, exc: BaseException) -> OutputError:
+    return OutputError(
+        f"could not write {path}: {type(exc).__name__}: {exc}. Nothing was written there"
+        f"{' (the previous file is unchanged)' if path.exists() else ''}; free space or choose another -o."
+    )
+
+
+def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], temps: list[Path]) -> Path:
+    """Write one temp file beside ``path`` (flushed, fsync'ed, with ``path``'s mode if it exists)."""
+    fd, tmp = _create_temp(path)
+    temps.append(tmp)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    return tmp
+
+
+def _backup(path: Path) -> Optional[Path]:
+    """A hard link to the current ``path`` (to restore it if a later file of the set fails), or None."""
+    if not path.exists():
+        return None
+    for _ in range(100):
+        bak = path.parent / f".{path.name}.{secrets.token_hex(4)}.bak"
+        try:
+            os.link(path, bak)
+            return bak
+        except FileExistsError:
+            continue
+        except OSError:  # pragma: no cover - file systems without hard links: no rollback possible
+            return None
+    return None  # pragma: no cover
+
+
+def _atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]]) -> list[Path]:
+    """Write several files all-or-nothing: every temp file first, then ``os.replace`` them in order.
+
+    A failure while writing removes every temp file and changes nothing. A failure
+    while replacing (rare: the temp files are complete by then) puts back the
+    files already replaced, from hard-link backups, or removes them if they are new.
+    """
+    paths = [Path(p) for p, _ in items]
+    temps: list[Path] = []
+    current = paths[0]
     try:
-        fd, tmp = _create_temp(path)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        for path, (_, write) in zip(paths, items):
+            current = path
+            _write_temp(path, write, temps)
     except BaseException as exc:
-        if tmp is not None:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+        for tmp in temps:
+            _unlink_quietly(tmp)
         if isinstance(exc, Exception) and not isinstance(exc, OutputError):
-            raise OutputError(
-                f"could not write {path}: {type(exc).__name__}: {exc}. Nothing was written there"
-                f"{' (the previous file is unchanged)' if path.exists() else ''}; free space or choose another -o."
-            ) from exc
+            raise _write_failed(current, exc) from exc
         raise
-    return path
+    done: list[tuple[Path, Optional[Path]]] = []  # (replaced path, backup of its previous content)
+    backups: list[Path] = []
+    try:
+        for i, (path, tmp) in enumerate(zip(paths, temps)):
+            current = path
+            bak = _backup(path) if i < len(paths) - 1 else None
+            if bak is not None:
+                backups.append(bak)
+            os.replace(tmp, path)
+            done.append((path, bak))
+    except BaseException as exc:
+        for path, bak in reversed(done):
+            try:
+                if bak is not None:
+                    os.replace(bak, path)
+                else:
+                    path.unlink()
+            except OSError:  # pragma: no cover - best effort
+                pass
+        for leftover in temps + backups:
+            if leftover.exists():
+                _unlink_quietly(leftover)
+        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+            others = [str(p) for p in paths if p != current]
+            err = _write_failed(current, exc)
+            if others:
+                err = OutputError(f"{err} {', '.join(others)} left as before.")
+            raise err from exc
+        raise
+    for bak in backups:
+        _unlink_quietly(bak)
+    for directory in {p.parent for p in paths}:
+        _fsync_dir(directory)
+    return paths
+
+
+def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    return _atomic_write_all([(Path(path), write)])[0]
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
@@ -232,7 +307,9 @@ def save_rewrite(
     """Write the rewritten full module to ``path`` and the plan JSON beside it; return both paths.
 
     Both paths are checked (:func:`check_output_path`) before anything is
-    written; each write is atomic. Reload with :func:`dsrewrite.io.load_model`
+    written, and the pair is written all-or-nothing: both temp files are written
+    and fsync'ed before either replaces its destination, so a failure (disk full)
+    leaves no new file, no temp file, and any previous files unchanged. Reload with :func:`dsrewrite.io.load_model`
     (full module) or :func:`load_rewrite` (fresh architecture + plan + weights).
 
     Example:
@@ -246,8 +323,8 @@ def save_rewrite(
     plan_file = plan_path_for(weights)
     check_output_path(weights, input_path=input_path, force=force)
     check_output_path(plan_file, input_path=input_path, force=force)
-    atomic_save(model, weights)
-    atomic_write_bytes(plan.to_json().encode("utf-8"), plan_file)
+    data = plan.to_json().encode("utf-8")
+    _atomic_write_all([(weights, lambda f: torch.save(model, f)), (plan_file, lambda f: f.write(data))])
     return weights, plan_file
 
 

@@ -232,15 +232,43 @@ class DepthwiseSeparableConv2d(nn.Module):
         )
         with torch.no_grad():
             if init == "svd":
-                spatial, pointwise = factorize(w.detach(), depth_multiplier, order)
-                block.depthwise.weight.copy_(spatial)
-                block.pointwise.weight.copy_(pointwise)
+                _factorize_into(block, w.detach(), depth_multiplier, order)
             if conv.bias is not None:
                 block.bias.copy_(conv.bias.detach())  # type: ignore[union-attr]
         for p in block.parameters():
             p.requires_grad_(w.requires_grad)
         block.train(conv.training)
         return block
+
+
+#: Float64 bytes of kernel slices factorised per SVD call: bounds the transient memory of ``from_conv``.
+SVD_CHUNK_BYTES = 4 * 2**20
+
+
+def _factorize_into(block: DepthwiseSeparableConv2d, w: Tensor, m: int, order: str,
+                    chunk_bytes: int = SVD_CHUNK_BYTES) -> None:
+    """Set the block's stages from the SVD of ``w``, a chunk of kernel slices at a time.
+
+    Every slice's SVD is independent of the others (one per input channel for
+    ``dw_pw``, per output filter for ``pw_dw``), and each chunk's results occupy a
+    contiguous range of the stages' weights, so chunking gives the same numbers as
+    one batched call while the float64 workspace stays near ``chunk_bytes`` (one
+    call on a 512×512 3×3 kernel peaks near 9× the kernel's float32 size).
+    """
+    c_out, c_in, kh, kw = w.shape
+    batch, other = (c_in, c_out) if order == "dw_pw" else (c_out, c_in)
+    step = max(1, chunk_bytes // max(1, other * kh * kw * 8))
+    dw, pw = block.depthwise.weight, block.pointwise.weight
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        if order == "dw_pw":  # slices = input channels: depthwise rows and pointwise columns c*m + j
+            spatial, pointwise = factorize(w[:, b0:b1], m, order)
+            dw[b0 * m:b1 * m].copy_(spatial)
+            pw[:, b0 * m:b1 * m].copy_(pointwise)
+        else:  # slices = output filters: pointwise rows o*m + j and depthwise rows o
+            spatial, pointwise = factorize(w[b0:b1], m, order)
+            pw[b0 * m:b1 * m].copy_(pointwise)
+            dw[b0:b1].copy_(spatial)
 
 
 def check_convertible(conv: nn.Module, *, name: str = "") -> None:
