@@ -194,3 +194,22 @@ def test_recipe_that_selects_nothing_is_an_error_in_the_cli(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = CliRunner().invoke(main, ["--debug", "apply", str(tmp_path / "nope.pt"), "--recipe", "all_3x3"])
     assert r.exit_code == 2 and "Traceback" in r.output
+
+
+def test_apply_with_calibration_then_heal(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randn(4, 3, 32, 32, generator=g), tmp_path / "calib.pt")
+    out = tmp_path / "d.pt"
+    r = run(["apply", "demo", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32",
+             "--calib", tmp_path / "calib.pt", "-o", out, "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["calibration"] is not None
+    assert "calibration" in rep["fidelity"]
+    healed = tmp_path / "h.pt"
+    r = run(["heal", "demo", "--rewritten", out, "--data", tmp_path / "calib.pt", "--steps", "2",
+             "--batch-size", "2", "--input-shape", "1,3,32,32", "-o", healed])
+    assert r.exit_code == 0, r.output
+    assert "distillation loss" in r.output
+    model = load_model(healed).model
+    assert sum(type(m).__name__ == "DepthwiseSeparableConv2d" for m in model.modules()) == 6

@@ -7,7 +7,7 @@ Records are plain values: build them by loading a recipe, not by hand.
 Example:
     >>> spec = ReplaceSpec(order="dw_pw", depth_multiplier=1)
     >>> spec.with_changes(energy=0.9)
-    ReplaceSpec(order='dw_pw', depth_multiplier=None, energy=0.9, init='svd', mid_norm=None, mid_act=None)
+    ReplaceSpec(order='dw_pw', depth_multiplier=None, energy=0.9, init='svd', mid_norm=None, mid_act=None, auto_order='macs')
     >>> Range(min=16).describe()
     '≥ 16'
 """
@@ -224,7 +224,7 @@ class ReplacePatch:
 
     Example:
         >>> ReplacePatch((("depth_multiplier", 2),)).apply(ReplaceSpec(energy=0.9, depth_multiplier=None))
-        ReplaceSpec(order='dw_pw', depth_multiplier=2, energy=None, init='svd', mid_norm=None, mid_act=None)
+        ReplaceSpec(order='dw_pw', depth_multiplier=2, energy=None, init='svd', mid_norm=None, mid_act=None, auto_order='macs')
     """
 
     values: tuple[tuple[str, Any], ...] = ()
