@@ -1,0 +1,822 @@
+"""Closed-form, label-free calibration of a rewritten model against its original.
+
+SVD gives the best separable kernel in WEIGHT space; on a trained network what
+matters is the OUTPUT. :func:`calibrate` refits each replaced
+:class:`~dsrewrite.layers.DepthwiseSeparableConv2d` by regularised least squares
+so that its output matches the original conv's output on real activations:
+
+* layers are visited in execution order; a layer's INPUTS come from the rewritten
+  model with every earlier layer already calibrated and its TARGETS from the
+  original model's conv on the same batch ("asymmetric" reconstruction: each layer
+  also corrects the error that reaches it, so errors do not pile up);
+* only statistics are kept (Gram matrices ``Σ f̃f̃ᵀ``, ``Σ f̃yᵀ`` over at most
+  ``max_positions`` sampled output positions per layer, float64; see
+  :mod:`dsrewrite.lstsq`): memory is bounded by the layer's channels, not the data;
+* the stage that runs LAST is always refit with the bias (dw_pw: the pointwise 1×1,
+  which mixes channels; pw_dw: the grouped k×k, which sums ``m`` projections per
+  output); its input is whatever reaches it, so blocks with ``mid_norm``/``mid_act``
+  work too. For LINEAR blocks whose joint size ``C_in·K`` (dw_pw: ``C_in·m·K``)
+  is at most ``max_joint_dim``, ``alternate`` further rounds refit the first stage
+  (dw_pw: the depthwise filters; pw_dw: the 1×1 projection, the channel-mixing
+  stage) and then the last again, each a linear least-squares problem on the
+  input-patch statistics;
+* every step is kept only if it lowers the layer's output error on the calibration
+  positions; otherwise the previous weights stay and the layer's note says so.
+
+The schedule is exact (layer ``l`` sees the final weights of layers ``< l``) yet
+costs about two passes of the data, not one per layer: the outputs of module calls
+that finish before the last refit layer starts are cached and replayed, and each
+pass stops right after the layer it calibrates. Module calls are identified by
+``(qualified name, call index)`` from a probe run; if the call structure changes
+between batches, the cache is switched off (slower, same result).
+
+Example:
+    >>> import copy, torch
+    >>> from torch import nn
+    >>> from dsrewrite.layers import DepthwiseSeparableConv2d
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    >>> light = copy.deepcopy(net)
+    >>> light[2] = DepthwiseSeparableConv2d.from_conv(net[2])
+    >>> data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    >>> res = calibrate(net, light, data)
+    >>> res.layers[0].rel_error_after < res.layers[0].rel_error_before
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CalibrationError, UsageError, did_you_mean
+from .fidelity import flatten_outputs
+from .layers.dsconv import DepthwiseSeparableConv2d
+from .lstsq import (
+    GramStats,
+    block_error,
+    dense_dwpw,
+    dense_pwdw,
+    gather_patches,
+    quadratic_error,
+    refit_dwpw_pointwise,
+    refit_dwpw_spatial,
+    refit_pwdw_pointwise,
+    refit_pwdw_spatial,
+    ridge_solve,
+    sample_positions,
+)
+from .macs import call_model, evaluating
+
+__all__ = [
+    "calibrate",
+    "CalibrationResult",
+    "LayerCalibration",
+    "CalibrationUsageError",
+    "replaced_names",
+]
+
+
+class CalibrationUsageError(UsageError):
+    """Bad calibration input: no batches, unknown or mismatched layer names, bad options."""
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """What calibration did to one layer.
+
+    Errors are relative L2 (``‖block(x) − conv_orig(x_orig)‖ / ‖conv_orig(x_orig)‖``) over
+    the sampled calibration positions, ``x`` coming from the rewritten model with the
+    earlier layers already calibrated. ``steps`` lists the accepted refits in order
+    (``"last"``: the last stage and bias; ``"first"``: the first stage); ``method`` is
+    ``"last_stage"``, ``"alternating"`` or ``"skipped"``.
+    """
+
+    name: str
+    order: str
+    depth_multiplier: int
+    method: str
+    rel_error_before: float
+    rel_error_after: float
+    positions: int
+    steps: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Per-layer results plus the whole model's output error before and after (relative L2).
+
+    ``output_rel_error_*`` compare all output tensors of the rewritten model with the
+    original's over every calibration batch (``None`` with ``measure_output=False``).
+    """
+
+    layers: tuple[LayerCalibration, ...]
+    output_rel_error_before: Optional[float]
+    output_rel_error_after: Optional[float]
+    images: int
+    batches: int
+    seconds: float
+    replay_cache: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer.
+
+        Example:
+            >>> r = CalibrationResult((LayerCalibration("a", "dw_pw", 1, "last_stage", 0.5, 0.25, 10, ("last",)),),
+            ...                       0.4, 0.2, 2, 1, 0.1, True)
+            >>> print(r.table())  # doctest: +NORMALIZE_WHITESPACE
+            layer  order  m  method      rel err before  rel err after  steps  note
+            a      dw_pw  1  last_stage  0.5000          0.2500         last
+            model output rel err: 0.4000 -> 0.2000 (2 images, 1 batches, 0.1 s)
+        """
+        head = ("layer", "order", "m", "method", "rel err before", "rel err after", "steps", "note")
+        rows = [head] + [
+            (l.name, l.order, str(l.depth_multiplier), l.method, f"{l.rel_error_before:.4f}",
+             f"{l.rel_error_after:.4f}", ",".join(l.steps), l.note)
+            for l in self.layers
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+        def fmt(v: Optional[float]) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        lines.append(
+            f"model output rel err: {fmt(self.output_rel_error_before)} -> {fmt(self.output_rel_error_after)} "
+            f"({self.images} images, {self.batches} batches, {self.seconds:.1f} s)"
+        )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
+    """Qualified names of the separable blocks of ``rewritten`` that are ``nn.Conv2d`` in ``original``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+        >>> light = nn.Sequential(net[0], DepthwiseSeparableConv2d.from_conv(net[1]))
+        >>> replaced_names(net, light)
+        ['1']
+    """
+    convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    return [n for n, m in rewritten.named_modules() if isinstance(m, DepthwiseSeparableConv2d) and n in convs]
+
+
+# ----------------------------------------------------------------------------------------
+# Replay cache: module calls are keyed by (qualified name, call index within one forward)
+# ----------------------------------------------------------------------------------------
+Key = tuple[str, int]
+
+
+class _Stop(BaseException):
+    """Raised from a hook to end a forward pass early (BaseException: user code rarely catches it)."""
+
+
+class _StructureChanged(BaseException):
+    """A module call not seen in the probe run: the replay cache cannot be trusted."""
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_clone(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _clone(v)) for k, v in value.items())
+    return value
+
+
+@dataclass
+class _Call:
+    start: int
+    end: int = -1
+    parent: Optional[Key] = None
+
+
+class _Tracer:
+    """Hooks on every submodule of a model: records the call tree, replays and captures outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.named = [(n, m) for n, m in model.named_modules() if n]
+        self.calls: dict[Key, _Call] = {}
+        self.sequence: list[Key] = []
+        self.probing = False
+        self.replay: dict[Key, Any] = {}
+        self.capture: set[Key] = set()
+        self.captured: dict[Key, Any] = {}
+        self.skip_counts: dict[Key, Counter] = {}
+        self.patched: dict[str, tuple[nn.Module, bool, Any]] = {}
+        self.handles: list[Any] = []
+        self._reset()
+        for name, mod in self.named:
+            self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(mod.register_forward_hook(self._post(name)))
+
+    def _reset(self) -> None:
+        self.counters: Counter = Counter()
+        self.stack: list[Key] = []
+        self.event = 0
+        self.seen: list[Key] = []
+
+    def begin(self, *, probe: bool = False, replay: Optional[dict[Key, Any]] = None,
+              capture: Optional[set[Key]] = None) -> None:
+        self._reset()
+        self.probing = probe
+        if probe:
+            self.calls, self.sequence = {}, []
+        self.replay = replay or {}
+        self.capture = capture or set()
+        self.captured = {}
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            key = (name, self.counters[name])
+            self.counters[name] += 1
+            parent = self.stack[-1] if self.stack else None
+            if self.probing:
+                self.calls[key] = _Call(start=self.event, parent=parent)
+                self.sequence.append(key)
+            elif self.calls and key not in self.calls:
+                raise _StructureChanged(key)
+            self.seen.append(key)
+            self.event += 1
+            self.stack.append(key)
+
+        return hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            key = self.stack.pop() if self.stack else (name, -1)
+            if self.probing and key in self.calls:
+                self.calls[key].end = self.event
+            self.event += 1
+            if key in self.replay:
+                self.counters.update(self.skip_counts.get(key, {}))
+                if key in self.capture:
+                    self.captured[key] = self.replay[key]
+            elif key in self.capture:
+                self.captured[key] = _clone(output)
+
+        return hook
+
+    # --- cache sets from the probe ---------------------------------------------------
+    def before(self, key: Key) -> set[Key]:
+        """Maximal calls that end before ``key`` starts (their outputs cannot depend on it).
+
+        Calls of in-place modules (``inplace=True``, e.g. ``ReLU(inplace=True)``) are never
+        replayed: code may rely on their side effect rather than their return value.
+        """
+        t = self.calls[key].start
+        mods = dict(self.named)
+        out = set()
+        for k, c in self.calls.items():
+            if 0 <= c.end < t and (c.parent is None or self.calls[c.parent].end >= t or self.calls[c.parent].end < 0):
+                if not getattr(mods[k[0]], "inplace", False):
+                    out.add(k)
+        return out
+
+    def prepare_replay(self, keys: Iterable[Key]) -> None:
+        """Count the calls nested in each replayable call and wrap those modules' forwards."""
+        mods = dict(self.named)
+        for key in keys:
+            c = self.calls[key]
+            if key not in self.skip_counts:
+                self.skip_counts[key] = Counter(
+                    k[0] for k, d in self.calls.items() if c.start < d.start and 0 <= d.end < c.end
+                )
+            name = key[0]
+            if name in self.patched:
+                continue
+            mod = mods[name]
+            had = "forward" in mod.__dict__
+            orig = mod.__dict__.get("forward", None)
+            bound = mod.forward
+
+            def wrapper(*args: Any, _name: str = name, _bound: Any = bound, **kwargs: Any) -> Any:
+                top = self.stack[-1] if self.stack else None
+                if top is not None and top[0] == _name and top in self.replay:
+                    return _clone(self.replay[top])
+                return _bound(*args, **kwargs)
+
+            mod.forward = wrapper  # type: ignore[method-assign]
+            self.patched[name] = (mod, had, orig)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for mod, had, orig in self.patched.values():
+            if had:
+                mod.forward = orig  # type: ignore[method-assign]
+            else:
+                del mod.__dict__["forward"]
+        self.patched = {}
+
+
+# ----------------------------------------------------------------------------------------
+# One layer: what to capture and how to refit
+# ----------------------------------------------------------------------------------------
+class _Layer:
+    def __init__(self, name: str, index: int, block: DepthwiseSeparableConv2d, conv: nn.Conv2d) -> None:
+        self.name, self.index, self.block, self.conv = name, index, block, conv
+        kh, kw = block.kernel_size
+        self.k = kh * kw
+        self.m = block.depth_multiplier
+        self.c_in, self.c_out = block.in_channels, block.out_channels
+        self.positions: list[Optional[Tensor]] = []  # per batch, (P, 3)
+        self.targets: list[Optional[Tensor]] = []  # per batch, (P, C_out)
+        self.calls_orig = 0
+        self.skip: str = ""
+        self.joint = False
+        self.stats = GramStats()
+
+    def joint_dim(self) -> int:
+        d = self.c_in * self.k
+        return d * self.m if self.block.order == "dw_pw" else d
+
+    @property
+    def spatial(self) -> nn.Conv2d:
+        return self.block.depthwise
+
+    @property
+    def last(self) -> nn.Conv2d:
+        return self.block.pointwise if self.block.order == "dw_pw" else self.block.depthwise
+
+    def features(self, x: Tensor, z: Tensor, pos: Tensor) -> Tensor:
+        """Features at ``pos``: input patches (joint) or the last stage's input (last-stage only)."""
+        sp = self.spatial
+        if self.joint:
+            p = gather_patches(x, pos, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+            return p.reshape(p.shape[0], -1)
+        if self.block.order == "dw_pw":
+            return z[pos[:, 0].to(z.device), :, pos[:, 1].to(z.device), pos[:, 2].to(z.device)]
+        p = gather_patches(z, pos, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+        return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
+
+    # --- weights in the lstsq layouts ------------------------------------------------
+    def _bias(self) -> Optional[Tensor]:
+        b = self.block.bias
+        return None if b is None else b.detach().to(torch.float64)
+
+    def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(first-stage, last-stage, bias) in lstsq layouts, float64."""
+        blk, k, m = self.block, self.k, self.m
+        dw = blk.depthwise.weight.detach().to(torch.float64)
+        pw = blk.pointwise.weight.detach().to(torch.float64)
+        if blk.order == "dw_pw":
+            return dw.reshape(self.c_in, m, k), pw.reshape(self.c_out, self.c_in, m), self._bias()
+        return pw.reshape(self.c_out, m, self.c_in), dw.reshape(self.c_out, m, k), self._bias()
+
+    def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
+        blk = self.block
+        with torch.no_grad():
+            if blk.order == "dw_pw":
+                blk.depthwise.weight.copy_(first.reshape(blk.depthwise.weight.shape))
+                blk.pointwise.weight.copy_(last.reshape(blk.pointwise.weight.shape))
+            else:
+                blk.pointwise.weight.copy_(first.reshape(blk.pointwise.weight.shape))
+                blk.depthwise.weight.copy_(last.reshape(blk.depthwise.weight.shape))
+            if bias is not None and blk.bias is not None:
+                blk.bias.copy_(bias)
+
+    def dense(self, first: Tensor, last: Tensor) -> Tensor:
+        return dense_dwpw(first, last) if self.block.order == "dw_pw" else dense_pwdw(first, last)
+
+    # --- refits ------------------------------------------------------------------------
+    def refit(self, ridge: float, alternate: int) -> LayerCalibration:
+        first, last, bias = self.current()
+        has_bias = bias is not None
+        st = self.stats
+        assert st.gram is not None and st.cross is not None  # internal invariant
+        yy = st.yy if st.yy > 0 else 1.0
+
+        def rel(e: float) -> float:
+            return math.sqrt(max(e, 0.0) / yy)
+
+        steps: list[str] = []
+        note = ""
+        if self.joint:
+            err = lambda f, l, b: block_error(st, self.dense(f, l), b)  # noqa: E731
+            e0 = e = err(first, last, bias)
+            plan = ["last"] + ["first", "last"] * alternate
+            for step in plan:
+                if self.block.order == "dw_pw":
+                    if step == "last":
+                        l_new, b_new = refit_dwpw_pointwise(st, first, bias=has_bias, ridge=ridge)
+                        cand = (first, l_new, b_new)
+                    else:
+                        cand = (refit_dwpw_spatial(st, last, bias, k=self.k, ridge=ridge), last, bias)
+                else:
+                    if step == "last":
+                        l_new, b_new = refit_pwdw_spatial(st, first, k=self.k, bias=has_bias, ridge=ridge)
+                        cand = (first, l_new, b_new)
+                    else:
+                        cand = (refit_pwdw_pointwise(st, last, bias, in_channels=self.c_in, ridge=ridge), last, bias)
+                e_new = err(*cand)
+                if not e_new < e:
+                    if not steps:
+                        note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
+                    break
+                first, last, bias = cand
+                e = e_new
+                steps.append(step)
+            method = "alternating"
+        else:
+            if self.block.order == "dw_pw":
+                w0 = torch.cat([last.reshape(self.c_out, -1).T, _bias_row(bias, self.c_out)], 0)
+            else:
+                w0 = torch.cat([last.reshape(self.c_out, -1), _bias_row(bias, self.c_out).T], 1).unsqueeze(-1)
+            e0 = e = quadratic_error(st.gram, st.cross, st.yy, w0)
+            w = ridge_solve(st.gram, st.cross, ridge, bias=has_bias)
+            e_new = quadratic_error(st.gram, st.cross, st.yy, w)
+            if e_new < e:
+                e = e_new
+                steps.append("last")
+                if self.block.order == "dw_pw":
+                    last, bias = w[:-1].T.reshape(last.shape), (w[-1] if has_bias else None)
+                else:
+                    last, bias = w[:, :-1, 0].reshape(last.shape), (w[:, -1, 0] if has_bias else None)
+            else:
+                note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
+            method = "last_stage"
+            if alternate > 0:
+                why = ("the block is not linear (mid_norm/mid_act)" if not self.block.is_linear
+                       else f"joint size {self.joint_dim()} > max_joint_dim")
+                note = (note + "; " if note else "") + f"first stage kept: {why}"
+        if steps:
+            self.write(first, last, bias)
+        return LayerCalibration(self.name, self.block.order, self.m, method, rel(e0), rel(e), st.count,
+                                tuple(steps), note)
+
+
+def _bias_row(bias: Optional[Tensor], c_out: int) -> Tensor:
+    return (torch.zeros(c_out, dtype=torch.float64) if bias is None else bias).reshape(1, c_out)
+
+
+# ----------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return 1
+
+
+def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
+    blocks = {n: m for n, m in rewritten.named_modules() if isinstance(m, DepthwiseSeparableConv2d)}
+    convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    if names is None:
+        names = [n for n in blocks if n in convs]
+    out = []
+    for name in names:
+        if name not in blocks:
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is not a DepthwiseSeparableConv2d in the rewritten model"
+                f"{did_you_mean(name, blocks)}. Hint: pass the qualified names of the replaced layers "
+                f"(available: {sorted(blocks)[:8]}{' ...' if len(blocks) > 8 else ''})."
+            )
+        if name not in convs:
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is not an nn.Conv2d in the original model"
+                f"{did_you_mean(name, convs)}. Hint: the original must be the model before the rewrite."
+            )
+        b, c = blocks[name], convs[name]
+        mine = (b.in_channels, b.out_channels, tuple(b.kernel_size), tuple(b.stride), b.padding,
+                tuple(b.dilation), b.padding_mode)
+        theirs = (c.in_channels, c.out_channels, tuple(c.kernel_size), tuple(c.stride), c.padding,
+                  tuple(c.dilation), c.padding_mode)
+        if mine != theirs:
+            raise CalibrationUsageError(
+                f"layer {name!r}: the separable block (in, out, kernel, stride, padding, dilation, padding_mode) "
+                f"= {mine} does not "
+                f"match the original conv's {theirs}. Hint: calibrate a model against the one it was rewritten from."
+            )
+        out.append((name, b, c))
+    return out
+
+
+def calibrate(
+    original: nn.Module,
+    rewritten: nn.Module,
+    batches: Iterable[Any],
+    *,
+    names: Optional[Sequence[str]] = None,
+    max_positions: int = 16384,
+    ridge: float = 1e-3,
+    alternate: int = 3,
+    max_joint_dim: int = 2304,
+    measure_output: bool = True,
+    replay_cache: bool = True,
+    progress: bool = False,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Refit the separable blocks of ``rewritten`` IN PLACE to reproduce ``original``'s conv outputs.
+
+    Args:
+        original: the model before the rewrite (the teacher; never modified).
+        rewritten: the rewritten model; its blocks named in ``names`` are refit in place.
+        batches: unlabeled inputs (tensors; a tuple/list is passed as positional
+            arguments, a dict as keyword arguments). Read once and kept in memory.
+        names: qualified names of the blocks to refit; default: every
+            ``DepthwiseSeparableConv2d`` of ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
+        max_positions: output positions sampled per layer over all batches (spread evenly).
+        ridge: relative ridge ``λ = ridge · mean(diag(G))`` (bias unpenalised).
+        alternate: rounds of (first stage, last stage) refits after the last-stage refit,
+            for linear blocks whose joint size is at most ``max_joint_dim``; 0: last stage only.
+        max_joint_dim: largest ``C_in·K`` (dw_pw: ``C_in·m·K``) refit jointly.
+        measure_output: also measure the model's output error before and after (one more pass).
+        replay_cache: replay cached module outputs instead of re-running every layer's prefix
+            (same result; turn off for models whose submodules have side effects in ``forward``).
+        progress: print one line per layer to stderr.
+        seed: seeds the sampling of positions.
+
+    Both models run in eval mode under ``no_grad``; all train flags are restored.
+
+    Raises:
+        CalibrationUsageError: no batches, unknown names, or blocks that do not match the original.
+
+    Example:
+        >>> import copy
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        >>> light = copy.deepcopy(net); light[2] = DepthwiseSeparableConv2d.from_conv(net[2], depth_multiplier=9)
+        >>> res = calibrate(net, light, [torch.randn(2, 3, 8, 8)])
+        >>> res.output_rel_error_after < 1e-5
+        True
+    """
+    t0 = time.perf_counter()
+    if max_positions < 1 or ridge < 0 or alternate < 0 or max_joint_dim < 0:
+        raise CalibrationUsageError(
+            f"calibrate: need max_positions >= 1, ridge >= 0, alternate >= 0, max_joint_dim >= 0; got "
+            f"max_positions={max_positions}, ridge={ridge}, alternate={alternate}, max_joint_dim={max_joint_dim}."
+        )
+    device = _device_of(rewritten)
+    data = [_to(b, device) for b in batches]
+    if not data:
+        raise CalibrationUsageError("calibrate: `batches` is empty. Hint: pass at least one batch of example inputs.")
+    resolved = _resolve(original, rewritten, names)
+    layers = [_Layer(n, i, b, c) for i, (n, b, c) in enumerate(resolved)]
+    images = sum(_batch_size(b) for b in data)
+    per_image = max(1, math.ceil(max_positions / images))
+    notes: list[str] = []
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+    with evaluating(original, rewritten), torch.no_grad():
+        ref_outputs = _original_pass(original, data, layers, per_image, seed, measure_output)
+        tracer = _Tracer(rewritten)
+        try:
+            result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
+                                       max_joint_dim, measure_output, replay_cache, notes, say)
+        finally:
+            tracer.close()
+    out_before, out_after, done, cache_on = result
+    seconds = time.perf_counter() - t0
+    say(f"done in {seconds:.1f} s")
+    return CalibrationResult(tuple(done), out_before, out_after, images, len(data), seconds, cache_on, tuple(notes))
+
+
+def _original_pass(original: nn.Module, data: list[Any], layers: list[_Layer], per_image: int, seed: int,
+                   keep_outputs: bool) -> list[Any]:
+    """Targets (original conv outputs at sampled positions) for every layer and batch; model outputs."""
+    by_conv = {id(l.conv): l for l in layers}
+    state = {"b": 0}
+    handles = []
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+        layer = by_conv[id(module)]
+        layer.calls_orig += 1
+        if layer.calls_orig > 1:
+            return
+        n, _, h, w = output.shape
+        g = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 7919 + state["b"])
+        pos = sample_positions((n, h, w), per_image * n, generator=g)
+        p = pos.to(output.device)
+        layer.positions.append(pos)
+        layer.targets.append(output[p[:, 0], :, p[:, 1], p[:, 2]].detach().clone())
+
+    for l in layers:
+        handles.append(l.conv.register_forward_hook(hook))
+    outputs = []
+    try:
+        for b, batch in enumerate(data):
+            state["b"] = b
+            for l in layers:
+                l.calls_orig = 0
+            out = call_model(original, batch)
+            if keep_outputs:
+                outputs.append([t.detach() for _, t in flatten_outputs(out)])
+            for l in layers:
+                if l.calls_orig == 0:
+                    l.skip = l.skip or "the original conv was not called on the calibration batches"
+                    l.positions.append(None)
+                    l.targets.append(None)
+                elif l.calls_orig > 1:
+                    l.skip = l.skip or f"the original conv is called {l.calls_orig} times per forward (shared)"
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+class _RelErr:
+    def __init__(self) -> None:
+        self.err = 0.0
+        self.ref = 0.0
+
+    def add(self, out: Any, ref: list[Tensor]) -> None:
+        leaves = [t for _, t in flatten_outputs(out)]
+        if len(leaves) != len(ref):
+            raise CalibrationError(
+                f"the rewritten model returns {len(leaves)} output tensors, the original {len(ref)}. "
+                "Hint: calibrate a model against the one it was rewritten from."
+            )
+        for a, r in zip(leaves, ref):
+            r64, a64 = r.to(torch.float64), a.detach().to(r.device, torch.float64)
+            self.err += float(((a64 - r64) ** 2).sum())
+            self.ref += float((r64 * r64).sum())
+
+    def value(self) -> float:
+        return math.sqrt(self.err / self.ref) if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
+
+
+def _calibrate_layers(
+    rewritten: nn.Module, data: list[Any], layers: list[_Layer], tracer: _Tracer, ref_outputs: list[Any],
+    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
+    notes: list[str], say: Callable[[str], None],
+) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+    by_block = {id(l.block): l for l in layers}
+    calls: Counter = Counter()
+
+    def count_hook(module: nn.Module, args: Any, output: Any) -> None:
+        calls[by_block[id(module)].name] += 1
+
+    # 1. probe the call tree on the first batch (its output also counts for the "before" error)
+    handles = [l.block.register_forward_hook(count_hook) for l in layers]
+    before = _RelErr()
+    try:
+        tracer.begin(probe=True)
+        out = call_model(rewritten, data[0])
+        if measure_output:
+            before.add(out, ref_outputs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    probe_seq = list(tracer.sequence)
+    for l in layers:
+        l.joint = l.block.is_linear and alternate > 0 and l.joint_dim() <= max_joint_dim
+        if l.skip:
+            continue
+        if calls[l.name] == 0:
+            l.skip = "the separable block was not called on the calibration batches"
+        elif calls[l.name] > 1:
+            l.skip = f"the separable block is called {calls[l.name]} times per forward (shared)"
+    order_idx = {k: i for i, k in enumerate(probe_seq)}
+    ordered = sorted((l for l in layers if not l.skip), key=lambda l: order_idx[(l.name, 0)])
+
+    # 2. the "before" pass over the other batches; captures the first layer's prefix on the way
+    cache_on = replay_cache
+    cache: list[dict[Key, Any]] = [{} for _ in data]
+    out_before = None
+    if measure_output:
+        capture = tracer.before((ordered[0].name, 0)) if ordered and cache_on else set()
+        tracer.prepare_replay(capture)
+        for b in range(1, len(data)):
+            tracer.begin(capture=capture if cache_on else None)
+            try:
+                out = call_model(rewritten, data[b])
+            except _StructureChanged:
+                cache_on = False
+                tracer.calls = {}
+                tracer.begin()
+                out = call_model(rewritten, data[b])
+            before.add(out, ref_outputs[b])
+            cache[b] = tracer.captured if cache_on else {}
+            if cache_on and tracer.seen != probe_seq:
+                cache_on = False
+        out_before = before.value()
+    if replay_cache and not cache_on:
+        notes.append("module call structure differs between batches: ran without the replay cache "
+                     "(slower, same result)")
+    if not cache_on:
+        tracer.calls = {}
+        cache = [{} for _ in data]
+
+    # 3. layer by layer, in execution order
+    done: list[LayerCalibration] = []
+    for i, layer in enumerate(ordered):
+        capture = tracer.before((layer.name, 0)) if cache_on else set()
+        if cache_on:
+            tracer.prepare_replay(capture)
+        t_layer = time.perf_counter()
+        try:
+            cache = _layer_pass(rewritten, data, layer, tracer, cache, capture, cache_on, probe_seq)
+        except _StructureChanged:
+            cache_on = False
+            tracer.calls = {}
+            notes.append("module call structure changed during calibration: switched the replay cache off")
+            layer.stats = GramStats()
+            cache = _layer_pass(rewritten, data, layer, tracer, [{} for _ in data], set(), False, [])
+        if not layer.stats.ready:
+            rec = LayerCalibration(layer.name, layer.block.order, layer.m, "skipped", math.nan, math.nan, 0,
+                                   (), "no calibration positions reached this layer")
+        else:
+            rec = layer.refit(ridge, alternate)
+        layer.stats = GramStats()  # free the statistics
+        done.append(rec)
+        say(f"{i + 1}/{len(ordered)} {layer.name}: rel err {rec.rel_error_before:.4f} -> {rec.rel_error_after:.4f} "
+            f"[{rec.method}{': ' + ','.join(rec.steps) if rec.steps else ''}] "
+            f"({time.perf_counter() - t_layer:.1f} s){' ' + rec.note if rec.note else ''}")
+    for l in layers:
+        if l.skip:
+            done.append(LayerCalibration(l.name, l.block.order, l.m, "skipped", math.nan, math.nan, 0, (),
+                                         f"skipped: {l.skip}"))
+
+    # 4. the "after" pass (replays everything before the last refit layer)
+    out_after = None
+    if measure_output:
+        after = _RelErr()
+        for b, batch in enumerate(data):
+            tracer.begin(replay=cache[b] if cache_on else None)
+            after.add(call_model(rewritten, batch), ref_outputs[b])
+            cache[b] = {}
+        out_after = after.value()
+    return out_before, out_after, done, cache_on
+
+
+def _layer_pass(rewritten: nn.Module, data: list[Any], layer: _Layer, tracer: _Tracer,
+                cache: list[dict[Key, Any]], capture: set[Key], cache_on: bool,
+                probe_seq: list[Key]) -> list[dict[Key, Any]]:
+    """Run every batch up to ``layer`` (replaying ``cache``), accumulate its statistics; return the new cache.
+
+    Without anything to replay, the calls seen must follow the probe run (else ``_StructureChanged``).
+    """
+    state: dict[str, Any] = {}
+    target = layer.block if layer.joint else layer.last
+
+    def grab(module: nn.Module, args: Any) -> None:
+        if layer.joint:
+            state["x"], state["z"] = args[0], None
+        else:
+            state["x"], state["z"] = None, args[0]
+        raise _Stop
+
+    new_cache: list[dict[Key, Any]] = []
+    handle = target.register_forward_pre_hook(grab)
+    try:
+        for b, batch in enumerate(data):
+            pos, y = layer.positions[b], layer.targets[b]
+            tracer.begin(replay=cache[b] if cache_on else None, capture=capture if cache_on else None)
+            state.clear()
+            try:
+                call_model(rewritten, batch)
+            except _Stop:
+                pass
+            if cache_on and not cache[b] and tracer.seen != probe_seq[: len(tracer.seen)]:
+                raise _StructureChanged(layer.name)
+            new_cache.append(tracer.captured)
+            cache[b] = {}
+            if "x" not in state or pos is None or y is None:
+                continue
+            feats = layer.features(state["x"], state["z"], pos)
+            layer.stats.add(feats, y)
+    finally:
+        handle.remove()
+    return new_cache
