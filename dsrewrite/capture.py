@@ -96,12 +96,14 @@ def is_plain_conv(module: _ConvNd) -> bool:
 def timm_fx_extras(model: nn.Module) -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
     """timm's registered fx leaf modules and autowrap functions, when the model uses timm.
 
-    Returns two empty tuples for a model with no timm module (timm is then not
-    imported at all).
+    Returns two empty tuples when timm is neither imported yet nor used by the model
+    (timm is then not imported at all); once timm is imported, its registered extras.
 
     Example:
-        >>> timm_fx_extras(nn.Conv2d(3, 3, 3))
-        ((), ())
+        >>> from timm.layers import Conv2dSame
+        >>> leaves, funcs = timm_fx_extras(nn.Conv2d(3, 3, 3))
+        >>> Conv2dSame in leaves and len(funcs) > 0
+        True
     """
     if "timm" not in sys.modules and not any(
         type(m).__module__.startswith("timm.") for m in model.modules()
