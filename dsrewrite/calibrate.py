@@ -400,6 +400,35 @@ class _Layer:
         return dense_dwpw(first, last) if self.block.order == "dw_pw" else dense_pwdw(first, last)
 
     # --- refits ------------------------------------------------------------------------
+    def _alternate(self, err: Callable[..., float], start: tuple[Tensor, Tensor, Optional[Tensor]], e: float,
+                   alternate: int, has_bias: bool, ridge: float,
+                   rel: Callable[[float], float]) -> tuple[Tensor, Tensor, Optional[Tensor], float, list[str], str]:
+        """Last stage, then ``alternate`` rounds of (first, last); each step kept only if it lowers ``err``."""
+        first, last, bias = start
+        st, steps, note = self.stats, [], ""
+        for step in ["last"] + ["first", "last"] * alternate:
+            if self.block.order == "dw_pw":
+                if step == "last":
+                    l_new, b_new = refit_dwpw_pointwise(st, first, bias=has_bias, ridge=ridge)
+                    cand = (first, l_new, b_new)
+                else:
+                    cand = (refit_dwpw_spatial(st, last, bias, k=self.k, ridge=ridge), last, bias)
+            else:
+                if step == "last":
+                    l_new, b_new = refit_pwdw_spatial(st, first, k=self.k, bias=has_bias, ridge=ridge)
+                    cand = (first, l_new, b_new)
+                else:
+                    cand = (refit_pwdw_pointwise(st, last, bias, in_channels=self.c_in, ridge=ridge), last, bias)
+            e_new = err(*cand)
+            if not e_new < e:
+                if not steps:
+                    note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
+                break
+            first, last, bias = cand
+            e = e_new
+            steps.append(step)
+        return first, last, bias, e, steps, note
+
     def refit(self, ridge: float, alternate: int) -> LayerCalibration:
         first, last, bias = self.current()
         has_bias = bias is not None
@@ -414,29 +443,9 @@ class _Layer:
         note = ""
         if self.joint:
             err = lambda f, l, b: block_error(st, self.dense(f, l), b)  # noqa: E731
-            e0 = e = err(first, last, bias)
-            plan = ["last"] + ["first", "last"] * alternate
-            for step in plan:
-                if self.block.order == "dw_pw":
-                    if step == "last":
-                        l_new, b_new = refit_dwpw_pointwise(st, first, bias=has_bias, ridge=ridge)
-                        cand = (first, l_new, b_new)
-                    else:
-                        cand = (refit_dwpw_spatial(st, last, bias, k=self.k, ridge=ridge), last, bias)
-                else:
-                    if step == "last":
-                        l_new, b_new = refit_pwdw_spatial(st, first, k=self.k, bias=has_bias, ridge=ridge)
-                        cand = (first, l_new, b_new)
-                    else:
-                        cand = (refit_pwdw_pointwise(st, last, bias, in_channels=self.c_in, ridge=ridge), last, bias)
-                e_new = err(*cand)
-                if not e_new < e:
-                    if not steps:
-                        note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
-                    break
-                first, last, bias = cand
-                e = e_new
-                steps.append(step)
+            e0 = err(first, last, bias)
+            first, last, bias, e, steps, note = self._alternate(err, (first, last, bias), e0, alternate,
+                                                                 has_bias, ridge, rel)
             method = "alternating"
         else:
             if self.block.order == "dw_pw":

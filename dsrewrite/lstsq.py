@@ -200,7 +200,7 @@ def ridge_solve(gram: Tensor, cross: Tensor, ridge: float, *, bias: bool = True)
     Cholesky with a pseudo-inverse fallback for singular systems (``ridge=0``, dead features).
 
     Example:
-        >>> s = GramStats(); x = torch.randn(50, 3, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); s = GramStats(); x = torch.randn(50, 3, dtype=torch.float64)
         >>> s.add(x, x @ torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64) + 4)
         >>> ridge_solve(s.gram, s.cross, 0.0).squeeze(-1).round(decimals=6).tolist()
         [1.0, 2.0, 3.0, 4.0]
@@ -273,9 +273,9 @@ def block_error(stats: GramStats, dense: Tensor, bias: Optional[Tensor]) -> floa
     """Squared output error of a linear block with dense kernel ``(C_out, C_in, K)`` on patch statistics.
 
     Example:
-        >>> s = GramStats(); f = torch.randn(30, 2 * 9, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); s = GramStats(); f = torch.randn(30, 2 * 9, dtype=torch.float64)
         >>> w = torch.randn(3, 2, 9, dtype=torch.float64); s.add(f, f @ w.reshape(3, -1).T)
-        >>> block_error(s, w, None) < 1e-20
+        >>> block_error(s, w, None) < 1e-12 * s.yy
         True
     """
     assert stats.gram is not None and stats.cross is not None  # internal invariant
@@ -315,7 +315,7 @@ def refit_dwpw_pointwise(
     """Best pointwise ``P (C_out, C_in, m)`` (and bias) of a linear dw_pw block given its spatial ``d``.
 
     Example:
-        >>> s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
         >>> d = torch.randn(2, 1, 9, dtype=torch.float64); p = torch.randn(3, 2, 1, dtype=torch.float64)
         >>> s.add(f, f @ dense_dwpw(d, p).reshape(3, -1).T)
         >>> torch.allclose(refit_dwpw_pointwise(s, d, bias=False, ridge=0.0)[0], p)
@@ -341,7 +341,7 @@ def refit_dwpw_spatial(stats: GramStats, p: Tensor, b: Optional[Tensor], *, k: i
     One joint system of size ``C_in·m·K``.
 
     Example:
-        >>> s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
         >>> d = torch.randn(2, 1, 9, dtype=torch.float64); p = torch.randn(3, 2, 1, dtype=torch.float64)
         >>> s.add(f, f @ dense_dwpw(d, p).reshape(3, -1).T)
         >>> torch.allclose(refit_dwpw_spatial(s, p, None, k=9, ridge=0.0), d)
@@ -369,7 +369,7 @@ def refit_pwdw_spatial(
     ``C_out`` independent systems of size ``m·K + 1``, built ``chunk`` outputs at a time.
 
     Example:
-        >>> s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); s = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
         >>> q = torch.randn(3, 1, 2, dtype=torch.float64); sp = torch.randn(3, 1, 9, dtype=torch.float64)
         >>> s.add(f, f @ dense_pwdw(q, sp).reshape(3, -1).T)
         >>> torch.allclose(refit_pwdw_spatial(s, q, k=9, bias=False, ridge=0.0)[0], sp)
@@ -406,7 +406,7 @@ def refit_pwdw_pointwise(
     ``G_o[(j,c),(i,e)] = Σ_{k,l} S[o,j,k] S[o,i,l] Σpp[c,k,e,l]``, built a chunk of outputs at a time.
 
     Example:
-        >>> st = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
+        >>> _ = torch.manual_seed(0); st = GramStats(); f = torch.randn(200, 2 * 9, dtype=torch.float64)
         >>> q = torch.randn(3, 1, 2, dtype=torch.float64); sp = torch.randn(3, 1, 9, dtype=torch.float64)
         >>> st.add(f, f @ dense_pwdw(q, sp).reshape(3, -1).T)
         >>> torch.allclose(refit_pwdw_pointwise(st, sp, None, in_channels=2, ridge=0.0), q)
@@ -431,3 +431,4 @@ def refit_pwdw_pointwise(
         sol = _solve(_ridge_matrix(g, ridge, m * c_in), h.reshape(oc, m * c_in, 1))
         out.append(sol.reshape(oc, m, c_in))
     return torch.cat(out)
+
