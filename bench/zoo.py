@@ -652,6 +652,9 @@ def _sweep_into(res: ZooResult, spec: ZooModel, tol: float, wake: bool) -> None:
         wrong = [e.name for e in p.entries if e.name in res.own_forward and "own forward" not in e.reason]
         if wrong:
             res.fail(f"{recipe}: own-forward conv(s) skipped without saying so: {', '.join(wrong[:3])}")
+        wrong = [e.name for e in p.entries if e.name not in res.own_forward and "own forward" in e.reason]
+        if wrong:
+            res.fail(f"{recipe}: plain nn.Conv2d forward but skipped for an own forward: {', '.join(wrong[:3])}")
         names = {e.name for e in p.replaced}
         if recipe == "all_3x3":
             selected_all = names
