@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrate import CalibrationUsageError, replaced_names
+from .calibrate import CalibrationUsageError, _to, replaced_names
 from .errors import CalibrationError, did_you_mean
 from .fidelity import flatten_outputs
 from .layers.dsconv import DepthwiseSeparableConv2d
@@ -122,15 +122,6 @@ def _cycle(data: Iterable[Any], skip: int, rank: int, world: int) -> Iterator[An
                 + ". Hint: pass a list of batches or a DataLoader, which can be iterated more than once."
             )
 
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _output_loss(out: Any, ref: Any, kind: str) -> Tensor:
