@@ -174,6 +174,21 @@ def _load(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def _rate(lr: float, step: int, steps: int, schedule: str, warmup: int) -> float:
+    """Learning rate of (1-based) ``step``.
+
+    Example:
+        >>> [round(_rate(1.0, s, 4, "cosine", 2), 3) for s in (1, 2, 3, 4)]
+        [0.5, 0.854, 0.5, 0.146]
+    """
+    rate = lr
+    if schedule == "cosine":
+        rate = 0.5 * lr * (1.0 + math.cos(math.pi * (step - 1) / max(steps, 1)))
+    if warmup and step <= warmup:
+        rate *= step / warmup
+    return rate
+
+
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     if not enabled or not sys.stderr.isatty():
         return None
@@ -194,6 +209,7 @@ def heal(
     layer_weight: float = 1.0,
     names: Optional[Sequence[str]] = None,
     schedule: str = "constant",
+    warmup: int = 0,
     output_loss: str = "mse",
     trainable: str = "all",
     train_mode: bool = False,
@@ -217,7 +233,9 @@ def heal(
         names: replaced layers for the layer terms; default: every separable block of
             ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
         schedule: ``"constant"`` learning rate, or ``"cosine"`` decay to 0 at step ``steps``
-            (a function of the global step: resuming continues the same curve).
+            (a function of the global step and ``steps``: a resumed run with the same ``steps``
+            continues the same curve).
+        warmup: steps of linear warm-up from 0 to ``lr`` at the start (either schedule).
         output_loss: ``"mse"`` on every output tensor, or ``"kl"``: KL divergence of the
             softmax over dim 1 (logits: classification, segmentation), MSE for other outputs.
         trainable: ``"all"`` (every parameter that requires grad) or ``"replaced"``
@@ -251,6 +269,8 @@ def heal(
             raise CalibrationUsageError(
                 f"heal: {opt_name}={value!r} is not one of {options}{did_you_mean(value, options)}."
             )
+    if not isinstance(warmup, int) or warmup < 0:
+        raise CalibrationUsageError(f"heal: warmup must be an int >= 0, got {warmup!r}.")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise CalibrationUsageError(f"heal: checkpoint_every must be >= 1 or None, got {checkpoint_every}.")
     if resume and checkpoint is None:
@@ -354,9 +374,8 @@ def heal(
         stream = _cycle(data, start, rank, world) if shard else _cycle(data, start, 0, 1)
         for step in range(start + 1, steps + 1):
             batch = _to(next(stream), dev)
-            if schedule == "cosine":
-                for g in opt.param_groups:
-                    g["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * (step - 1) / max(steps, 1)))
+            for g in opt.param_groups:
+                g["lr"] = _rate(lr, step, steps, schedule, warmup)
             s_out.clear()
             t_out.clear()
             with torch.no_grad():

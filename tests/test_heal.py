@@ -109,6 +109,9 @@ def test_cosine_schedule_reaches_the_last_step_rate(tmp_path):
     heal(light, net, batches(2), steps=4, lr=1e-2, schedule="cosine", checkpoint=ck, progress=False)
     got = torch.load(ck, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
     assert got == pytest.approx(0.5 * 1e-2 * (1 + math.cos(math.pi * 3 / 4)))
+    heal(light, net, batches(2), steps=4, lr=1e-2, warmup=8, checkpoint=ck, progress=False)
+    got = torch.load(ck, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert got == pytest.approx(1e-2 * 4 / 8)
 
 
 def test_checkpoint_every(tmp_path):
