@@ -327,7 +327,7 @@ QUICK: tuple[str, ...] = (
     "timm/tf_efficientnet_cc_b0_4e",  # CondConv2d: functional F.conv2d, not replaceable
     "timm/nf_resnet26",  # ScaledStdConv2d; fx fails, torch.export fallback
     "timm/mobilevit_xxs",  # fx fails, torch.export fallback, some convs replaced
-    "smp/FPN-efficientnet-b0",  # smp decoder replaced; static SAME-padding encoder convs
+    "smp/Unet-mobilenet_v2",  # smp decoder replaced (convs after concat and upsample)
     "smp/Linknet-tu-resnet18",  # timm encoder (zero-initialised last BN), transposed convs
 )
 
@@ -440,13 +440,28 @@ def rel_error(out: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
     return worst
 
 
-def pick_input(model: nn.Module, sizes: Sequence[int]) -> tuple[Tensor, list[Tensor], list[str]]:
-    """The first ``1×3×s×s`` input (seed 0) the model runs on, its outputs, and the errors of smaller sizes."""
+def pick_input(model: nn.Module, sizes: Sequence[int], *, recalibrate: bool = False) -> tuple[Tensor, int]:
+    """The first seeded ``1×3×s×s`` input (seed 0) the model runs on; raises RuntimeError if none.
+
+    With ``recalibrate`` the probe at each size is :func:`recalibrate_bn` on a seeded
+    ``2×3×s×s`` batch (seed 2), so the BatchNorm statistics come from the size used.
+    Returns the input and the number of BatchNorm modules recalibrated.
+
+    Example:
+        >>> x, n = pick_input(nn.Sequential(nn.Conv2d(3, 4, 5), nn.BatchNorm2d(4)), (2, 8), recalibrate=True)
+        >>> tuple(x.shape), n
+        ((1, 3, 8, 8), 1)
+    """
     errors = []
+    recalibrate = recalibrate and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for side in sizes:
         x = _x(side, 0)
         try:
-            return x, _forward(model, x), errors
+            if recalibrate:
+                batch = torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(2))
+                return x, recalibrate_bn(model, batch)
+            _forward(model, x)
+            return x, 0
         except Exception as e:  # any failure means "not this size"
             errors.append(f"{side}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     raise RuntimeError("runs on none of the input sizes " + "; ".join(errors))
@@ -610,14 +625,11 @@ def _sweep_into(res: ZooResult, spec: ZooModel, tol: float, wake: bool) -> None:
     if wake:
         res.woken = wake_up(model)
     try:
-        x, ref, _ = pick_input(model, spec.sizes)
+        x, res.recalibrated = pick_input(model, spec.sizes, recalibrate=wake)
     except RuntimeError as e:
         res.status, res.problems = "excluded", [str(e)[:300]]
         return
-    if wake:
-        batch = torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(2))
-        res.recalibrated = recalibrate_bn(model, batch)
-        ref = _forward(model, x)
+    ref = _forward(model, x)
     res.input_shape = tuple(x.shape)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, _ConvNd)}
     res.convs = len(convs)

@@ -1,9 +1,10 @@
 """The zoo sweep (bench/zoo.py): a representative part by default, every model with ``-m slow``.
 
-The default run sweeps :data:`QUICK` (8 models: fx and export captures, Conv2dSame,
-ScaledStdConv2d, CondConv2d, torchvision dict outputs, smp decoders with timm and
-SAME-padding encoders) and unit-tests the sweep's own helpers, including that its checks
-can fail. ``pytest -m slow tests/test_zoo.py`` sweeps the whole zoo, one test per model.
+The default run sweeps ``QUICK`` (8 models: fx and export captures, Conv2dSame,
+ScaledStdConv2d, CondConv2d, torchvision dict outputs, smp decoders after concatenations
+and transposed convs, a timm encoder with zero-initialised residual branches) and
+unit-tests the sweep's own helpers, including that its checks can fail.
+``pytest -m slow tests/test_zoo.py`` sweeps the whole zoo, one test per model.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ EXPECT = {
     "timm/tf_efficientnet_cc_b0_4e": dict(capture="fx", functional="CondConv2d"),
     "timm/nf_resnet26": dict(capture="export", own_forward="ScaledStdConv2d", all_3x3=0),
     "timm/mobilevit_xxs": dict(capture="export"),
-    "smp/FPN-efficientnet-b0": dict(own_forward="Conv2dStaticSamePadding"),
+    "smp/Unet-mobilenet_v2": dict(capture="fx", decoder_only=10),
     "smp/Linknet-tu-resnet18": dict(capture="export", all_3x3=16, decoder_only=0),
 }
 
@@ -116,12 +117,14 @@ def test_reason_group_keeps_the_leading_phrase():
 
 
 def test_own_forward_flags_timm_and_smp_conv_subclasses():
+    from segmentation_models_pytorch.encoders._efficientnet import Conv2dStaticSamePadding
     from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d
 
     assert not zoo.own_forward(nn.Conv2d(4, 4, 3))
     assert not zoo.own_forward(nn.Conv1d(4, 4, 3))
     for cls in (Conv2dSame, StdConv2d, ScaledStdConv2d):
         assert zoo.own_forward(cls(4, 4, 3)), cls.__name__
+    assert zoo.own_forward(Conv2dStaticSamePadding(4, 4, 3, image_size=16))
     patched = nn.Conv2d(4, 4, 3)
     patched.forward = lambda x: x
     assert zoo.own_forward(patched)
@@ -138,6 +141,36 @@ def test_wake_up_sets_only_zero_gains():
     assert torch.equal(net[1].bias, torch.zeros(4)), "biases are not gains"
     assert torch.equal(net[2].weight, torch.full((4,), 0.5))
     assert torch.equal(net[0].weight, before_conv)
+
+
+class _Dead(nn.Module):
+    """Two replaceable convs a random-weight check cannot see: one in a residual branch whose
+    BatchNorm gain starts at 0 (timm's zero_init_last), one whose BatchNorm running variance
+    is so large that its activations vanish (torchvision's random MobileNetV3 ends near 1e-8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        nn.init.zeros_(self.branch[1].weight)
+        self.fade = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fade[1].running_var.fill_(1e16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.branch(y)
+        return self.head(torch.relu(self.fade(y)))
+
+
+def test_wake_up_and_recalibration_make_the_replaced_convs_reach_the_outputs():
+    torch.manual_seed(0)
+    spec = zoo.ZooModel("toy/dead", "toy", _Dead, (16,))
+    asleep = zoo.sweep_model(spec, wake=False)
+    assert asleep.recipes["all_3x3"].replaced == 2 and asleep.m1_error < 1e-6, _show(asleep)
+    awake = zoo.sweep_model(spec)
+    assert awake.status == "ok" and awake.woken == 1 and awake.recalibrated == 2, _show(awake)
+    assert awake.m1_error > 1e-2 and awake.m9_error < 1e-5, _show(awake)
 
 
 def test_rel_error_is_the_worst_output():
