@@ -416,11 +416,18 @@ def prepare_for_deployment(
     *,
     channels_last: bool = True,
     fold_bn: bool = True,
+    hoist: bool = True,
     check: bool = True,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
 ) -> nn.Module:
-    """The recommended inference form: an eval-mode copy, BN folded, channels_last.
+    """The recommended inference form: an eval-mode copy, BN folded, pointwise stages hoisted, channels_last.
+
+    ``hoist`` applies :func:`dsrewrite.hoist.hoist_pointwise`: the pointwise stage of each
+    ``pw_dw`` block fed by a nearest/bilinear upsample (optionally through a skip
+    concatenation) runs before the upsample, at the low resolution, and the concatenation
+    disappears (exact up to rounding; see docs/latency.md). The modules it rewrites become
+    ``torch.fx.GraphModule`` children: keep the undeployed model for fine-tuning and saving.
 
     With ``check=True`` the result is run on ``example_input`` against the original (in
     eval mode, without changing its flags) and :class:`ParityError` is raised when
@@ -438,6 +445,10 @@ def prepare_for_deployment(
     deployed = copy.deepcopy(model).eval()
     if fold_bn:
         deployed = fold_batchnorm(deployed, inplace=True)
+    if hoist:
+        from .hoist import hoist_pointwise  # hoist imports this module
+
+        deployed = hoist_pointwise(deployed, args, inplace=True).model
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
     if check:
@@ -449,7 +460,7 @@ def prepare_for_deployment(
         tol = max(parity_tolerance(r, rtol=rtol, atol=atol) for r in ref)
         if not diff <= tol:
             raise ParityError(
-                f"the deployment form (fold_bn={fold_bn}, channels_last={channels_last}) differs from the "
+                f"the deployment form (fold_bn={fold_bn}, hoist={hoist}, channels_last={channels_last}) differs from the "
                 f"original by max |Δ| = {diff:.3g} > tolerance {tol:.3g} on the example input. "
                 "Hint: check for BN modules shared or called twice; pass check=False to skip."
             )

@@ -214,6 +214,11 @@ def test_prepare_for_deployment(rewritten_unet: nn.Module) -> None:
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     dep = prepare_for_deployment(model, x)
     assert not dep.training and n_bn(dep) == 0
+    # block 0's first conv is pw_dw after upsample + concat: its pointwise stage is hoisted
+    hoisted = [n for n, m in dep.named_modules() if isinstance(m, torch.fx.GraphModule)]
+    assert hoisted == ["decoder.blocks.0"], hoisted
+    assert type(model.decoder.blocks[0]).__name__ == "UnetDecoderBlock"  # the caller's model is untouched
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in prepare_for_deployment(model, x, hoist=False).modules())
     assert dep.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = model.eval()(x)
