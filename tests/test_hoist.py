@@ -20,13 +20,7 @@ from dsrewrite.macs import count_costs
 CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, 2 spinning threads ran the U-Net 60× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
