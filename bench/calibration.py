@@ -2,8 +2,9 @@
 
 One command, from the repository root:
 
-    .venv/bin/python -m bench.calibration            # full run (~10–15 min on 2 CPU cores)
+    .venv/bin/python -m bench.calibration            # full run (~50 min on 2 CPU cores; +40 min training when not cached)
     .venv/bin/python -m bench.calibration --quick    # smoke run (fewer configs, fewer steps)
+    .venv/bin/python -m bench.calibration --only decoder_only:1:pw_dw --heal-steps 0 --alternate 12   # one ablation
 
 1. Trains (or loads from ``bench/.cache/``) the small shapes U-Net of
    :mod:`bench.train_unet` and measures its test mIoU.
@@ -25,13 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # `python bench/calibration.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +49,8 @@ from dsrewrite.macs import count_costs
 RECIPES = ("decoder_only", "all_3x3")
 MULTIPLIERS = (1, 2)
 ORDERS = ("dw_pw", "pw_dw")
+HEAL_BATCH = 16
+HEAL_STEPS = 1000
 
 
 @torch.no_grad()
@@ -64,8 +66,8 @@ def variant_metrics(model: nn.Module, ref_logits: Tensor, xte: Tensor, yte: Tens
 
 
 def run_config(dense: nn.Module, recipe: str, m: int, order: str, *, calib: list[Tensor], heal_data: list[Tensor],
-               heal_steps: int, heal_lr: float, xte: Tensor, yte: Tensor, ref_logits: Tensor,
-               dense_macs: int) -> dict[str, Any]:
+               heal_steps: int, heal_lr: float, heal_loss: str, layer_weight: float, xte: Tensor, yte: Tensor,
+               ref_logits: Tensor, dense_macs: int, calib_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     example = xte[:1]
     svd = rewrite(dense, recipe, example_inputs=example, depth_multiplier=m, order=order, init="svd")
     torch.manual_seed(0)
@@ -77,20 +79,24 @@ def run_config(dense: nn.Module, recipe: str, m: int, order: str, *, calib: list
     row["svd"] = variant_metrics(svd, ref_logits, xte, yte)
     row["random"] = variant_metrics(rnd, ref_logits, xte, yte)
     cal = copy.deepcopy(svd)
-    res = calibrate(dense, cal, calib, names=names)
+    res = calibrate(dense, cal, calib, names=names, **(calib_options or {}))
     row["calibrated"] = variant_metrics(cal, ref_logits, xte, yte)
     row["calibration"] = {
-        "seconds": res.seconds, "output_rel_err_calib_before": res.output_rel_error_before,
+        "options": calib_options or {}, "seconds": res.seconds, "output_rel_err_calib_before": res.output_rel_error_before,
         "output_rel_err_calib_after": res.output_rel_error_after,
         "layers": [{"name": l.name, "method": l.method, "before": l.rel_error_before,
                     "after": l.rel_error_after, "steps": list(l.steps), "note": l.note} for l in res.layers],
     }
+    if heal_steps == 0:
+        row["healed"], row["heal"] = None, None
+        return row
     healed = copy.deepcopy(cal)
+    torch.manual_seed(0)
     hres = heal(healed, dense, heal_data, steps=heal_steps, lr=heal_lr, names=names, schedule="cosine",
-                layer_weight=0.1, progress=False)
+                warmup=max(1, heal_steps // 20), layer_weight=layer_weight, output_loss=heal_loss, progress=False)
     row["healed"] = variant_metrics(healed, ref_logits, xte, yte)
-    row["heal"] = {"steps": heal_steps, "lr": heal_lr, "schedule": "cosine", "layer_weight": 0.1,
-                   "output_loss": "mse", "batch": 16, "seconds": hres.seconds,
+    row["heal"] = {"steps": heal_steps, "lr": heal_lr, "schedule": "cosine", "warmup": max(1, heal_steps // 20),
+                   "layer_weight": layer_weight, "output_loss": heal_loss, "batch": HEAL_BATCH, "seconds": hres.seconds,
                    "loss_first": hres.losses[0] if hres.losses else None,
                    "loss_last": hres.losses[-1] if hres.losses else None}
     return row
@@ -120,6 +126,13 @@ def time_demo_unet(recipe: str, images: int, size: int, batch: int) -> dict[str,
             "alternating_layers": sum(l.method == "alternating" for l in res.layers)}
 
 
+def _num(variant: Optional[dict[str, float]], key: str, scale: float) -> str:
+    """A table cell: ``variant[key]·scale``, or "–" for a variant not run (``--heal-steps 0``)."""
+    if variant is None:
+        return "–"
+    return f"{scale * variant[key]:.{3 if scale == 1 else 2}f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = []
     d = results["dense"]
@@ -134,9 +147,31 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['recipe']} | {r['m']} | {r['order']} | {r['layers']} | {r['mac_reduction']:.2f}× | "
             f"{r['svd']['rel_err']:.3f} | {r['random']['rel_err']:.3f} | {r['calibrated']['rel_err']:.3f} | "
-            f"{r['healed']['rel_err']:.3f} | {100 * r['svd']['miou']:.2f} | {100 * r['random']['miou']:.2f} | "
-            f"{100 * r['calibrated']['miou']:.2f} | {100 * r['healed']['miou']:.2f} | {'yes' if ok else 'NO'} |"
+            f"{_num(r['healed'], 'rel_err', 1)} | {100 * r['svd']['miou']:.2f} | {100 * r['random']['miou']:.2f} | "
+            f"{100 * r['calibrated']['miou']:.2f} | {_num(r['healed'], 'miou', 100)} | {'yes' if ok else 'NO'} |"
         )
+    st = results["setup"]
+    lines.append("")
+    lines.append(f"Healing: {st['heal_steps']} steps of batch {st['heal_batch']} unlabeled training images, Adam, "
+                 f"peak lr {st['heal_lr']:g} (warm-up, cosine decay), output loss {st.get('heal_loss', 'mse')}, "
+                 f"layer weight {st.get('layer_weight', 0.1):g}; {st['threads']} torch threads.")
+    lines.append("")
+    lines.append("Targets:")
+    configs = results["configs"]
+    if configs:
+        worst = max(r["calibrated"]["rel_err"] / r["svd"]["rel_err"] for r in configs)
+        lines.append(f"- calibrated output error ≤ ½ SVD's on every configuration: worst ratio {worst:.2f} "
+                     f"→ {'met' if worst <= 0.5 else 'NOT met'}")
+    dense_miou = 100 * d["miou"]
+    for r in configs:
+        if r["recipe"] == "decoder_only" and r["m"] == 1 and r["healed"]:
+            gap = dense_miou - 100 * r["healed"]["miou"]
+            lines.append(f"- healed mIoU within 0.5 points of dense, decoder_only m=1 {r['order']}: "
+                         f"{100 * r['healed']['miou']:.2f} vs {dense_miou:.2f} (gap {gap:.2f}) "
+                         f"→ {'met' if gap <= 0.5 else 'NOT met'}")
+    for t in results["timing"]:
+        lines.append(f"- whole-U-Net calibration, {t['images']} images of {t['size']}², {t['recipe']}: "
+                     f"{t['seconds']:.1f} s → {'met' if t['seconds'] < 60 else 'NOT met'} (< 60 s)")
     lines.append("")
     lines.append("| demo U-Net (ResNet18) calibration | images | layers | seconds | one dense forward pass (s) "
                  "| output rel err before → after |")
@@ -151,65 +186,94 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: m=1 only, 20 heal steps, 16 timing images")
-    ap.add_argument("--heal-steps", type=int, default=None, help="healing steps per configuration (default 150)")
-    ap.add_argument("--heal-lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay)")
+    ap.add_argument("--heal-steps", type=int, default=None, help=f"healing steps per configuration (default {HEAL_STEPS})")
+    ap.add_argument("--heal-lr", type=float, default=3e-3, help="peak Adam learning rate (warm-up, cosine decay)")
+    ap.add_argument("--heal-loss", choices=("kl", "mse"), default="mse", help="output loss of heal() (default mse)")
+    ap.add_argument("--layer-weight", type=float, default=0.0, help="weight of the per-layer terms (default 0: output loss only)")
+    ap.add_argument("--alternate", type=int, default=None, help="calibrate(alternate=...) (default: calibrate's)")
+    ap.add_argument("--ridge", type=float, default=None, help="calibrate(ridge=...) (default: calibrate's)")
+    ap.add_argument("--max-positions", type=int, default=None, help="calibrate(max_positions=...) (default: calibrate's)")
     ap.add_argument("--no-timing", action="store_true", help="skip the 256×256 demo U-Net timing")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the demo U-Net timing, merged into an existing results file (run it on an idle machine)")
+    ap.add_argument("--only", action="append", default=[], metavar="RECIPE:M:ORDER",
+                    help="run only these configurations, e.g. decoder_only:1:dw_pw (repeatable)")
     ap.add_argument("--out", type=Path, default=CACHE_DIR / "calibration_results")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    heal_steps = args.heal_steps if args.heal_steps is not None else (20 if args.quick else 150)
+    heal_steps = args.heal_steps if args.heal_steps is not None else (20 if args.quick else HEAL_STEPS)
+    calib_options = {k: v for k, v in (("alternate", args.alternate), ("ridge", args.ridge),
+                                        ("max_positions", args.max_positions)) if v is not None}
+
+    def save(res: dict[str, Any]) -> None:  # after every configuration: partial results survive
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
+
+    def timing(res: dict[str, Any]) -> None:
+        n = 16 if args.quick else 64
+        res["timing"] = []
+        for recipe in ("all_3x3", "decoder_only"):
+            t = time_demo_unet(recipe, images=n, size=256, batch=16)
+            t["threads"] = torch.get_num_threads()
+            res["timing"].append(t)
+            save(res)
+            print(f"demo U-Net {recipe} {n}×256²: calibration {t['seconds']:.1f} s", flush=True)
+
+    def finish(res: dict[str, Any]) -> int:
+        save(res)
+        md = markdown(res)
+        args.out.with_suffix(".md").write_text(md + "\n")
+        print(md)
+        print(f"results in {args.out.with_suffix('.json')}")
+        return 0
+
+    if args.timing_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        timing(results)
+        return finish(results)
 
     splits = data_splits()
     dense, record = train_or_load(splits=splits)
     xtr, _ = splits["train"]
     xte, yte = splits["test"]
     calib = [xtr[i : i + 16] for i in range(0, 64, 16)]  # 64 unlabeled images
-    heal_data = [xtr[i : i + 16] for i in range(64, 64 + 16 * 64, 16)]  # unlabeled, disjoint from calib
+    # unlabeled healing batches, disjoint from the calibration images
+    heal_data = [xtr[i : i + HEAL_BATCH] for i in range(64, len(xtr) - HEAL_BATCH + 1, HEAL_BATCH)]
     with torch.no_grad():
         ref_logits = torch.cat([dense(xte[i : i + 128]) for i in range(0, len(xte), 128)])
     dense_macs = count_costs(dense, xte[:1]).total_macs
     results: dict[str, Any] = {
         "dense": {"miou": evaluate_miou(dense, xte, yte), "macs": dense_macs,
                   "train_seconds": record["train_seconds"], "cached": record.get("cached", False)},
-        "setup": {"calibration_images": 64, "heal_steps": heal_steps, "heal_batch": 16, "heal_lr": args.heal_lr,
+        "setup": {"calibration_images": 64, "heal_steps": heal_steps, "heal_batch": HEAL_BATCH,
+                  "heal_lr": args.heal_lr, "heal_loss": args.heal_loss, "layer_weight": args.layer_weight,
                   "test_images": len(xte), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "machine": platform.machine(), "cpus": os.cpu_count()},
         "configs": [], "timing": [],
     }
     print(f"dense mIoU {100 * results['dense']['miou']:.2f}", flush=True)
-
-    def save(res: dict[str, Any]) -> None:  # after every configuration: partial results survive
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
-
+    if not args.no_timing:
+        timing(results)
     for recipe in RECIPES:
         for m in (1,) if args.quick else MULTIPLIERS:
             for order in ORDERS:
+                if args.only and f"{recipe}:{m}:{order}" not in args.only:
+                    continue
                 t0 = time.perf_counter()
                 row = run_config(dense, recipe, m, order, calib=calib, heal_data=heal_data, heal_steps=heal_steps,
-                                 heal_lr=args.heal_lr, xte=xte, yte=yte, ref_logits=ref_logits,
-                                 dense_macs=dense_macs)
+                                 heal_lr=args.heal_lr, heal_loss=args.heal_loss, layer_weight=args.layer_weight,
+                                 xte=xte, yte=yte, ref_logits=ref_logits, dense_macs=dense_macs,
+                                 calib_options=calib_options)
                 results["configs"].append(row)
                 save(results)
+                healed = row["healed"] or {"rel_err": float("nan"), "miou": float("nan")}
                 print(f"{recipe} m={m} {order}: MACs /{row['mac_reduction']:.2f}  rel err svd "
                       f"{row['svd']['rel_err']:.3f} cal {row['calibrated']['rel_err']:.3f} healed "
-                      f"{row['healed']['rel_err']:.3f} | mIoU svd {100 * row['svd']['miou']:.2f} cal "
-                      f"{100 * row['calibrated']['miou']:.2f} healed {100 * row['healed']['miou']:.2f} "
+                      f"{healed['rel_err']:.3f} | mIoU svd {100 * row['svd']['miou']:.2f} cal "
+                      f"{100 * row['calibrated']['miou']:.2f} healed {100 * healed['miou']:.2f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    if not args.no_timing:
-        n = 16 if args.quick else 64
-        for recipe in ("all_3x3", "decoder_only"):
-            t = time_demo_unet(recipe, images=n, size=256, batch=16)
-            results["timing"].append(t)
-            save(results)
-            print(f"demo U-Net {recipe} {n}×256²: calibration {t['seconds']:.1f} s", flush=True)
     results["total_seconds"] = time.perf_counter() - t_start
-    save(results)
-    md = markdown(results)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"total {results['total_seconds']:.0f} s; results in {args.out.with_suffix('.json')}")
-    return 0
+    return finish(results)
 
 
 if __name__ == "__main__":
