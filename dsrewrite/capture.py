@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import InputShapeError, UsageError
 from .facts import PREDICATES, Capture, ConvFact
 from .graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
+from .macs import evaluating
 
 __all__ = ["capture", "timm_fx_extras", "conv_base_class", "is_plain_conv"]
 
@@ -417,9 +418,7 @@ def capture(
     first = next((a for a in args if isinstance(a, Tensor)), None)
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _ConvNd)]
     names = {id(m): n for n, m in model.named_modules()}
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with evaluating(model):
         try:
             run = _run_forward(model, args, names)
         except Exception as e:
@@ -434,9 +433,6 @@ def capture(
             method, preds, unknown, notes = _graph(model, args, reached)
         finally:
             _restore_attrs(attrs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     model_h = int(first.shape[-2]) if first is not None and first.dim() == 4 else None
     facts = []
     for name, mod in convs:

@@ -42,14 +42,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -59,6 +58,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import OutputError, RewriteError, UsageError
 from .layers import DepthwiseSeparableConv2d
+from .macs import evaluating
 
 __all__ = [
     "FoldPair",
@@ -187,17 +187,6 @@ def _flat_outputs(out: Any, where: str) -> list[Tensor]:
         f"{where} returned a {type(out).__name__}; only tensors, tuples/lists and dicts of tensors "
         "can be compared. Hint: wrap the model so that it returns tensors."
     )
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _max_abs_diff(got: list[Tensor], ref: list[Tensor], where: str) -> tuple[float, float]:
@@ -452,7 +441,7 @@ def prepare_for_deployment(
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
     if check:
-        with torch.no_grad(), _evaluating(model):
+        with torch.no_grad(), evaluating(model):
             ref = _flat_outputs(model(*args), "the original model")
             fed = tuple(a.to(memory_format=torch.channels_last) if channels_last and a.dim() == 4 else a for a in args)
             got = _flat_outputs(deployed(*fed), "the deployed model")
@@ -582,7 +571,7 @@ def export_onnx(
     try:
         errors: list[str] = []
         used = None
-        with torch.no_grad(), _evaluating(model):
+        with torch.no_grad(), evaluating(model):
             for name in (("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
                 try:
                     _export_file(model, args, tmp, opset, name)
