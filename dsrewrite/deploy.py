@@ -244,7 +244,8 @@ def _plain_sequential(m: nn.Module) -> bool:
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    """Qualified name of ``name`` under ``prefix`` (either may be empty); also used by ``hoist``."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _trace(module: nn.Module) -> Optional[torch.fx.Graph]:
@@ -345,6 +346,7 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at qualified ``name`` (one attribute; callers skip shared modules); also used by ``hoist``."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .deploy import parity_tolerance
+from .deploy import _join, _set_submodule, parity_tolerance
 from .errors import UsageError
 from .layers import DepthwiseSeparableConv2d
 from .macs import evaluating, run_model
@@ -539,15 +539,6 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda item: -(item[0].count(".") + 1 if item[0] else 0))
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 class _Examined(NamedTuple):
     module: Optional[torch.fx.GraphModule]
     records: list[HoistRecord]
@@ -691,7 +682,7 @@ def hoist_pointwise(model: nn.Module, example_inputs: Any, *, inplace: bool = Fa
             continue
         leaf_ids.add(id(examined.module))
         if name:
-            _set(target, name, examined.module)
+            _set_submodule(target, name, examined.module)
         else:
             target = examined.module
     return HoistResult(target, records)
