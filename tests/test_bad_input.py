@@ -582,7 +582,8 @@ def test_disk_full_while_saving_the_plan_after_the_model(out_dir: Path, monkeypa
     _assert_earlier_outputs_kept(out_dir, before)
 
 
-def test_failure_between_the_two_renames_rolls_back(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_second_replace(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the second ``os.replace`` of the run fail with EIO; returns the destinations seen."""
     real_replace = os.replace
     calls: list[str] = []
 
@@ -592,8 +593,13 @@ def test_failure_between_the_two_renames_rolls_back(out_dir: Path, monkeypatch: 
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_replace(src, dst)
 
-    before = listing(out_dir)
     monkeypatch.setattr(os, "replace", second_replace_fails)
+    return calls
+
+
+def test_failure_between_the_two_renames_rolls_back(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = listing(out_dir)
+    calls = _fail_second_replace(monkeypatch)
     r = _apply_force(out_dir)
     assert len(calls) >= 2 and calls[1].endswith("light.plan.json")
     assert_clean_cli_error("rename failed", r, ("could not write", "light.plan.json"))
@@ -602,16 +608,7 @@ def test_failure_between_the_two_renames_rolls_back(out_dir: Path, monkeypatch: 
 
 def test_failure_between_the_renames_removes_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.save(small_net(), tmp_path / "net.pt")
-    real_replace = os.replace
-    calls: list[str] = []
-
-    def second_replace_fails(src: Any, dst: Any) -> None:
-        calls.append(str(dst))
-        if len(calls) == 2:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", second_replace_fails)
+    _fail_second_replace(monkeypatch)
     r = run_cli(["apply", tmp_path / "net.pt", "--recipe", "all_3x3", "--input-shape", SHAPE_ARG,
                  "-o", tmp_path / "light.pt"])
     assert_clean_cli_error("rename failed (new files)", r, ("could not write",))
