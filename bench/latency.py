@@ -152,22 +152,17 @@ class Cache:
 
         return self.get(("pair", model, recipe, order), make)
 
-    def mac_ratio(self, model: str, recipe: str, order: str, size: int) -> float:
+    def mac_ratio(self, model: str, recipe: str, order: str, size: int, *, deployed: bool = False) -> float:
+        """Rewritten / original MACs; of the deployment forms with ``deployed`` (the hoist moves
+        pointwise MACs to the low resolution)."""
         def make() -> float:
-            a, b = self.pair(model, recipe, order)
+            a, b = (self.deployed if deployed else self.pair)(model, recipe, order)
             x = torch.randn(1, 3, size, size)
+            if deployed:
+                x = x.contiguous(memory_format=torch.channels_last)
             return count_costs(b, x).total_macs / count_costs(a, x).total_macs
 
-        return self.get(("macs", model, recipe, order, size), make)
-
-    def deployed_mac_ratio(self, model: str, recipe: str, order: str, size: int) -> float:
-        """MAC ratio of the deployment forms (hoisting moves pointwise MACs to the low resolution)."""
-        def make() -> float:
-            a, b = self.deployed(model, recipe, order)
-            x = torch.randn(1, 3, size, size).contiguous(memory_format=torch.channels_last)
-            return count_costs(b, x).total_macs / count_costs(a, x).total_macs
-
-        return self.get(("deploy_macs", model, recipe, order, size), make)
+        return self.get(("deploy_macs" if deployed else "macs", model, recipe, order, size), make)
 
     def deployed(self, model: str, recipe: str, order: str) -> tuple[nn.Module, nn.Module]:
         def make() -> tuple[nn.Module, nn.Module]:
@@ -233,8 +228,8 @@ def run_config(cfg: Config, cache: Cache, rounds: int, warmup: int, threads: int
     return {
         **cfg.__dict__,
         # the MACs of the form timed: deploy/compile/ort run the prepare_for_deployment form
-        "mac_ratio": (cache.deployed_mac_ratio if cfg.backend in ("deploy", "compile", "ort") else cache.mac_ratio)(
-            cfg.model, cfg.recipe, cfg.order, cfg.size),
+        "mac_ratio": cache.mac_ratio(cfg.model, cfg.recipe, cfg.order, cfg.size,
+                                     deployed=cfg.backend in ("deploy", "compile", "ort")),
         "latency_ratio": res.ratio,
         "ratio_q1": q1,
         "ratio_q3": q3,
