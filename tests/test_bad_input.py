@@ -164,17 +164,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _unwritable_dir(tmp_path: Path) -> Path:
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o555)
-        return d
-    if Path("/sys").is_dir():  # root ignores permission bits; sysfs refuses new files even to root
-        return Path("/sys")
-    pytest.skip("running as root without /sys: no directory is unwritable")
-
-
 # (label, argv after `apply`, message fragments). {in:NAME} is an input file, {out} the output folder.
 CLI_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("truncated file", ["{in:truncated}", "--recipe", "all_3x3"], ("truncated or corrupt", "truncated.pt")),
@@ -201,10 +190,11 @@ CLI_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
 
 @pytest.mark.parametrize("label,argv,fragments", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_cleanly_and_writes_nothing(inputs: dict[str, Path], tmp_path: Path, label: str,
-                                                argv: list[str], fragments: tuple[str, ...]) -> None:
+                                                argv: list[str], fragments: tuple[str, ...],
+                                                unwritable_dir: Callable[[], Path]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    ro = _unwritable_dir(tmp_path) if "{ro}" in " ".join(argv) else None
+    ro = unwritable_dir() if "{ro}" in " ".join(argv) else None
     args = []
     for a in argv:
         for key, path in inputs.items():

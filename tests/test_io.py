@@ -368,18 +368,7 @@ def test_atomic_save_round_trip_and_mode(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- output paths
 
 
-def _unwritable_dir(tmp_path: Path) -> Path:
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o555)
-        return d
-    if Path("/sys").is_dir():  # root ignores permission bits; sysfs refuses new files even to root
-        return Path("/sys")
-    pytest.skip("running as root without /sys: no directory is unwritable")
-
-
-def test_check_output_path_cases(tmp_path: Path) -> None:
+def test_check_output_path_cases(tmp_path: Path, unwritable_dir: Callable[[], Path]) -> None:
     model = tmp_path / "model.pt"
     model.write_bytes(b"x")
     link = tmp_path / "link.pt"
@@ -390,7 +379,7 @@ def test_check_output_path_cases(tmp_path: Path) -> None:
         (model, {}, "--force"),
         (tmp_path / "missing" / "out.pt", {}, "does not exist"),
         (tmp_path, {}, "is a directory"),
-        (_unwritable_dir(tmp_path) / "out.pt", {}, "not writable"),
+        (unwritable_dir() / "out.pt", {}, "not writable"),
     ]
     for out, kwargs, frag in cases:
         with pytest.raises(OutputError) as info:
