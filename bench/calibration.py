@@ -85,7 +85,8 @@ def run_config(dense: nn.Module, recipe: str, m: int, order: str, *, calib: list
         "options": calib_options or {}, "seconds": res.seconds, "output_rel_err_calib_before": res.output_rel_error_before,
         "output_rel_err_calib_after": res.output_rel_error_after,
         "layers": [{"name": l.name, "method": l.method, "before": l.rel_error_before,
-                    "after": l.rel_error_after, "steps": list(l.steps), "note": l.note} for l in res.layers],
+                    "after": l.rel_error_after, "steps": list(l.steps), "note": l.note, "activation": l.activation,
+                    "act_before": l.act_error_before, "act_after": l.act_error_after} for l in res.layers],
     }
     if heal_steps == 0:
         row["healed"], row["heal"] = None, None
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternate", type=int, default=None, help="calibrate(alternate=...) (default: calibrate's)")
     ap.add_argument("--ridge", type=float, default=None, help="calibrate(ridge=...) (default: calibrate's)")
     ap.add_argument("--max-positions", type=int, default=None, help="calibrate(max_positions=...) (default: calibrate's)")
+    ap.add_argument("--activation", choices=("auto", "none"), default=None,
+                    help="calibrate(activation=...) (default: calibrate's)")
     ap.add_argument("--no-timing", action="store_true", help="skip the 256×256 demo U-Net timing")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the demo U-Net timing, merged into an existing results file (run it on an idle machine)")
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     heal_steps = args.heal_steps if args.heal_steps is not None else (20 if args.quick else HEAL_STEPS)
     calib_options = {k: v for k, v in (("alternate", args.alternate), ("ridge", args.ridge),
-                                        ("max_positions", args.max_positions)) if v is not None}
+                                        ("max_positions", args.max_positions),
+                                        ("activation", args.activation)) if v is not None}
 
     def save(res: dict[str, Any]) -> None:  # after every configuration: partial results survive
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,13 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .activation import FollowingReLU, following_relus
 from .errors import CalibrationError, UsageError, did_you_mean
 from .fidelity import flatten_outputs
 from .layers.dsconv import DepthwiseSeparableConv2d
@@ -75,6 +76,12 @@ from .lstsq import (
     sample_positions,
 )
 from .macs import call_model, evaluating
+from .relu_fit import cross_product, fit_through_relu, gram_matrix, predict, relu_error
+
+_ACTIVATION_MODES = ("auto", "none")
+#: Memory for the features kept per layer for the fit through the activation (float32; when
+#: a layer's positions need more, an evenly strided subset is kept).
+_ACT_SAMPLE_BYTES = 256 << 20
 
 __all__ = [
     "calibrate",
@@ -96,8 +103,16 @@ class LayerCalibration:
     Errors are relative L2 (``‖block(x) − conv_orig(x_orig)‖ / ‖conv_orig(x_orig)‖``) over
     the sampled calibration positions, ``x`` coming from the rewritten model with the
     earlier layers already calibrated. ``steps`` lists the accepted refits in order
-    (``"last"``: the last stage and bias; ``"first"``: the first stage); ``method`` is
+    (``"last"``: the last stage and bias; ``"first"``: the first stage; ``"last_relu"``: the
+    last stage and bias refit through the following activation); ``method`` is
     ``"last_stage"``, ``"alternating"`` or ``"skipped"``.
+
+    ``activation`` names the (BatchNorm +) ReLU that follows the conv when calibration
+    fitted through it (``""`` otherwise); ``act_error_before``/``act_error_after`` are then
+    the relative L2 error of that activation's output (what the next layer sees) on the
+    stored positions. For such layers it is the ACTIVATION error that calibration never
+    increases; the conv-output error ``rel_error_after`` may rise, since errors on
+    pre-activations the ReLU zeroes do not count.
     """
 
     name: str
@@ -109,6 +124,9 @@ class LayerCalibration:
     positions: int
     steps: tuple[str, ...] = ()
     note: str = ""
+    activation: str = ""
+    act_error_before: Optional[float] = None
+    act_error_after: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -143,10 +161,20 @@ class CalibrationResult:
             a      dw_pw  1  last_stage  0.5000          0.2500         last
             model output rel err: 0.4000 -> 0.2000 (2 images, 1 batches, 0.1 s)
         """
-        head = ("layer", "order", "m", "method", "rel err before", "rel err after", "steps", "note")
+        acts = any(l.activation for l in self.layers)
+        head = ("layer", "order", "m", "method", "rel err before", "rel err after") + (
+            ("act err before", "act err after") if acts else ()) + ("steps", "note")
+
+        def act_cols(l: LayerCalibration) -> tuple[str, ...]:
+            if not acts:
+                return ()
+            if l.act_error_before is None or l.act_error_after is None:
+                return ("", "")
+            return (f"{l.act_error_before:.4f}", f"{l.act_error_after:.4f}")
+
         rows = [head] + [
             (l.name, l.order, str(l.depth_multiplier), l.method, f"{l.rel_error_before:.4f}",
-             f"{l.rel_error_after:.4f}", ",".join(l.steps), l.note)
+             f"{l.rel_error_after:.4f}") + act_cols(l) + (",".join(l.steps), l.note)
             for l in self.layers
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -346,6 +374,18 @@ class _Layer:
         self.skip: str = ""
         self.joint = False
         self.stats = GramStats()
+        self.act: Optional[FollowingReLU] = None  # the (BN +) ReLU that follows the original conv
+        self.samples: list[Tensor] = []  # stored features (float32) for the fit through the activation
+        self.sample_targets: list[Tensor] = []
+        self.start: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
+
+    def keep_samples(self, feats: Tensor, y: Tensor, batches: int, budget_bytes: int) -> None:
+        """Keep one batch's features, or an evenly strided subset of them within ``budget_bytes`` per layer."""
+        per_pos = max(1, feats[0].numel()) * 4
+        quota = max(1, budget_bytes // per_pos // max(1, batches))
+        step = max(1, math.ceil(feats.shape[0] / quota))
+        self.samples.append(feats[::step].to(torch.float32))
+        self.sample_targets.append(y[::step].to(torch.float32))
 
     def joint_dim(self) -> int:
         d = self.c_in * self.k
@@ -429,8 +469,124 @@ class _Layer:
             steps.append(step)
         return first, last, bias, e, steps, note
 
+    def pack_last(self, last: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Last stage and bias in the ``ridge_solve`` layout: dw_pw ``(D+1, C_out)``, pw_dw ``(C_out, mK+1, 1)``."""
+        if self.block.order == "dw_pw":
+            return torch.cat([last.reshape(self.c_out, -1).T, _bias_row(bias, self.c_out, last)], 0)
+        return torch.cat([last.reshape(self.c_out, -1), _bias_row(bias, self.c_out, last).T], 1).unsqueeze(-1)
+
+    def unpack_last(self, w: Tensor, has_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """Inverse of :meth:`pack_last` (the bias is ``None`` when the block has none)."""
+        if self.block.order == "dw_pw":
+            return w[:-1].T.reshape(self.c_out, self.c_in, self.m), (w[-1] if has_bias else None)
+        return w[:, :-1, 0].reshape(self.c_out, self.m, self.k), (w[:, -1, 0] if has_bias else None)
+
+    def last_features(self, feats: Tensor, first: Tensor) -> Tensor:
+        """The last stage's input features at stored positions (joint layers store input patches)."""
+        if not self.joint:
+            return feats
+        p = feats.reshape(feats.shape[0], self.c_in, self.k)
+        if self.block.order == "dw_pw":
+            return torch.einsum("pck,cmk->pcm", p, first.to(p)).reshape(p.shape[0], self.c_in * self.m)
+        return torch.einsum("pck,ojc->pojk", p, first.to(p)).reshape(p.shape[0], self.c_out, self.m * self.k)
+
+    def linear_error(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> float:
+        """Squared conv-output error of (first, last, bias) from the Gram statistics."""
+        st = self.stats
+        if self.joint:
+            return block_error(st, self.dense(first, last), bias)
+        assert st.gram is not None and st.cross is not None  # internal invariant
+        return quadratic_error(st.gram, st.cross, st.yy, self.pack_last(last, bias))
+
+    def _relu_problem(self, feats: Tensor, first0: Tensor, ridge: float) -> tuple[
+            Callable[[tuple[Tensor, Tensor, Optional[Tensor]]], Tensor],
+            Callable[[Tensor, tuple[Tensor, Tensor, Optional[Tensor]]], tuple[Tensor, Tensor, Optional[Tensor]]]]:
+        """``(predict, solve)`` for :func:`~dsrewrite.relu_fit.fit_through_relu` on the stored positions.
+
+        ``solve`` is one round of the linear refits on a target ``zy`` instead of ``y``.
+        Joint pw_dw layers refit both stages (the 1×1 projection, then the k×k and bias;
+        their Gram matrix is the layer's, scaled to the stored subset); every other layer
+        refits its last stage and bias on fixed last-stage features (for dw_pw that stage
+        is where the channels mix).
+        """
+        has_bias = self.block.bias is not None
+        if self.joint and self.block.order == "pw_dw":
+            st = self.stats
+            assert st.gram is not None  # internal invariant
+            n = int(feats.shape[0])
+            gram = st.gram if n == st.count else gram_matrix(feats)
+
+            def predict_joint(cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> Tensor:
+                first, last, bias = cand
+                out = (feats @ self.dense(first, last).reshape(self.c_out, -1).to(feats).T).to(torch.float64)
+                return out if bias is None else out + bias.to(out)
+
+            def solve_joint(zy: Tensor, cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> tuple[
+                    Tensor, Tensor, Optional[Tensor]]:
+                _, last, bias = cand
+                tz = GramStats()
+                tz.gram, tz.cross, tz.count = gram, cross_product(feats, zy).to(torch.float64), n
+                first = refit_pwdw_pointwise(tz, last, bias, in_channels=self.c_in, ridge=ridge)
+                last, new_bias = refit_pwdw_spatial(tz, first, k=self.k, bias=has_bias, ridge=ridge)
+                return first, last, new_bias
+
+            return predict_joint, solve_joint
+        lf = self.last_features(feats, first0).to(torch.float32)
+        grams: list[Tensor] = []  # built on the first solve: scoring a start needs no Gram matrix
+
+        def predict_last(cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> Tensor:
+            _, last, bias = cand
+            return predict(lf, self.pack_last(last, bias).to(lf)).to(torch.float64)
+
+        def solve_last(zy: Tensor, cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> tuple[
+                Tensor, Tensor, Optional[Tensor]]:
+            if not grams:
+                grams.append(self.stats.gram if not self.joint and lf.shape[0] == self.stats.count  # type: ignore[arg-type]
+                             else gram_matrix(lf))
+            w = ridge_solve(grams[0], cross_product(lf, zy).to(torch.float64), ridge, bias=has_bias)
+            return (cand[0], *self.unpack_last(w, has_bias))
+
+        return predict_last, solve_last
+
+    def refit_through_relu(self, rec: LayerCalibration, ridge: float) -> LayerCalibration:
+        """Refit through the following (BN +) ReLU; never raises the activation's error.
+
+        The auxiliary-variable loop of :func:`dsrewrite.relu_fit.fit_through_relu`, whose
+        ``W`` step is one round of the same linear refits as the linear calibration (joint
+        layers: first stage, then last stage and bias; others: last stage and bias), on the
+        stored positions. It starts from whichever of the initial and the linearly
+        calibrated weights has the lower activation error, so the activation error after
+        is at most the one before.
+        """
+        act = self.act
+        if act is None or not self.samples or self.start is None:
+            return rec
+        feats = torch.cat(self.samples)
+        y = torch.cat(self.sample_targets).to(torch.float64)
+        self.samples, self.sample_targets = [], []
+        a, c = act.scale.to(y.device), act.shift.to(y.device)
+        yy = float((torch.relu(a * y + c) ** 2).sum())
+        yy = yy if yy > 0 else 1.0
+        cands = [self.start, self.current()]
+        problems = [self._relu_problem(feats, cand[0], ridge) for cand in cands]
+        errs = [relu_error(problem[0](cand), y, a, c) for problem, cand in zip(problems, cands)]
+        pick = int(errs[1] < errs[0])
+        begin = cands[pick]
+        pred, solve = problems[pick]
+        best, e_start, e_best = fit_through_relu(y, a, c, begin, predict=pred, solve=solve)
+        steps = list(rec.steps)
+        if e_best < e_start:
+            steps.append("relu")
+        e_lin = self.linear_error(*best)
+        self.write(*best)
+        yy_lin = self.stats.yy if self.stats.yy > 0 else 1.0
+        return replace(rec, rel_error_after=math.sqrt(max(e_lin, 0.0) / yy_lin), steps=tuple(steps),
+                       activation=act.via, act_error_before=math.sqrt(errs[0] / yy),
+                       act_error_after=math.sqrt(e_best / yy))
+
     def refit(self, ridge: float, alternate: int) -> LayerCalibration:
         first, last, bias = self.current()
+        self.start = (first, last, bias)
         has_bias = bias is not None
         st = self.stats
         assert st.gram is not None and st.cross is not None  # internal invariant
@@ -448,20 +604,13 @@ class _Layer:
                                                                  has_bias, ridge, rel)
             method = "alternating"
         else:
-            if self.block.order == "dw_pw":
-                w0 = torch.cat([last.reshape(self.c_out, -1).T, _bias_row(bias, self.c_out)], 0)
-            else:
-                w0 = torch.cat([last.reshape(self.c_out, -1), _bias_row(bias, self.c_out).T], 1).unsqueeze(-1)
-            e0 = e = quadratic_error(st.gram, st.cross, st.yy, w0)
+            e0 = e = quadratic_error(st.gram, st.cross, st.yy, self.pack_last(last, bias))
             w = ridge_solve(st.gram, st.cross, ridge, bias=has_bias)
             e_new = quadratic_error(st.gram, st.cross, st.yy, w)
             if e_new < e:
                 e = e_new
                 steps.append("last")
-                if self.block.order == "dw_pw":
-                    last, bias = w[:-1].T.reshape(last.shape), (w[-1] if has_bias else None)
-                else:
-                    last, bias = w[:, :-1, 0].reshape(last.shape), (w[:, -1, 0] if has_bias else None)
+                last, bias = self.unpack_last(w, has_bias)
             else:
                 note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
             method = "last_stage"
@@ -475,8 +624,8 @@ class _Layer:
                                 tuple(steps), note)
 
 
-def _bias_row(bias: Optional[Tensor], c_out: int) -> Tensor:
-    return (torch.zeros(c_out, dtype=torch.float64) if bias is None else bias).reshape(1, c_out)
+def _bias_row(bias: Optional[Tensor], c_out: int, like: Tensor) -> Tensor:
+    return (torch.zeros(c_out, dtype=torch.float64, device=like.device) if bias is None else bias).reshape(1, c_out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -552,6 +701,7 @@ def calibrate(
     max_joint_dim: int = 2304,
     measure_output: bool = True,
     replay_cache: bool = True,
+    activation: str = "auto",
     progress: bool = False,
     seed: int = 0,
 ) -> CalibrationResult:
@@ -572,6 +722,11 @@ def calibrate(
         measure_output: also measure the model's output error before and after (one more pass).
         replay_cache: replay cached module outputs instead of re-running every layer's prefix
             (same result; turn off for models whose submodules have side effects in ``forward``).
+        activation: ``"auto"``: where the original conv feeds only a ReLU, or an eval-mode
+            ``BatchNorm2d`` then a ReLU (read from the ``torch.fx`` graph), refit the last stage
+            and bias once more so that the ACTIVATION's output matches (auxiliary-variable
+            method, :mod:`dsrewrite.relu_fit`; a bounded subset of the positions' features is
+            kept for it); ``"none"``: fit every conv output linearly only.
         progress: print one line per layer to stderr.
         seed: seeds the sampling of positions.
 
@@ -589,6 +744,11 @@ def calibrate(
         True
     """
     t0 = time.perf_counter()
+    if activation not in _ACTIVATION_MODES:
+        raise CalibrationUsageError(
+            f"calibrate(activation={activation!r}): expected one of {list(_ACTIVATION_MODES)}"
+            f"{did_you_mean(str(activation), _ACTIVATION_MODES)}."
+        )
     if max_positions < 1 or ridge < 0 or alternate < 0 or max_joint_dim < 0:
         raise CalibrationUsageError(
             f"calibrate: need max_positions >= 1, ridge >= 0, alternate >= 0, max_joint_dim >= 0; got "
@@ -603,6 +763,13 @@ def calibrate(
     images = sum(_batch_size(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
+    if activation == "auto" and layers:
+        with evaluating(original):
+            found, why = following_relus(original, [l.name for l in layers])
+        if why:
+            notes.append(why)
+        for l in layers:
+            l.act = found.get(l.name)
 
     def say(msg: str) -> None:
         if progress:
@@ -762,17 +929,20 @@ def _calibrate_layers(
             tracer.calls = {}
             notes.append("module call structure changed during calibration: switched the replay cache off")
             layer.stats = GramStats()
+            layer.samples, layer.sample_targets = [], []
             cache = _layer_pass(rewritten, data, layer, tracer, [{} for _ in data], set(), False, [])
         if not layer.stats.ready:
             rec = LayerCalibration(layer.name, layer.block.order, layer.m, "skipped", math.nan, math.nan, 0,
                                    (), "no calibration positions reached this layer")
         else:
-            rec = layer.refit(ridge, alternate)
+            rec = layer.refit_through_relu(layer.refit(ridge, alternate), ridge)
         layer.stats = GramStats()  # free the statistics
+        layer.samples, layer.sample_targets = [], []
         done.append(rec)
         say(f"{i + 1}/{len(ordered)} {layer.name}: rel err {rec.rel_error_before:.4f} -> {rec.rel_error_after:.4f} "
             f"[{rec.method}{': ' + ','.join(rec.steps) if rec.steps else ''}] "
-            f"({time.perf_counter() - t_layer:.1f} s){' ' + rec.note if rec.note else ''}")
+            f"{'' if rec.act_error_after is None else f' act err {rec.act_error_before:.4f} -> {rec.act_error_after:.4f}'}"
+            f" ({time.perf_counter() - t_layer:.1f} s){' ' + rec.note if rec.note else ''}")
     for l in layers:
         if l.skip:
             done.append(LayerCalibration(l.name, l.block.order, l.m, "skipped", math.nan, math.nan, 0, (),
@@ -826,6 +996,8 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: _Layer, tracer: _T
                 continue
             feats = layer.features(state["x"], state["z"], pos)
             layer.stats.add(feats, y)
+            if layer.act is not None:
+                layer.keep_samples(feats, y, len(data), _ACT_SAMPLE_BYTES)
     finally:
         handle.remove()
     return new_cache
