@@ -85,11 +85,10 @@ def predict(features: Tensor, w: Tensor) -> Tensor:
         >>> predict(torch.ones(2, 3), torch.ones(4, 1)).tolist()
         [[4.0], [4.0]]
     """
-    f = _augment(features)
-    w = w.to(f.dtype)
-    if f.dim() == 2:
-        return f @ w
-    return torch.einsum("pgd,gd->pg", f, w[..., 0])
+    w = w.to(features.dtype)
+    if features.dim() == 2:  # F W + b, without materialising [F, 1]
+        return torch.addmm(w[-1:], features, w[:-1])
+    return torch.einsum("pgd,gd->pg", features, w[:, :-1, 0]) + w[:, -1, 0]
 
 
 def relu_error(pred: Tensor, targets: Tensor, scale: Tensor, shift: Tensor) -> float:
@@ -224,8 +223,7 @@ def cross_product(features: Tensor, targets: Tensor) -> Tensor:
         >>> cross_product(torch.ones(3, 1), torch.full((3, 2), 2.0)).tolist()
         [[6.0, 6.0], [6.0, 6.0]]
     """
-    fa = _augment(features)
-    y = targets.to(fa)
-    if fa.dim() == 2:
-        return fa.T @ y
-    return torch.einsum("pgd,pg->gd", fa, y).unsqueeze(-1)
+    y = targets.to(features)
+    if features.dim() == 2:  # [Fᵀy; Σy], without materialising [F, 1]
+        return torch.cat([features.T @ y, y.sum(0, keepdim=True)], 0)
+    return torch.cat([torch.einsum("pgd,pg->gd", features, y), y.sum(0)[:, None]], 1).unsqueeze(-1)
