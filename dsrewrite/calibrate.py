@@ -21,7 +21,11 @@ so that its output matches the original conv's output on real activations:
   stage) and then the last again, each a linear least-squares problem on the
   input-patch statistics;
 * every step is kept only if it lowers the layer's output error on the calibration
-  positions; otherwise the previous weights stay and the layer's note says so.
+  positions; otherwise the previous weights stay and the layer's note says so;
+* where the original conv feeds only a ReLU, or an eval BatchNorm2d and a ReLU
+  (``activation="auto"``, read from the fx graph by :mod:`dsrewrite.activation`), the
+  block is then fitted THROUGH that activation (:mod:`dsrewrite.relu_fit`): for such a
+  layer it is the activation's output error that never increases.
 
 The schedule is exact (layer ``l`` sees the final weights of layers ``< l``) yet
 costs about two passes of the data, not one per layer: the outputs of module calls
@@ -504,10 +508,11 @@ class _Layer:
         """``(predict, solve)`` for :func:`~dsrewrite.relu_fit.fit_through_relu` on the stored positions.
 
         ``solve`` is one round of the linear refits on a target ``zy`` instead of ``y``.
-        Joint pw_dw layers refit both stages (the 1×1 projection, then the k×k and bias;
-        their Gram matrix is the layer's, scaled to the stored subset); every other layer
-        refits its last stage and bias on fixed last-stage features (for dw_pw that stage
-        is where the channels mix).
+        Joint pw_dw layers refit both stages (the 1×1 projection, then the k×k and bias)
+        on the stored input patches; every other layer refits its last stage and bias on
+        fixed last-stage features (for dw_pw that stage is where the channels mix). The
+        Gram matrix is the layer's own when every sampled position was kept, else the
+        stored subset's.
         """
         has_bias = self.block.bias is not None
         if self.joint and self.block.order == "pw_dw":
@@ -553,8 +558,8 @@ class _Layer:
 
         The auxiliary-variable loop of :func:`dsrewrite.relu_fit.fit_through_relu`, whose
         ``W`` step is one round of the same linear refits as the linear calibration (joint
-        layers: first stage, then last stage and bias; others: last stage and bias), on the
-        stored positions. It starts from whichever of the initial and the linearly
+        pw_dw layers: first stage, then last stage and bias; others: last stage and bias), on
+        the stored positions. It starts from whichever of the initial and the linearly
         calibrated weights has the lower activation error, so the activation error after
         is at most the one before.
         """

@@ -47,6 +47,7 @@ __all__ = [
     "explicit_padding",
     "gather_patches",
     "GramStats",
+    "symmetric_gram",
     "ridge_solve",
     "quadratic_error",
     "dense_dwpw",
@@ -147,6 +148,29 @@ def gather_patches(
     return torch.stack(cols, dim=2)
 
 
+def symmetric_gram(f: Tensor, *, blocks: int = 8, min_dim: int = 512) -> Tensor:
+    """``fᵀf`` for ``f (P, D)``, computing only the upper block triangle when ``D ≥ min_dim``.
+
+    The diagonal and upper blocks are each one matrix product of the same columns as
+    ``f.T @ f``'s; the lower blocks are their transposes (``blocks = 8``: 56 % of the work).
+
+    Example:
+        >>> f = torch.randn(50, 600, dtype=torch.float64)
+        >>> torch.allclose(symmetric_gram(f), f.T @ f)
+        True
+    """
+    d = f.shape[1]
+    if d < min_dim or blocks < 2:
+        return f.T @ f
+    out = torch.empty(d, d, dtype=f.dtype, device=f.device)
+    cuts = [round(i * d / blocks) for i in range(blocks + 1)]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        blk = f[:, lo:hi].T @ f[:, lo:]
+        out[lo:hi, lo:] = blk
+        out[lo:, lo:hi] = blk.T
+    return out
+
+
 class GramStats:
     """Running sums ``G = Σ f̃ f̃ᵀ``, ``H = Σ f̃ yᵀ``, ``Σ‖y‖²`` with ``f̃ = [f; 1]``, in float64.
 
@@ -174,7 +198,7 @@ class GramStats:
         ones = torch.ones(*f.shape[:-1], 1, dtype=self.dtype, device=f.device)
         f = torch.cat([f, ones], dim=-1)
         if f.dim() == 2:  # (P, D+1), y (P, R)
-            g, h = f.T @ f, f.T @ y
+            g, h = symmetric_gram(f), f.T @ y
         elif f.dim() == 3:  # (P, G, D+1), y (P, G)
             fg = f.transpose(0, 1)  # (G, P, D+1)
             g = fg.transpose(1, 2) @ fg

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .lstsq import ridge_solve
+from .lstsq import ridge_solve, symmetric_gram
 
 __all__ = ["relu_aux_targets", "predict", "relu_error", "fit_through_relu", "refit_relu", "gram_matrix",
            "cross_product", "DEFAULT_LAMBDAS"]
@@ -211,7 +211,7 @@ def gram_matrix(features: Tensor) -> Tensor:
     """
     fa = _augment(features.to(torch.float64))
     if fa.dim() == 2:
-        return fa.T @ fa
+        return symmetric_gram(fa)
     fg = fa.transpose(0, 1)
     return fg.transpose(1, 2) @ fg
 

@@ -18,6 +18,7 @@ from dsrewrite.lstsq import (
     quadratic_error,
     ridge_solve,
     sample_positions,
+    symmetric_gram,
 )
 
 
@@ -183,6 +184,13 @@ def test_ridge_solve_matches_reference_and_error_formula():
     w0 = ridge_solve(st.gram, st.cross, 0.0, bias=False)
     ref0 = torch.linalg.lstsq(x, y).solution
     assert float(w0[-1].abs().max()) == 0.0 and float((w0[:-1] - ref0).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("d,blocks", [(1031, 8), (700, 3), (100, 8)])
+def test_symmetric_gram_matches_the_full_product(d, blocks):
+    f = torch.randn(64, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    err = float((symmetric_gram(f, blocks=blocks) - f.T @ f).abs().max())
+    assert err < 1e-10, f"blocked Gram differs from fᵀf by {err}"
 
 
 def test_grouped_gram_matches_per_group():
