@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +131,7 @@ def rewrite_with_plan(
     example_inputs: Inputs,
     *,
     calibration: Optional[Iterable[Tensor]] = None,
+    calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     with_report: bool = True,
     benchmark: bool = False,
@@ -148,6 +149,9 @@ def rewrite_with_plan(
         >>> type(res.model[1]).__name__
         'DepthwiseSeparableConv2d'
     """
+    from .calibrate import check_options
+
+    calib_options = check_options(calibration_options)
     inner, outer = unwrap_for_rewrite(model, inplace=inplace)
     check_rewritable(inner)
     plan = _unprefixed(plan, inner)
@@ -160,7 +164,8 @@ def rewrite_with_plan(
     if calib_batches:
         from .calibrate import calibrate
 
-        calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced])
+        calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
+                                 **calib_options)
     report = None
     if with_report:
         from .report import build_report
@@ -181,6 +186,7 @@ def _run(
     recipe: RecipeLike,
     example_inputs: Optional[Inputs],
     calibration: Optional[Iterable[Tensor]],
+    calibration_options: Optional[Mapping[str, Any]],
     inplace: bool,
     depth_multiplier: Optional[int],
     order: Optional[str],
@@ -193,8 +199,8 @@ def _run(
     check_rewritable(inner)
     x = example_inputs if example_inputs is not None else example_input(inner, input_shape)
     p = make_plan(inner, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
-    return rewrite_with_plan(model, p, x, calibration=calibration, inplace=inplace, with_report=with_report,
-                             benchmark=benchmark)
+    return rewrite_with_plan(model, p, x, calibration=calibration, calibration_options=calibration_options,
+                             inplace=inplace, with_report=with_report, benchmark=benchmark)
 
 
 def rewrite(
@@ -203,6 +209,7 @@ def rewrite(
     *,
     example_inputs: Optional[Inputs] = None,
     calibration: Optional[Iterable[Tensor]] = None,
+    calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     depth_multiplier: Optional[int] = None,
     order: Optional[str] = None,
@@ -219,7 +226,9 @@ def rewrite(
     its parameters when constructed). Quantized convs and models on the meta device
     are refused (:class:`~dsrewrite.errors.UnsupportedModelError`). ``calibration`` (an iterable
     of example inputs) refits the new blocks in closed form against the original
-    (see :mod:`dsrewrite.calibrate`). ``depth_multiplier``, ``order`` and ``init``
+    (see :mod:`dsrewrite.calibrate`); ``calibration_options`` are passed on to
+    :func:`~dsrewrite.calibrate.calibrate` (e.g. ``{"activation": "none"}`` for a purely
+    linear fit). ``depth_multiplier``, ``order`` and ``init``
     override the recipe for every selected conv. To get the plan and the report of
     the call, use :func:`rewrite_and_report`.
 
@@ -229,7 +238,7 @@ def rewrite(
         16
     """
     return _run(
-        model, recipe, example_inputs, calibration, inplace, depth_multiplier, order, init,
+        model, recipe, example_inputs, calibration, calibration_options, inplace, depth_multiplier, order, init,
         input_shape, with_report=False, benchmark=False,
     ).model
 
@@ -240,6 +249,7 @@ def rewrite_and_report(
     *,
     example_inputs: Optional[Inputs] = None,
     calibration: Optional[Iterable[Tensor]] = None,
+    calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     depth_multiplier: Optional[int] = None,
     order: Optional[str] = None,
@@ -258,6 +268,6 @@ def rewrite_and_report(
         ['1']
     """
     return _run(
-        model, recipe, example_inputs, calibration, inplace, depth_multiplier, order, init,
+        model, recipe, example_inputs, calibration, calibration_options, inplace, depth_multiplier, order, init,
         input_shape, with_report=True, benchmark=benchmark,
     )

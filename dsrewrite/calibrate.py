@@ -51,12 +51,13 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +94,7 @@ __all__ = [
     "LayerCalibration",
     "CalibrationUsageError",
     "replaced_names",
+    "check_options",
 ]
 
 
@@ -193,6 +195,29 @@ class CalibrationResult:
         )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Check the keys of extra :func:`calibrate` keyword arguments (values are checked by ``calibrate``).
+
+    Example:
+        >>> check_options({"activation": "none"})
+        {'activation': 'none'}
+        >>> check_options({"activaton": "none"})
+        Traceback (most recent call last):
+        ...
+        dsrewrite.calibrate.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+    """
+    opts = dict(options or {})
+    valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "names")
+    for key in opts:
+        if key not in valid:
+            raise CalibrationUsageError(
+                f"calibration option {key!r} is not one of calibrate()'s{did_you_mean(key, valid)}. "
+                f"Valid options: {', '.join(valid)}."
+            )
+    return opts
 
 
 def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:

@@ -150,6 +150,8 @@ def main(debug: bool) -> None:
 @click.option("--calib-std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
 @click.option("--calib-limit", type=click.IntRange(min=1), default=64, show_default=True,
               help="Use at most this many calibration images.")
+@click.option("--calib-activation", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: fit blocks whose conv feeds a (BatchNorm +) ReLU through that ReLU; none: linear fit only.")
 @click.option("--benchmark", is_flag=True, help="Measure latency before/after (interleaved, medians).")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -159,7 +161,7 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
           depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], output: Optional[str],
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
-          benchmark: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+          calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from .io import check_output_path, default_output_path, plan_path_for, save_rewrite
     from .report import render_table, save_plot, save_report
@@ -186,7 +188,8 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
     from .api import rewrite_with_plan
 
     _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_batches else " ..."))
-    result = rewrite_with_plan(loaded.model, p, x, calibration=calib_batches, benchmark=benchmark)
+    result = rewrite_with_plan(loaded.model, p, x, calibration=calib_batches,
+                               calibration_options={"activation": calib_activation}, benchmark=benchmark)
     rep = result.report
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))

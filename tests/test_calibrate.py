@@ -500,3 +500,17 @@ def test_table_shows_activation_errors_only_when_fitted_through_one():
     data = correlated_data(2, seed=3)
     assert "act err before" in calibrate(net, swap(net, names=["0"]), data).table()
     assert "act err" not in calibrate(net, swap(net, names=["0"]), data, activation="none").table()
+
+
+def test_rewrite_passes_calibration_options_and_checks_their_names():
+    from dsrewrite import rewrite_and_report
+
+    net = conv_bn_relu(2)
+    data = correlated_data(2, seed=4)
+    for mode, fitted in (("auto", ["0"]), ("none", [])):
+        res = rewrite_and_report(net, "all_3x3", example_inputs=data[0], calibration=data,
+                                 calibration_options={"activation": mode})
+        assert [l.name for l in res.calibration.layers if l.activation] == fitted
+    with pytest.raises(CalibrationUsageError, match="'activaton'.*did you mean 'activation'"):
+        rewrite_and_report(net, "all_3x3", example_inputs=data[0], calibration=data,
+                           calibration_options={"activaton": "none"})

@@ -196,6 +196,19 @@ def test_debug_shows_traceback(tmp_path):
     assert r.exit_code == 2 and "Traceback" in r.output
 
 
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_apply_calib_activation_reaches_calibrate(tmp_path, mode):
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randn(2, 3, 32, 32, generator=g), tmp_path / "calib.pt")
+    r = run(["apply", "demo", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32", "--dry-run",
+             "--calib", tmp_path / "calib.pt", "--calib-activation", mode, "--json"])
+    assert r.exit_code == 0, r.output
+    layers = json.loads(r.stdout)["calibration"]["layers"]
+    fitted = [l["name"] for l in layers if l["activation"]]
+    # the demo decoder's convs each feed a BatchNorm2d + ReLU
+    assert (len(fitted) == len(layers) > 0) if mode == "auto" else fitted == [], layers
+
+
 def test_apply_with_calibration_then_heal(tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.save(torch.randn(4, 3, 32, 32, generator=g), tmp_path / "calib.pt")
