@@ -72,6 +72,7 @@ from .lstsq import (
     dense_dwpw,
     dense_pwdw,
     gather_patches,
+    gram_matrix,
     quadratic_error,
     refit_dwpw_pointwise,
     refit_dwpw_spatial,
@@ -81,7 +82,7 @@ from .lstsq import (
     sample_positions,
 )
 from .macs import call_model, evaluating
-from .relu_fit import cross_product, fit_through_relu, gram_matrix, predict, relu_error
+from .relu_fit import cross_product, fit_through_relu, predict, relu_error
 
 _ACTIVATION_MODES = ("auto", "none")
 #: Memory for the features kept per layer for the fit through the activation (float32; when
@@ -109,8 +110,8 @@ class LayerCalibration:
     Errors are relative L2 (``‖block(x) − conv_orig(x_orig)‖ / ‖conv_orig(x_orig)‖``) over
     the sampled calibration positions, ``x`` coming from the rewritten model with the
     earlier layers already calibrated. ``steps`` lists the accepted refits in order
-    (``"last"``: the last stage and bias; ``"first"``: the first stage; ``"last_relu"``: the
-    last stage and bias refit through the following activation); ``method`` is
+    (``"last"``: the last stage and bias; ``"first"``: the first stage; ``"relu"``: the refit
+    through the following activation, see :meth:`_Layer.refit_through_relu`); ``method`` is
     ``"last_stage"``, ``"alternating"`` or ``"skipped"``.
 
     ``activation`` names the (BatchNorm +) ReLU that follows the conv when calibration
@@ -593,7 +594,6 @@ class _Layer:
             return rec
         feats = torch.cat(self.samples)
         y = torch.cat(self.sample_targets).to(torch.float64)
-        self.samples, self.sample_targets = [], []
         a, c = act.scale.to(y.device), act.shift.to(y.device)
         yy = float((torch.relu(a * y + c) ** 2).sum())
         yy = yy if yy > 0 else 1.0
@@ -753,10 +753,11 @@ def calibrate(
         replay_cache: replay cached module outputs instead of re-running every layer's prefix
             (same result; turn off for models whose submodules have side effects in ``forward``).
         activation: ``"auto"``: where the original conv feeds only a ReLU, or an eval-mode
-            ``BatchNorm2d`` then a ReLU (read from the ``torch.fx`` graph), refit the last stage
-            and bias once more so that the ACTIVATION's output matches (auxiliary-variable
-            method, :mod:`dsrewrite.relu_fit`; a bounded subset of the positions' features is
-            kept for it); ``"none"``: fit every conv output linearly only.
+            ``BatchNorm2d`` then a ReLU (read from the ``torch.fx`` graph), refit the block once
+            more so that the ACTIVATION's output matches (auxiliary-variable method,
+            :mod:`dsrewrite.relu_fit`; joint pw_dw blocks: both stages, others: the last stage
+            and bias; the positions' features are kept for it, at most 256 MB per layer);
+            ``"none"``: fit every conv output linearly only.
         progress: print one line per layer to stderr.
         seed: seeds the sampling of positions.
 
@@ -793,19 +794,17 @@ def calibrate(
     images = sum(_batch_size(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
-    if activation == "auto" and layers:
-        with evaluating(original):
-            found, why = following_relus(original, [l.name for l in layers])
-        if why:
-            notes.append(why)
-        for l in layers:
-            l.act = found.get(l.name)
 
     def say(msg: str) -> None:
         if progress:
             print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
 
     with evaluating(original, rewritten), torch.no_grad():
+        if activation == "auto" and layers:
+            found, why = following_relus(original, [l.name for l in layers])
+            notes += [why] if why else []
+            for l in layers:
+                l.act = found.get(l.name)
         ref_outputs = _original_pass(original, data, layers, per_image, seed, measure_output)
         tracer = _Tracer(rewritten)
         try:

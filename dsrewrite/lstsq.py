@@ -47,6 +47,7 @@ __all__ = [
     "explicit_padding",
     "gather_patches",
     "GramStats",
+    "gram_matrix",
     "symmetric_gram",
     "ridge_solve",
     "quadratic_error",
@@ -171,6 +172,31 @@ def symmetric_gram(f: Tensor, *, blocks: int = 8, min_dim: int = 512) -> Tensor:
     return out
 
 
+def _augment(f: Tensor) -> Tensor:
+    """``[f, 1]`` along the last dim."""
+    return torch.cat([f, torch.ones(*f.shape[:-1], 1, dtype=f.dtype, device=f.device)], dim=-1)
+
+
+def _gram(fa: Tensor) -> Tensor:
+    """``Σ f̃ f̃ᵀ`` of already augmented features: ``(P, D+1)`` → ``(D+1, D+1)``; ``(P, G, D+1)`` → ``(G, D+1, D+1)``."""
+    if fa.dim() == 2:
+        return symmetric_gram(fa)
+    fg = fa.transpose(0, 1)  # (G, P, D+1)
+    return fg.transpose(1, 2) @ fg
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """The Gram matrix :class:`GramStats` accumulates, of one set of features, float64.
+
+    ``(P, D)`` → ``(D+1, D+1)``; grouped ``(P, G, D)`` → ``(G, D+1, D+1)``.
+
+    Example:
+        >>> gram_matrix(torch.ones(3, 1)).tolist()
+        [[3.0, 3.0], [3.0, 3.0]]
+    """
+    return _gram(_augment(features.to(torch.float64)))
+
+
 class GramStats:
     """Running sums ``G = Σ f̃ f̃ᵀ``, ``H = Σ f̃ yᵀ``, ``Σ‖y‖²`` with ``f̃ = [f; 1]``, in float64.
 
@@ -195,16 +221,14 @@ class GramStats:
         """Accumulate one chunk of sampled positions."""
         f = features.detach().to(self.dtype)
         y = targets.detach().to(device=f.device, dtype=self.dtype)
-        ones = torch.ones(*f.shape[:-1], 1, dtype=self.dtype, device=f.device)
-        f = torch.cat([f, ones], dim=-1)
-        if f.dim() == 2:  # (P, D+1), y (P, R)
-            g, h = symmetric_gram(f), f.T @ y
-        elif f.dim() == 3:  # (P, G, D+1), y (P, G)
-            fg = f.transpose(0, 1)  # (G, P, D+1)
-            g = fg.transpose(1, 2) @ fg
-            h = fg.transpose(1, 2) @ y.T.unsqueeze(-1)
-        else:
+        if f.dim() not in (2, 3):
             raise ValueError(f"features must be (P, D) or (P, G, D), got shape {tuple(features.shape)}")
+        f = _augment(f)
+        g = _gram(f)
+        if f.dim() == 2:  # (P, D+1), y (P, R)
+            h = f.T @ y
+        else:  # (P, G, D+1), y (P, G)
+            h = f.transpose(0, 1).transpose(1, 2) @ y.T.unsqueeze(-1)
         if self.gram is None:
             self.gram, self.cross = g, h
         else:

@@ -42,10 +42,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .lstsq import ridge_solve, symmetric_gram
+from .lstsq import gram_matrix, ridge_solve
 
-__all__ = ["relu_aux_targets", "predict", "relu_error", "fit_through_relu", "refit_relu", "gram_matrix",
-           "cross_product", "DEFAULT_LAMBDAS"]
+__all__ = ["relu_aux_targets", "predict", "relu_error", "fit_through_relu", "refit_relu", "cross_product",
+           "DEFAULT_LAMBDAS"]
 
 #: λ schedule of the alternation: log-spaced from 0.01 to 1, as in Zhang et al.
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(v) for v in torch.logspace(-2, 0, 8, dtype=torch.float64))
@@ -71,11 +71,6 @@ def relu_aux_targets(target: Tensor, pred: Tensor, lam: float) -> Tensor:
     f_pos = d_pos.mul_(d_pos).add_((z_pos - pred).square_().mul_(lam))
     f_neg = (z_neg - pred).square_().mul_(lam).add_(rt.square_())
     return torch.where(f_pos <= f_neg, z_pos, z_neg)
-
-
-def _augment(features: Tensor) -> Tensor:
-    ones = torch.ones(*features.shape[:-1], 1, dtype=features.dtype, device=features.device)
-    return torch.cat([features, ones], dim=-1)
 
 
 def predict(features: Tensor, w: Tensor) -> Tensor:
@@ -200,20 +195,6 @@ def refit_relu(
 
     return fit_through_relu(targets, scale, shift, w.to(torch.float64), predict=lambda v: predict(f64, v),
                             solve=solve, lambdas=lambdas)
-
-
-def gram_matrix(features: Tensor) -> Tensor:
-    """``Σ f̃ f̃ᵀ`` in float64 as in :class:`~dsrewrite.lstsq.GramStats`: ``(D+1, D+1)`` shared, ``(G, D+1, D+1)`` grouped.
-
-    Example:
-        >>> gram_matrix(torch.ones(3, 1)).tolist()
-        [[3.0, 3.0], [3.0, 3.0]]
-    """
-    fa = _augment(features.to(torch.float64))
-    if fa.dim() == 2:
-        return symmetric_gram(fa)
-    fg = fa.transpose(0, 1)
-    return fg.transpose(1, 2) @ fg
 
 
 def cross_product(features: Tensor, targets: Tensor) -> Tensor:

@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsrewrite.activation import following_relus
-from dsrewrite.lstsq import GramStats, ridge_solve
+from dsrewrite.lstsq import GramStats, gram_matrix, ridge_solve
 from dsrewrite.relu_fit import (
     cross_product,
     fit_through_relu,
-    gram_matrix,
     predict,
     refit_relu,
     relu_aux_targets,
