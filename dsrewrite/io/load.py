@@ -7,16 +7,18 @@
   ``torchvision:resnet18``, ``smp:Unet:resnet18`` (segmentation_models_pytorch
   ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``
   (imported and called with no arguments);
-* a **file** written by ``torch.save``:
+* a **file** written by ``torch.save``, always read by torch's weights-only unpickler
+  with a per-file allowlist (:mod:`dsrewrite.io.safe_load`; ``trust_pickle=True``:
+  plain ``torch.load``, which runs code from the file):
 
-  - a full module (``torch.save(model)``), read by the restricted unpickler of
-    :mod:`dsrewrite.io.safe_pickle` (``trust_pickle=True``: plain ``torch.load``);
-  - a checkpoint: a state dict, or a dict holding one under ``"state_dict"``,
-    ``"model"`` or ``"model_state_dict"``, read with ``weights_only=True`` and
-    loaded into ``arch`` (a ``module.`` prefix from DataParallel/DDP is stripped);
+  - a full module (``torch.save(model)``, also of a ``torch.compile``'d model);
+  - a checkpoint: a state dict, or a dict holding one under one of
+    :data:`STATE_DICT_KEYS` (timm ``train.py``, Lightning, EMA copies; ``state_dict_key``
+    chooses), loaded into ``arch``; wrapper prefixes (``module.``, ``_orig_mod.``,
+    ``model.``, ``net.``) are stripped only when the stripped keys fit ``arch`` exactly;
   - a ``.safetensors`` file (a state dict; needs ``arch``).
 
-``nn.DataParallel``/``DistributedDataParallel`` wrappers are unwrapped. Every
+``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers are unwrapped. Every
 failure is a :class:`~dsrewrite.errors.ModelLoadError` (CLI exit 2) saying what
 to do. Models come back in the train/eval mode they were saved in (arch specs:
 train mode, as constructed).
@@ -37,13 +39,13 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError, UnsafePickleError, did_you_mean
-from .safe_pickle import restricted_torch_load
+from .safe_load import safe_torch_load
 
 __all__ = [
     "LoadedModel",
@@ -52,7 +54,9 @@ __all__ = [
     "read_torch_file",
     "extract_state_dict",
     "load_state_dict_checked",
+    "fit_state_dict",
     "unwrap_parallel",
+    "WRAPPER_PREFIXES",
     "ARCH_EXAMPLES",
     "STATE_DICT_KEYS",
 ]
@@ -64,7 +68,11 @@ _ARCH_FLAG_EXAMPLES = (
     "--arch timm:resnet18, --arch torchvision:resnet18, --arch smp:Unet:resnet18 or --arch mypkg.models:build_model"
 )
 #: Keys under which a checkpoint dict may hold the state dict (searched in this order).
-STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
+STATE_DICT_KEYS: tuple[str, ...] = (
+    "state_dict", "model_state_dict", "model", "net", "module", "state_dict_ema", "model_ema", "ema",
+)
+#: Prefixes training wrappers add to every key: DataParallel/DDP, torch.compile, Lightning modules.
+WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "model.", "net.")
 _FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors"}
 _LIBRARY_PREFIXES = ("timm", "torchvision", "smp")
 
@@ -87,7 +95,7 @@ class LoadedModel:
 
 
 def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Strip ``nn.DataParallel``/``DistributedDataParallel`` wrappers; return the model and what was stripped.
+    """Strip ``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers; say what was stripped.
 
     Example:
         >>> m, notes = unwrap_parallel(nn.DataParallel(nn.Linear(2, 2)))
@@ -96,10 +104,22 @@ def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """
     notes = []
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        notes.append(f"unwrapped nn.{type(model).__name__}")
-        model = model.module
-    return model, notes
+    while True:
+        if isinstance(model, wrappers):
+            notes.append(f"unwrapped nn.{type(model).__name__}")
+            model = model.module
+        elif _is_compiled(model):
+            notes.append("unwrapped torch.compile")
+            model = model._orig_mod
+        else:
+            return model, notes
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (``torch._dynamo.eval_frame.OptimizedModule``), without importing dynamo."""
+    t = type(model)
+    return t.__name__ == "OptimizedModule" and t.__module__ == "torch._dynamo.eval_frame" and \
+        isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 # ----------------------------------------------------------------------------- arch specs
@@ -281,11 +301,14 @@ def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
 
 
 def read_torch_file(path: Union[str, os.PathLike], *, trust_pickle: bool = False,
-                    map_location: Any = "cpu") -> tuple[Any, str]:
-    """Read a ``torch.save`` file; return the object and how it was read.
+                    map_location: Any = "cpu", allow_modules: Iterable[str] = (),
+                    allow_globals: Iterable[str] = ()) -> tuple[Any, str]:
+    """Read a ``torch.save`` (or ``.safetensors``) file; return the object and how it was read.
 
-    Tries ``weights_only=True`` first (checkpoints); a pickle that needs more is
-    read by the restricted unpickler (or plain ``torch.load`` if ``trust_pickle``).
+    Always torch's weights-only unpickler, with the per-file allowlist of
+    :func:`dsrewrite.io.safe_load.safe_torch_load` (``allow_modules``/``allow_globals``
+    extend it); ``trust_pickle=True`` reads with plain ``torch.load(weights_only=False)``,
+    which runs code from the file.
 
     Example:
         >>> import tempfile, torch
@@ -311,13 +334,10 @@ def read_torch_file(path: Union[str, os.PathLike], *, trust_pickle: bool = False
         except Exception as exc:
             raise _corrupt(path, exc) from exc
     try:
-        return torch.load(path, map_location=map_location, weights_only=True), "weights_only"
-    except pickle.UnpicklingError:
-        pass  # needs more than weights: try the restricted unpickler below
-    except Exception as exc:
-        raise _corrupt(path, exc) from exc
-    try:
-        return restricted_torch_load(path, map_location=map_location), "restricted unpickler"
+        obj = safe_torch_load(path, map_location=map_location, allow_modules=allow_modules,
+                              allow_globals=allow_globals)
+        return obj, ("weights_only" if _is_tensor_mapping(obj) or not isinstance(obj, nn.Module)
+                     else "weights-only unpickler, per-file allowlist")
     except ModelLoadError:  # UnsafePickleError included
         raise
     except Exception as exc:
@@ -330,36 +350,51 @@ def _is_tensor_mapping(obj: Any) -> bool:
     )
 
 
-def extract_state_dict(obj: Any, *, source: str = "<object>") -> tuple[dict[str, torch.Tensor], str]:
-    """Find the state dict in a checkpoint object; strip a ``module.`` prefix; say where it was.
+def extract_state_dict(obj: Any, *, source: str = "<object>",
+                       state_dict_key: Optional[str] = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state dict in a checkpoint object; say where it was.
+
+    A dict of tensors is the state dict itself; otherwise the first of
+    :data:`STATE_DICT_KEYS` that holds one (timm ``train.py``: ``state_dict`` and
+    ``state_dict_ema``; Lightning: ``state_dict``; others ``model``, ``net``, ``ema`` ...),
+    or ``state_dict_key`` when given (CLI ``--state-dict-key``). Wrapper prefixes are
+    left in place: :func:`fit_state_dict` strips them once it knows the architecture.
+
+    Raises:
+        ModelLoadError: no state dict found, or ``state_dict_key`` absent (with did-you-mean).
 
     Example:
-        >>> sd, where = extract_state_dict({"state_dict": {"module.w": torch.ones(1)}})
+        >>> sd, where = extract_state_dict({"state_dict": {"module.w": torch.ones(1)}, "epoch": 3})
         >>> list(sd), where
-        (['w'], "key 'state_dict', stripped 'module.' prefix")
+        (['module.w'], "key 'state_dict'")
     """
-    notes: list[str] = []
-    if _is_tensor_mapping(obj):
-        sd = dict(obj)
-    else:
-        found = None
-        if isinstance(obj, Mapping):
-            for key in STATE_DICT_KEYS:
-                if _is_tensor_mapping(obj.get(key)):
-                    found = key
-                    break
-        if found is None:
-            what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+    candidates = [k for k, v in obj.items() if isinstance(k, str) and _is_tensor_mapping(v)] \
+        if isinstance(obj, Mapping) and not _is_tensor_mapping(obj) else []
+    if state_dict_key is not None:
+        if not isinstance(obj, Mapping) or state_dict_key not in obj or not _is_tensor_mapping(obj[state_dict_key]):
+            held = ", ".join(map(repr, candidates)) or "none"
             raise ModelLoadError(
-                f"{source} holds {what}, not a model or a state dict: expected torch.save(model), a dict of "
-                f"tensors, or a checkpoint with one under {', '.join(map(repr, STATE_DICT_KEYS))}."
+                f"{source} has no state dict under key {state_dict_key!r}"
+                f"{did_you_mean(state_dict_key, candidates)}; keys holding state dicts: {held}."
             )
-        sd = dict(obj[found])
-        notes.append(f"key {found!r}")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-        notes.append("stripped 'module.' prefix")
-    return sd, ", ".join(notes)
+        return dict(obj[state_dict_key]), f"key {state_dict_key!r}"
+    if _is_tensor_mapping(obj):
+        return dict(obj), ""
+    found = next((k for k in STATE_DICT_KEYS if k in candidates), None)
+    if found is None and len(candidates) == 1:
+        found = candidates[0]
+    if found is None:
+        what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        more = f" Several keys hold state dicts ({', '.join(map(repr, candidates))}): pick one with " \
+               "--state-dict-key." if candidates else ""
+        raise ModelLoadError(
+            f"{source} holds {what}, not a model or a state dict: expected torch.save(model), a dict of "
+            f"tensors, or a checkpoint with one under {', '.join(map(repr, STATE_DICT_KEYS))}.{more}"
+        )
+    others = [k for k in candidates if k != found]
+    note = f"key {found!r}" + (f" (also in the file: {', '.join(map(repr, others))}; choose with "
+                               "--state-dict-key)" if others else "")
+    return dict(obj[found]), note
 
 
 def _few(keys: list[str], n: int = 4) -> str:
@@ -367,8 +402,98 @@ def _few(keys: list[str], n: int = 4) -> str:
     return shown + (f", … (+{len(keys) - n})" if len(keys) > n else "")
 
 
+def _mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    return missing, unexpected, mismatched
+
+
+def _describe_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str:
+    missing, unexpected, mismatched = _mismatch(own, sd)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if mismatched:
+        shown = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mismatched]
+        parts.append(f"{len(mismatched)} shape mismatch{'es' if len(mismatched) > 1 else ''} ({_few(shown, 3)})")
+    return ", ".join(parts)
+
+
+def _prefix_candidates(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor], int]]:
+    """(prefix, keys with it stripped, keys dropped) for every chain of wrapper prefixes the keys carry."""
+    out: list[tuple[str, dict[str, torch.Tensor], int]] = [("", dict(sd), 0)]
+    todo = [("", dict(sd))]
+    while todo:
+        prefix, cur = todo.pop(0)
+        for p in WRAPPER_PREFIXES:
+            sub = {k[len(p):]: v for k, v in cur.items() if k.startswith(p)}
+            if not sub:
+                continue
+            full = prefix + p
+            if all(full != c[0] for c in out):
+                out.append((full, sub, len(sd) - len(sub)))
+                todo.append((full, sub))
+    return out
+
+
+def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str) -> str:
+    """Load ``sd`` into ``model`` (strict), stripping a wrapper prefix only if that makes it fit exactly.
+
+    Prefixes tried: chains of :data:`WRAPPER_PREFIXES` (``module.`` from DataParallel/DDP,
+    ``_orig_mod.`` from torch.compile, ``model.``/``net.`` from Lightning modules), on all
+    keys or, for a Lightning module that holds more than the network (a loss with buffers),
+    on the keys that carry it (the others are dropped and the note says how many). A
+    prefix is used only when the stripped keys and shapes equal the architecture's.
+    Returns a note for the report (``""`` when the keys fit as they are).
+
+    Raises:
+        ModelLoadError: nothing fits; the message names the keys, shapes and the prefix seen.
+
+    Example:
+        >>> m = nn.Linear(2, 3)
+        >>> sd = {f"model._orig_mod.{k}": v for k, v in m.state_dict().items()}
+        >>> fit_state_dict(nn.Linear(2, 3), sd, source="ck.pt", arch="lin")
+        "stripped 'model._orig_mod.' prefix"
+    """
+    own = model.state_dict()
+    own_shapes = {k: tuple(v.shape) for k, v in own.items()}
+    chosen = None
+    for prefix, cand, dropped in _prefix_candidates(sd):
+        if {k: tuple(v.shape) for k, v in cand.items()} == own_shapes:
+            chosen = (prefix, cand, dropped)
+            break
+    if chosen is None:
+        cands = _prefix_candidates(sd)
+        best = max(cands, key=lambda c: (sum(k in own for k in c[1]), -c[2]))
+        seen = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
+        uniform = seen[0] if len(seen) == 1 else None
+        if best[0]:
+            hint = (f"the keys carry prefix {best[0]!r}; with it stripped: {_describe_mismatch(own, best[1])}. "
+                    "Check that --arch names the architecture (and head size) the checkpoint was saved from.")
+        elif uniform and uniform.rstrip(".") not in {k.split(".", 1)[0] for k in own}:
+            hint = (f"every key starts with {uniform!r}, which is not a known wrapper prefix "
+                    f"({', '.join(WRAPPER_PREFIXES)}) nor a part of the architecture. Check --arch, or "
+                    "re-save the state dict of the network itself.")
+        else:
+            hint = "Check that --arch names the architecture (and head size) the checkpoint was saved from."
+        raise ModelLoadError(
+            f"state dict in {source} does not fit arch {arch!r}: {_describe_mismatch(own, sd)}. {hint}"
+        )
+    prefix, cand, dropped = chosen
+    try:
+        model.load_state_dict(cand, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"state dict in {source} does not load into arch {arch!r}: {exc}") from exc
+    if not prefix:
+        return ""
+    return f"stripped {prefix!r} prefix" + (f", dropped {dropped} keys without it" if dropped else "")
+
+
 def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str) -> None:
-    """``model.load_state_dict(sd, strict=True)`` with a clear error naming keys and shapes.
+    """``model.load_state_dict(sd, strict=True)`` with a clear error naming keys and shapes (no prefix handling).
 
     Example:
         >>> load_state_dict_checked(nn.Linear(2, 3), {"weight": torch.ones(3, 3)}, source="x.pt", arch="lin")
@@ -377,21 +502,10 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], *,
         dsrewrite.errors.ModelLoadError: state dict in x.pt does not fit arch 'lin': 1 missing (bias), 1 shape mismatch (weight: file [3, 3] vs model [3, 2]). Check that --arch names the architecture (and head size) the checkpoint was saved from.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if mismatched:
-            shown = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mismatched]
-            parts.append(f"{len(mismatched)} shape mismatch{'es' if len(mismatched) > 1 else ''} ({_few(shown, 3)})")
+    if any(_mismatch(own, sd)):
         raise ModelLoadError(
-            f"state dict in {source} does not fit arch {arch!r}: {', '.join(parts)}. Check that --arch names "
-            "the architecture (and head size) the checkpoint was saved from."
+            f"state dict in {source} does not fit arch {arch!r}: {_describe_mismatch(own, sd)}. Check that --arch "
+            "names the architecture (and head size) the checkpoint was saved from."
         )
     try:
         model.load_state_dict(sd, strict=True)
@@ -422,14 +536,41 @@ def _check_rebuilt(model: nn.Module, path: Path) -> nn.Module:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _fit_rewritten(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> tuple[nn.Module, str]:
+    """A rewritten model's weights (e.g. ``--save-format safetensors``): apply the plan sidecar, then fit.
+
+    Re-raises the plain fit's error when there is no sidecar or the weights do not fit either way.
+    """
+    from .save import plan_path_for
+
+    plan_file = plan_path_for(path)
+    if not plan_file.is_file():
+        fit_state_dict(model, sd, source=str(path), arch=arch)  # raises the plain error
+    from ..apply import apply_plan
+    from ..plan_types import Plan
+
+    plan = Plan.from_json(plan_file.read_text(encoding="utf-8"), source=str(plan_file))
+    rewritten = apply_plan(model, plan, inplace=False, init="random")
+    note = fit_state_dict(rewritten, sd, source=str(path), arch=f"{arch} + plan {plan_file.name}")
+    return rewritten, ", ".join(x for x in (f"rewritten per {plan_file.name}", note) if x)
+
+
 def load_model(
     spec: Union[str, os.PathLike],
     *,
     arch: Optional[str] = None,
     trust_pickle: bool = False,
     map_location: Any = "cpu",
+    allow_modules: Iterable[str] = (),
+    allow_globals: Iterable[str] = (),
+    state_dict_key: Optional[str] = None,
 ) -> LoadedModel:
     """Load a model from a file, an arch spec or ``"demo"`` (see the module docstring).
+
+    ``allow_modules``/``allow_globals`` extend the safe loader's allowlist (CLI
+    ``--allow-module``/``--allow-global``); ``state_dict_key`` picks the checkpoint entry
+    (CLI ``--state-dict-key``). A state dict next to a ``.plan.json`` sidecar (a rewrite saved
+    with ``--save-format safetensors``) is loaded into ``arch`` rewritten by that plan.
 
     Example:
         >>> load_model("demo").source
@@ -453,8 +594,9 @@ def load_model(
                 f"{text!r} is neither a file nor a model spec: pass a file written by torch.save, 'demo', "
                 f"or an arch spec such as {ARCH_EXAMPLES}."
             )
-    obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location)
-    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+    obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location,
+                               allow_modules=allow_modules, allow_globals=allow_globals)
+    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj) and state_dict_key is None:
         for key in ("model", "module", "net"):
             if isinstance(obj.get(key), nn.Module):
                 obj, how = obj[key], f"{how}, key {key!r}"
@@ -465,13 +607,16 @@ def load_model(
         if arch is not None:
             desc += f"; --arch {arch} ignored (the file holds the whole model)"
         return LoadedModel(model, desc, "module", text, path)
-    sd, where = extract_state_dict(obj, source=str(path))
+    sd, where = extract_state_dict(obj, source=str(path), state_dict_key=state_dict_key)
     if arch is None:
         raise ModelLoadError(
             f"{path} holds a state dict ({len(sd)} tensors, e.g. {next(iter(sd))!r}), not a whole model: "
             f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {_ARCH_FLAG_EXAMPLES}."
         )
     model = build_arch(arch)
-    load_state_dict_checked(model, sd, source=str(path), arch=arch)
-    detail = ", ".join(x for x in (how, where) if x)
+    try:
+        fitted = fit_state_dict(model, sd, source=str(path), arch=arch)
+    except ModelLoadError:
+        model, fitted = _fit_rewritten(model, sd, path, arch)
+    detail = ", ".join(x for x in (how, where, fitted) if x)
     return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {arch}", "state_dict", text, path)

@@ -349,7 +349,7 @@ def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: Path
         True
     """
     from ..apply import apply_plan
-    from .load import extract_state_dict, load_state_dict_checked, read_torch_file, unwrap_parallel
+    from .load import extract_state_dict, fit_state_dict, read_torch_file, unwrap_parallel
 
     plan_path = Path(plan_path)
     try:
@@ -364,6 +364,5 @@ def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: Path
         sd = unwrap_parallel(obj)[0].state_dict()
     else:
         sd, _where = extract_state_dict(obj, source=str(weights_path))
-    load_state_dict_checked(model, sd, source=str(weights_path),
-                            arch=f"{type(fresh_model).__name__} + plan {plan_path.name}")
+    fit_state_dict(model, sd, source=str(weights_path), arch=f"{type(fresh_model).__name__} + plan {plan_path.name}")
     return model

@@ -1,0 +1,306 @@
+"""Load a ``torch.save`` file without running code from it: torch's weights-only unpickler, per-file allowlist.
+
+``torch.load(weights_only=False)`` runs whatever a pickle asks for. dsrewrite never
+does that unless the user passes ``trust_pickle=True`` (CLI ``--trust-pickle``).
+Instead :func:`safe_torch_load`:
+
+1. reads the file's opcodes without executing them (:mod:`~dsrewrite.io.pickle_scan`):
+   every global it names, which it calls (``REDUCE``) and which it only instantiates;
+2. decides each global by the admission policy of :mod:`~dsrewrite.io.allowlist`
+   (module classes, enums, namedtuples, a reviewed list of plain types and functions)
+   and refuses a file that *calls* a module class or a function while loading
+   (``torch.save(model)`` only instantiates them);
+3. loads with ``torch.load(weights_only=True)`` inside
+   ``torch.serialization.safe_globals(...)`` holding exactly those objects;
+4. audits the result (:func:`audit_loaded`): no instance attribute may hold a callable
+   that shadows its class's own method or attribute (a ``state_dict`` the loader would
+   call), hooks may only be torch's weight/spectral-norm hooks, ``functools.partial``
+   may only wrap admitted classes and reviewed functions.
+
+``torch.compile``'d model objects (``OptimizedModule``) are unwrapped while loading:
+the compiler context they pickle (dynamo callbacks, ``getattr`` calls) is replaced by
+inert stand-ins and dropped, and the original module is returned. Diffusers'
+``FrozenDict`` is rebuilt through an ``OrderedDict`` (torch's unpickler fills only
+exact dict types).
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> p = Path(tempfile.mkdtemp()) / "m.pt"; torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3)), p)
+    >>> safe_torch_load(p)[0].weight.shape
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, UnsafePickleError
+from .allowlist import TRUST_HINT, Admitted, admit, is_reviewed_function
+from .pickle_scan import NotTorchFile, main_pickle, scan_pickle
+
+__all__ = ["safe_torch_load", "audit_loaded", "TRUST_HINT"]
+
+_COMPILED = "torch._dynamo.eval_frame.OptimizedModule"
+_COMPILE_CONTEXT_EXTRA = ("torch._TorchCompileInductorWrapper", "contextlib.nullcontext", "builtins.getattr")
+_HOOK_TYPES = (
+    "torch.nn.utils.weight_norm.WeightNorm",
+    "torch.nn.utils.spectral_norm.SpectralNorm",
+    "torch.nn.utils.spectral_norm.SpectralNormStateDictHook",
+    "torch.nn.utils.spectral_norm.SpectralNormLoadStateDictPreHook",
+)
+
+
+class _Inert:
+    """Stands in for the pickled torch.compile context: accepts any construction, holds nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _unwrap_compiled(orig_mod: Any = None, *rest: Any) -> Any:
+    if not isinstance(orig_mod, nn.Module):
+        raise pickle.UnpicklingError("a torch.compile wrapper without a module inside")
+    return orig_mod
+
+
+class _MappingRecorder:
+    """Builds reviewed OrderedDict subclasses as plain OrderedDicts while loading, rebuilds them after."""
+
+    def __init__(self) -> None:
+        self.made: dict[int, tuple[collections.OrderedDict, type]] = {}
+
+    def stand_in(self, cls: type) -> Any:
+        def make(*args: Any) -> collections.OrderedDict:
+            od: collections.OrderedDict = collections.OrderedDict(*args)
+            self.made[id(od)] = (od, cls)
+            return od
+
+        return make
+
+    def rebuild(self, od: collections.OrderedDict, cls: type) -> Any:
+        new = cls.__new__(cls)
+        collections.OrderedDict.update(new, od)
+        object.__setattr__(new, "__dict__", dict(vars(od)))
+        return new
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, functools.partial):
+        return f"functools.partial({_describe(obj.func)}, ...)"
+    mod = getattr(obj, "__module__", None) or type(obj).__module__
+    qual = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"'{mod}.{qual}'"
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _walk(root: Any, replace: dict[int, Any]) -> Any:
+    """Visit every object reachable through containers and instance ``__dict__``s (iteratively, any depth),
+    swap the ``replace``d ones in place, audit each; return the (possibly replaced) root.
+
+    Raises UnsafePickleError on the first audit failure, naming the attribute path.
+    """
+    root = replace.get(id(root), root)
+    seen: set[int] = set()
+    todo: list[tuple[Any, str]] = [(root, "<file>")]
+    while todo:
+        obj, path = todo.pop()
+        if isinstance(obj, _LEAVES) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _Inert):
+            raise UnsafePickleError(f"refused: {path} holds part of a torch.compile context outside the "
+                                    f"compiled module. {TRUST_HINT}")
+        if isinstance(obj, functools.partial):
+            f = obj.func
+            while isinstance(f, functools.partial):
+                f = f.func
+            if not (isinstance(f, type) or is_reviewed_function(f)):
+                raise UnsafePickleError(f"refused: {path} is {_describe(obj)}, a partial around something that "
+                                        f"is not an admitted class or reviewed function. {TRUST_HINT}")
+            todo.extend((a, f"{path}.args[{i}]") for i, a in enumerate(obj.args))
+            todo.extend((a, f"{path}.keywords[{k!r}]") for k, a in obj.keywords.items())
+            continue
+        if isinstance(obj, dict):
+            for k in list(obj):
+                if id(obj[k]) in replace:
+                    obj[k] = replace[id(obj[k])]
+                todo.append((obj[k], f"{path}[{k!r}]"))
+        elif isinstance(obj, list):
+            obj[:] = [replace.get(id(v), v) for v in obj]
+            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+        elif isinstance(obj, (tuple, set, frozenset)):
+            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+        if isinstance(obj, type):
+            continue
+        state = getattr(obj, "__dict__", None)
+        if not isinstance(state, dict):
+            continue
+        cls = type(obj)
+        if isinstance(obj, nn.Module):
+            _audit_module(obj, state, path)
+        for k in list(state):
+            if id(state[k]) in replace:
+                state[k] = replace[id(state[k])]
+            v = state[k]
+            if callable(v) and hasattr(cls, k):
+                raise UnsafePickleError(
+                    f"refused: attribute {k!r} of {path} ({_qualname(cls)}) holds {_describe(v)}, which shadows "
+                    f"the class's own {k!r}; a file that replaces a method could make dsrewrite call it. {TRUST_HINT}"
+                )
+            todo.append((v, f"{path}.{k}"))
+    return root
+
+
+def _audit_module(m: nn.Module, state: dict[str, Any], path: str) -> None:
+    for slot, ok in (("_parameters", (torch.Tensor,)), ("_buffers", (torch.Tensor,)), ("_modules", (nn.Module,))):
+        for k, v in (state.get(slot) or {}).items():
+            if v is not None and not isinstance(v, ok):
+                raise UnsafePickleError(f"refused: {path}.{slot}[{k!r}] holds {_describe(v)}, not a "
+                                        f"{ok[0].__name__}. {TRUST_HINT}")
+    for k, v in state.items():
+        if k.startswith("_") and "hooks" in k and isinstance(v, dict):
+            for hk, hook in v.items():
+                if isinstance(hook, bool):
+                    continue
+                if _qualname(type(hook)) not in _HOOK_TYPES:
+                    raise UnsafePickleError(
+                        f"refused: {path}.{k}[{hk!r}] is {_describe(hook)}; the safe loader keeps only torch's "
+                        f"weight-norm and spectral-norm hooks (a hook runs when the model is called). {TRUST_HINT}"
+                    )
+
+
+def audit_loaded(obj: Any) -> Any:
+    """Check a loaded object graph (see the module docstring); return it unchanged.
+
+    Raises:
+        UnsafePickleError: naming the attribute path, e.g. ``<file>.layer.state_dict``.
+
+    Example:
+        >>> m = nn.Linear(2, 2); m.state_dict = functools.partial(print, "hi")
+        >>> audit_loaded(m)
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.UnsafePickleError: refused: attribute 'state_dict' of <file> (torch.nn.modules.linear.Linear) holds functools.partial('builtins.print', ...), which shadows the class's own 'state_dict'; a file that replaces a method could make dsrewrite call it. If you trust this file, re-run with --trust-pickle (trust_pickle=True) to load it with plain torch.load(weights_only=False), or save a state dict and pass --arch.
+    """
+    return _walk(obj, {})
+
+
+def _unpickler_reason(text: str) -> str:
+    """The one informative line of torch's weights-only error (it wraps it in several paragraphs)."""
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+        if rest:
+            return rest[0].rstrip(".")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0].rstrip(".") if lines else "unknown reason"
+
+
+def safe_torch_load(
+    f: Union[str, os.PathLike],
+    *,
+    map_location: Any = "cpu",
+    allow_modules: Iterable[str] = (),
+    allow_globals: Iterable[str] = (),
+    source: Optional[str] = None,
+) -> Any:
+    """``torch.load(f, weights_only=True)`` with a per-file allowlist, scanned and audited (module docstring).
+
+    Args:
+        f: a file written by ``torch.save`` (zip or legacy format).
+        map_location: as for ``torch.load`` (default ``"cpu"``).
+        allow_modules: packages the file may import beyond those already imported and the known model
+            libraries (CLI ``--allow-module``).
+        allow_globals: extra plain types or functions, by ``module.qualname`` (CLI ``--allow-global``).
+        source: the name used in messages (default: the path).
+
+    Raises:
+        UnsafePickleError: the file names, calls or holds something the loader does not admit.
+        ModelLoadError: the file is not a torch pickle, or needs a module that cannot be imported.
+
+    Example:
+        >>> import tempfile, argparse
+        >>> p = Path(tempfile.mkdtemp()) / "ck.pt"
+        >>> torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": {"w": torch.ones(1)}}, p)
+        >>> safe_torch_load(p)["args"].lr
+        0.1
+    """
+    path = Path(f)
+    source = source or os.fspath(path)
+    try:
+        data, _fmt = main_pickle(path)
+        scan = scan_pickle(data)
+    except NotTorchFile as exc:
+        raise ModelLoadError(f"{source} is not a torch file ({exc}); expected a file written by torch.save "
+                             "(a model or a state dict).") from exc
+    except (ValueError, EOFError, OSError) as exc:
+        raise ModelLoadError(f"{source} could not be read as a torch file ({type(exc).__name__}: {exc}); "
+                             "expected a file written by torch.save. Re-save or re-copy the file.") from exc
+    if scan.unsupported:
+        raise UnsafePickleError(f"{source}: refused: the pickle uses {scan.unsupported[0]}, which torch.save "
+                                f"never writes. {TRUST_HINT}")
+    builtin = set(torch._weights_only_unpickler._get_allowed_globals())
+    safe: list[Any] = []
+    inert: set[str] = set()
+    if _COMPILED in scan.globals:
+        inert = {n for n in scan.globals
+                 if n.startswith("torch._dynamo.") or n in _COMPILE_CONTEXT_EXTRA} - {_COMPILED}
+        safe.append((_unwrap_compiled, _COMPILED))
+        safe.extend((_Inert, n) for n in sorted(inert))
+    needed = sorted(n for n in scan.globals if n not in builtin and n not in inert and n != _COMPILED)
+    try:
+        admitted: Admitted = admit(needed, allow_modules=allow_modules, allow_globals=allow_globals)
+    except ModelLoadError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc.__cause__
+    for name in sorted(scan.called):
+        role = admitted.roles.get(name)
+        if role in ("module", "function"):
+            what = "the constructor of module class" if role == "module" else "function"
+            raise UnsafePickleError(
+                f"{source}: refused to call {what} {name!r} while loading: torch.save of a model "
+                f"only rebuilds modules without calling them. {TRUST_HINT}"
+            )
+    recorder = _MappingRecorder()
+    for name, obj in admitted.objects.items():
+        safe.append((recorder.stand_in(obj), name) if admitted.roles[name] == "mapping" else (obj, name))
+    already = set(map(repr, torch.serialization.get_safe_globals()))
+    safe = [g for g in safe if repr(g) not in already]
+    try:
+        with torch.serialization.safe_globals(safe):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(str(exc))
+        if "persistent_load of storage" in reason and _fmt == "legacy":
+            raise ModelLoadError(
+                f"{source} is a whole module saved in torch's legacy format (_use_new_zipfile_serialization=False), "
+                "which stores module source code and which torch's weights-only loader cannot read. Re-save it with "
+                "a current torch (torch.save(model)), or save its state dict and pass --arch."
+            ) from None
+        raise UnsafePickleError(f"{source}: refused by torch's weights-only unpickler: {reason}. {TRUST_HINT}") \
+            from None
+    replace = {i: recorder.rebuild(od, cls) for i, (od, cls) in recorder.made.items()}
+    try:
+        return _walk(obj, replace)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{source}: {exc}") from None
