@@ -70,6 +70,12 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--state-dict-key", default=None,
+                      help="Checkpoint entry holding the state dict (default: state_dict, model, ... in that order).")(fn)
+    fn = click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
+                      help="Admit one more plain type or function the model file names (repeatable).")(fn)
+    fn = click.option("--allow-module", "allow_modules", multiple=True, metavar="PACKAGE",
+                      help="Let the model file name classes of this package, importing it (repeatable).")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Load full-module pickles with plain torch.load (runs code from the file).")(fn)
     fn = click.option("--arch", default=None,
@@ -91,11 +97,11 @@ def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _load(model: str, arch: Optional[str], trust_pickle: bool) -> Any:
+def _load(model: str, arch: Optional[str], trust_pickle: bool, **load_options: Any) -> Any:
     from .io import load_model
 
     _progress(f"loading {model} ...")
-    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, **load_options)
 
 
 def _make_plan(loaded: Any, recipe: str, input_shape: Sequence[int], **overrides: Any) -> tuple[Any, Any]:
@@ -161,7 +167,8 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
           depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], output: Optional[str],
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
-          calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+          calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
+          **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from .io import check_output_path, default_output_path, plan_path_for, save_rewrite
     from .report import render_table, save_plot, save_report
@@ -174,7 +181,7 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
     for extra in (report_path, plot_path):
         if extra:
             check_output_path(Path(extra), input_path=input_path, force=True)
-    loaded = _load(model, arch, trust_pickle)
+    loaded = _load(model, arch, trust_pickle, **load_options)
     calib_batches = None
     if calib:
         from .calib_data import load_calibration
@@ -213,11 +220,12 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
 @click.option("--json", "as_json", is_flag=True, help="Print the plan report as JSON on stdout.")
 @_handle_errors
 def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
-             depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], as_json: bool) -> None:
+             depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], as_json: bool,
+             **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
     from .report import build_plan_report, render_table
 
-    loaded = _load(model, arch, trust_pickle)
+    loaded = _load(model, arch, trust_pickle, **load_options)
     p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
@@ -233,13 +241,13 @@ def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], trus
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON on stdout.")
 @_handle_errors
 def inspect(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool,
-            as_json: bool) -> None:
+            as_json: bool, **load_options: Any) -> None:
     """List every conv with its graph facts: the names and facts to write a recipe with."""
     from .api import example_input
     from .capture import capture
     from .report import build_inventory, render_inventory
 
-    loaded = _load(model, arch, trust_pickle)
+    loaded = _load(model, arch, trust_pickle, **load_options)
     _progress("capturing the graph ...")
     cap = capture(loaded.model, example_input(loaded.model, input_shape), input_shape=input_shape)
     inv = build_inventory(loaded.model, cap, example_input(loaded.model, input_shape))
@@ -291,15 +299,16 @@ def recipes_show(name: str) -> None:
 @_handle_errors
 def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, rewritten: str,
          data: str, steps: int, lr: float, batch_size: int, checkpoint: Optional[str], resume: bool,
-         output: str, force: bool) -> None:
+         output: str, force: bool, **load_options: Any) -> None:
     """Distil the original MODEL into the rewritten model for a few steps (no labels)."""
     from .calib_data import load_calibration
     from .heal import heal as heal_fn
     from .io import atomic_save, check_output_path, load_model
 
     check_output_path(Path(output), input_path=Path(rewritten), force=force)
-    original = _load(model, arch, trust_pickle).model
-    student = load_model(rewritten, trust_pickle=trust_pickle).model
+    original = _load(model, arch, trust_pickle, **load_options).model
+    student = load_model(rewritten, trust_pickle=trust_pickle, allow_modules=load_options["allow_modules"],
+                         allow_globals=load_options["allow_globals"]).model
     batches = load_calibration(data, input_shape=input_shape, batch_size=batch_size)
     result = heal_fn(student, original, batches, steps=steps, lr=lr, checkpoint=checkpoint, resume=resume,
                      progress=sys.stderr.isatty())

@@ -211,6 +211,17 @@ def _import(name: str, module: str, allow_modules: tuple[str, ...]) -> ModuleTyp
     return mod
 
 
+def _own_code(cls: type, methods: tuple[str, ...]) -> str:
+    """The first of ``methods`` that ``cls`` inherits from outside torch and ``object`` ('' if none)."""
+    for meth in methods:
+        for base in cls.__mro__:
+            if meth in vars(base):
+                if base is not object and not base.__module__.split(".", 1)[0] == "torch":
+                    return f"{meth} ({base.__module__}.{base.__qualname__})"
+                break
+    return ""
+
+
 def _role(obj: Any, name: str, allow_globals: tuple[str, ...]) -> Role | None:
     if isinstance(obj, type):
         if issubclass(obj, (torch.fx.GraphModule, torch.jit.ScriptModule)):
@@ -226,6 +237,12 @@ def _role(obj: Any, name: str, allow_globals: tuple[str, ...]) -> Role | None:
                 "are quantized (e.g. dynamically quantized Linear) and you trust the file, re-run with --trust-pickle."
             )
         if issubclass(obj, nn.Module):
+            own = _own_code(obj, ("__setstate__",))
+            if own and name not in allow_globals:
+                raise UnsafePickleError(
+                    f"refused to load global {name!r}: the class defines its own {own}, which loading would "
+                    f"run with data from the file. If you trust this class, pass --allow-global {name}. {TRUST_HINT}"
+                )
             return "module"
         if issubclass(obj, enum.Enum):
             return "enum" if len(obj.__members__) > 0 else None
@@ -277,6 +294,9 @@ def admit(
         if obj is None:
             where = f"module {module!r} has no {attr!r} (a different version of the package?)"
             raise ModelLoadError(f"the file needs '{name}' but {where}.")
+        if isinstance(obj, ModuleType):
+            raise UnsafePickleError(f"refused to load global {name!r}: it is a module, not a class or function. "
+                                    f"{TRUST_HINT}")
         defined_in = getattr(obj, "__module__", None)
         qual = getattr(obj, "__qualname__", None)
         if defined_in != module or qual != attr:

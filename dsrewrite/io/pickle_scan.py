@@ -45,12 +45,14 @@ class NotTorchFile(ValueError):
 @dataclass(frozen=True)
 class PickleScan:
     """What one pickle names: ``globals`` (``module.qualname``), those it ``called`` (REDUCE) and
-    ``instantiated`` (NEWOBJ); ``unsupported`` lists opcodes that name globals dynamically."""
+    ``instantiated`` (NEWOBJ; ``instantiated_with_args``: those given ``__new__`` arguments);
+    ``unsupported`` lists opcodes that name globals dynamically."""
 
     globals: frozenset[str]
     called: frozenset[str]
     instantiated: frozenset[str]
     unsupported: tuple[str, ...] = ()
+    instantiated_with_args: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class _Global:
 
 
 _OTHER = object()
+_EMPTY = object()  # an empty tuple: NEWOBJ's arguments when pickle rebuilds a plain object
 
 
 def _normalise(module: str, name: str) -> str:
@@ -88,6 +91,7 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
     called: set[str] = set()
     instantiated: set[str] = set()
     unsupported: list[str] = []
+    with_args: set[str] = set()
     for op, arg, _pos in pickletools.genops(stream):
         name = op.name
         if name == "GLOBAL" or name == "INST":
@@ -117,12 +121,18 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
         if name == "DUP":
             stack.append(stack[-1] if stack else _OTHER)
             continue
+        if name == "EMPTY_TUPLE":
+            stack.append(_EMPTY)
+            continue
         if name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
             n_args = 2 if name == "NEWOBJ_EX" else 1
+            args = stack[len(stack) - n_args:]
             del stack[len(stack) - n_args:]
             func = stack.pop() if stack else _OTHER
             if isinstance(func, _Global):
                 (instantiated if name.startswith("NEWOBJ") else called).add(func.name)
+                if name.startswith("NEWOBJ") and args[:1] != [_EMPTY]:
+                    with_args.add(func.name)
             stack.append(_OTHER)
             continue
         if name == "OBJ":  # MARK cls args... OBJ -> calls cls
@@ -151,7 +161,8 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
         else:
             del stack[len(stack) - len(before):]
         stack.extend(_OTHER for _ in after)
-    return PickleScan(frozenset(names), frozenset(called), frozenset(instantiated), tuple(unsupported))
+    return PickleScan(frozenset(names), frozenset(called), frozenset(instantiated), tuple(unsupported),
+                      frozenset(with_args))
 
 
 def main_pickle(path: Union[str, Path]) -> tuple[bytes, str]:

@@ -281,6 +281,12 @@ def safe_torch_load(
                 f"{source}: refused to call {what} {name!r} while loading: torch.save of a model "
                 f"only rebuilds modules without calling them. {TRUST_HINT}"
             )
+    for name in sorted(scan.instantiated_with_args):
+        if admitted.roles.get(name) == "module":
+            raise UnsafePickleError(
+                f"{source}: refused to pass arguments to {name}.__new__ while loading: torch.save of a model "
+                f"rebuilds modules with no arguments. {TRUST_HINT}"
+            )
     recorder = _MappingRecorder()
     for name, obj in admitted.objects.items():
         safe.append((recorder.stand_in(obj), name) if admitted.roles[name] == "mapping" else (obj, name))
