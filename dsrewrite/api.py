@@ -40,7 +40,7 @@ _PREFIX = "module."
 
 
 def unwrap_for_rewrite(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Optional[nn.Module]]:
-    """Strip ``nn.DataParallel``/``DistributedDataParallel`` wrappers: ``(inner model, outermost wrapper or None)``.
+    """Strip ``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers: ``(inner, outermost or None)``.
 
     The rewrite works on the inner model, so plan names carry no ``module.`` prefix
     and fit a fresh, unwrapped instance of the architecture. A DDP wrapper cannot
@@ -54,8 +54,13 @@ def unwrap_for_rewrite(model: nn.Module, *, inplace: bool = False) -> tuple[nn.M
         >>> type(inner).__name__, type(wrapper).__name__
         ('Conv2d', 'DataParallel')
     """
-    outer: Optional[nn.Module] = model if isinstance(model, _WRAPPERS) else None
-    while isinstance(model, _WRAPPERS):
+    from .io.load import is_compiled
+
+    outer: Optional[nn.Module] = model if isinstance(model, _WRAPPERS) or is_compiled(model) else None
+    while isinstance(model, _WRAPPERS) or is_compiled(model):
+        if is_compiled(model):
+            model = model._orig_mod  # torch.compile: the result comes back uncompiled (compile it again)
+            continue
         if inplace and isinstance(model, nn.parallel.DistributedDataParallel):
             raise UnsupportedModelError(
                 "cannot rewrite a DistributedDataParallel in place: its gradient hooks are bound to the old "
@@ -78,7 +83,7 @@ def _rewrap(outer: Optional[nn.Module], rewritten: nn.Module, inplace: bool) -> 
             output_device=getattr(outer, "output_device", None),
             dim=getattr(outer, "dim", 0),
         )
-    return rewritten  # DDP needs the process group: the caller wraps the result again
+    return rewritten  # DDP needs the process group, torch.compile a new compile: the caller wraps it again
 
 
 def _unprefixed(plan: Plan, inner: nn.Module) -> Plan:

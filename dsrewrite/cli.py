@@ -161,6 +161,9 @@ def main(debug: bool) -> None:
 @click.option("--benchmark", is_flag=True, help="Measure latency before/after (interleaved, medians).")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--save-format", type=click.Choice(["torch", "safetensors"]), default=None,
+              help="torch: the full module (default); safetensors: the weights only, reloaded with --arch and "
+                   "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
@@ -168,12 +171,18 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
-          **load_options: Any) -> None:
+          save_format: Optional[str], **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from .io import check_output_path, default_output_path, plan_path_for, save_rewrite
     from .report import render_table, save_plot, save_report
 
+    if save_format is None:
+        save_format = "safetensors" if output and Path(output).suffix == ".safetensors" else "torch"
     out_path = Path(output) if output else default_output_path(model)
+    if not output and save_format == "safetensors":
+        out_path = out_path.with_suffix(".safetensors")
+    if save_format == "safetensors" and out_path.suffix != ".safetensors":
+        raise UsageError(f"-o {out_path}: --save-format safetensors needs a .safetensors output name.")
     input_path = Path(model) if Path(model).exists() else None
     if not dry_run:
         check_output_path(out_path, input_path=input_path, force=force)
@@ -204,7 +213,8 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
         click.echo(render_table(rep))
     # The model and its plan first (both or neither): a failed write leaves no output at all.
     if not dry_run:
-        weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path)
+        weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path,
+                                          save_format=save_format)
         click.echo(f"wrote {weights} and {plan_file}", err=True)
     if report_path:
         save_report(rep, report_path)

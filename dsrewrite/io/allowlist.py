@@ -83,6 +83,11 @@ REVIEWED_TYPES: tuple[str, ...] = (
     "torchvision.models.detection._utils.SSDMatcher",
     "torchvision.models.detection._utils.BalancedPositiveNegativeSampler",
     "timm.models._features.FeatureInfo",
+    # diffusers' attention modules hold a stateless processor object whose __call__ is the attention
+    "diffusers.models.attention_processor.AttnProcessor",
+    "diffusers.models.attention_processor.AttnProcessor2_0",
+    "diffusers.models.attention_processor.AttnAddedKVProcessor",
+    "diffusers.models.attention_processor.AttnAddedKVProcessor2_0",
     "torch.nn.utils.weight_norm.WeightNorm",
     "torch.nn.utils.spectral_norm.SpectralNorm",
     "torch.nn.utils.spectral_norm.SpectralNormStateDictHook",

@@ -56,6 +56,7 @@ __all__ = [
     "load_state_dict_checked",
     "fit_state_dict",
     "unwrap_parallel",
+    "is_compiled",
     "WRAPPER_PREFIXES",
     "ARCH_EXAMPLES",
     "STATE_DICT_KEYS",
@@ -108,15 +109,19 @@ def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
         if isinstance(model, wrappers):
             notes.append(f"unwrapped nn.{type(model).__name__}")
             model = model.module
-        elif _is_compiled(model):
+        elif is_compiled(model):
             notes.append("unwrapped torch.compile")
             model = model._orig_mod
         else:
             return model, notes
 
 
-def _is_compiled(model: nn.Module) -> bool:
-    """A ``torch.compile`` wrapper (``torch._dynamo.eval_frame.OptimizedModule``), without importing dynamo."""
+def is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (``torch._dynamo.eval_frame.OptimizedModule``), without importing dynamo.
+
+    Example:
+        >>> is_compiled(nn.Linear(2, 2))
+        False"""
     t = type(model)
     return t.__name__ == "OptimizedModule" and t.__module__ == "torch._dynamo.eval_frame" and \
         isinstance(getattr(model, "_orig_mod", None), nn.Module)

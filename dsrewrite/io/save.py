@@ -33,7 +33,7 @@ from typing import IO, Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, OutputError
+from ..errors import ModelLoadError, OutputError, did_you_mean
 from ..plan_types import Plan
 
 __all__ = [
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: What :func:`save_rewrite` can write: the full module (torch.save) or the weights as safetensors.
+SAVE_FORMATS: tuple[str, ...] = ("torch", "safetensors")
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
@@ -303,8 +305,14 @@ def save_rewrite(
     *,
     force: bool = False,
     input_path: Optional[PathLike] = None,
+    save_format: str = "torch",
 ) -> tuple[Path, Path]:
-    """Write the rewritten full module to ``path`` and the plan JSON beside it; return both paths.
+    """Write the rewritten model to ``path`` and the plan JSON beside it; return both paths.
+
+    ``save_format="torch"`` writes the full module (``torch.save(model)``);
+    ``"safetensors"`` writes its state dict as a ``.safetensors`` file (tensors only, no
+    pickle; shared tensors are stored once each), which :func:`load_rewrite` and
+    ``load_model(path, arch=...)`` read back with the plan.
 
     Both paths are checked (:func:`check_output_path`) before anything is
     written, and the pair is written all-or-nothing: both temp files are written
@@ -321,11 +329,30 @@ def save_rewrite(
     """
     weights = Path(path)
     plan_file = plan_path_for(weights)
+    if save_format not in SAVE_FORMATS:
+        raise OutputError(f"unknown save format {save_format!r}{did_you_mean(save_format, SAVE_FORMATS)}; "
+                          f"choose one of {', '.join(SAVE_FORMATS)}.")
+    if save_format == "safetensors" and weights.suffix != ".safetensors":
+        raise OutputError(f"{weights}: a safetensors file needs the .safetensors suffix (the loader reads the "
+                          "format from it).")
     check_output_path(weights, input_path=input_path, force=force)
     check_output_path(plan_file, input_path=input_path, force=force)
     data = plan.to_json().encode("utf-8")
-    _atomic_write_all([(weights, lambda f: torch.save(model, f)), (plan_file, lambda f: f.write(data))])
+    if save_format == "safetensors":
+        blob = _safetensors_bytes(model)
+        write_weights: Callable[[IO[bytes]], Any] = lambda f: f.write(blob)  # noqa: E731
+    else:
+        write_weights = lambda f: torch.save(model, f)  # noqa: E731
+    _atomic_write_all([(weights, write_weights), (plan_file, lambda f: f.write(data))])
     return weights, plan_file
+
+
+def _safetensors_bytes(model: nn.Module) -> bytes:
+    """The model's state dict as safetensors bytes (contiguous CPU copies; tied tensors each stored)."""
+    import safetensors.torch
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(tensors, metadata={"format": "pt", "producer": "dsrewrite"})
 
 
 def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: PathLike) -> nn.Module:
