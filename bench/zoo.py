@@ -145,6 +145,7 @@ class ZooResult:
     recalibrated: int = 0
     seconds: float = 0.0
     note: str = ""
+    load_seconds: Optional[float] = None
 
     def fail(self, what: str) -> None:
         self.status = "FAIL"
@@ -687,6 +688,7 @@ def _sweep_into(res: ZooResult, spec: ZooModel, tol: float, wake: bool) -> None:
         res.m9_error = rel_error(out, ref)
         if not math.isfinite(res.m9_error) or res.m9_error > tol:
             _diagnose_amplification(res, model, exact, selected_all, x, ref, tol)
+        _save_and_reload(res, exact, x, out)
     if selected_all and res.m1_error == 0.0:
         res.warnings.append("the m=1 rewrite leaves the outputs bit-identical: the replaced convs do not "
                             "reach the outputs, so the m=9 check says nothing")
@@ -739,6 +741,28 @@ def layerwise_error(model: nn.Module, rewritten: nn.Module, names: Sequence[str]
                 worst = max(worst, rel_error([block], [dense]))
     miscalled = [n for n in names if calls["model"][n] != calls["rewritten"][n]]
     return worst, miscalled
+
+
+def _save_and_reload(res: ZooResult, rewritten: nn.Module, x: Tensor, out: Sequence[Tensor]) -> None:
+    """``torch.save`` the rewritten model and read it back with ``dsrewrite.io.load_model`` (the safe loader,
+    no --trust-pickle): it must load and give bit-identical outputs. Records the load time in seconds."""
+    import tempfile
+
+    from dsrewrite.io import load_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/rewritten.pt"
+        torch.save(rewritten, path)
+        t0 = time.perf_counter()
+        try:
+            back = load_model(path).model
+        except Exception as e:  # a refusal of a real model is a failure of the loader
+            res.fail(f"reload through the safe loader: {_first_line(e)}")
+            return
+        res.load_seconds = time.perf_counter() - t0
+    again = _forward(back.eval(), x)
+    if len(again) != len(out) or any(not torch.equal(a, b) for a, b in zip(again, out)):
+        res.fail("the reloaded rewrite gives different outputs")
 
 
 def _diagnose_amplification(res: ZooResult, model: nn.Module, exact: nn.Module, names: set[str], x: Tensor,
@@ -874,11 +898,13 @@ def render_markdown(results: Sequence[ZooResult], *, command: str, tol: float = 
         "`img_size`); *capture* `fx`, `export` (torch.export fallback) or `names`; *all_3x3*,",
         "*decoder_only* `replaced/skipped` conv modules (∅: nothing selected); *own fwd* conv modules whose",
         "forward differs from `nn.Conv2d` (never replaced); *func* functional convolution calls (not",
-        "replaceable); *m=1 err* / *m=9 err* relative L2 output error of `all_3x3` at m = 1 / m = 9; *s* seconds",
-        "for all checks of the model.",
+        "replaceable); *m=1 err* / *m=9 err* relative L2 output error of `all_3x3` at m = 1 / m = 9; *load s*",
+        "seconds to read the saved m = 9 rewrite back through the safe loader (`dsrewrite.io.load_model`, no",
+        "--trust-pickle; its outputs must be bit-identical); *s* seconds for all checks of the model.",
         "",
-        "| model | family | input | capture | all_3x3 | decoder_only | own fwd | func | m=1 err | m=9 err | status | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | family | input | capture | all_3x3 | decoder_only | own fwd | func | m=1 err | m=9 err | load s "
+        "| status | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         shape = "×".join(str(v) for v in r.input_shape) if r.input_shape else "–"
@@ -886,7 +912,8 @@ def render_markdown(results: Sequence[ZooResult], *, command: str, tol: float = 
         lines.append(
             f"| {r.name} | {r.family} | {shape} | {r.capture or '–'} | {_cell(r.recipes.get('all_3x3'))} | "
             f"{_cell(r.recipes.get('decoder_only'))} | {len(r.own_forward)} | {_functional_calls(r)} | "
-            f"{_err(r.m1_error)} | {_err(r.m9_error)} | {status} | {r.seconds:.0f} |"
+            f"{_err(r.m1_error)} | {_err(r.m9_error)} | "
+            f"{'–' if r.load_seconds is None else f'{r.load_seconds:.2f}'} | {status} | {r.seconds:.0f} |"
         )
     lines += ["", "## Skip reasons", "",
               "Skipped conv modules over all models, by the leading phrase of the reason (numbers and",

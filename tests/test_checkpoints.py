@@ -234,3 +234,20 @@ def test_diffusers_unet_whole_pickle_with_frozendict(tmp_path: Path) -> None:
     x, t = _x((1, 3, 16, 16)), torch.tensor([10])
     with torch.no_grad():
         assert torch.equal(unet(x, t).sample, loaded(x, t).sample)
+
+
+def test_unpicklable_model_names_the_real_cause(tmp_path: Path) -> None:
+    """A save that fails on pickling says so (not "free space"), offers safetensors, leaves nothing."""
+    from dsrewrite.errors import OutputError
+    from dsrewrite.io import save_rewrite
+    from dsrewrite.plan_types import Plan
+
+    model = nn.Linear(2, 2)
+    model.fn = lambda x: x  # type: ignore[attr-defined]
+    with pytest.raises(OutputError) as info:
+        save_rewrite(model, Plan((), "all_3x3", "fx"), tmp_path / "o.pt")
+    msg = str(info.value)
+    assert "pickle cannot save" in msg and "safetensors" in msg and "free space" not in msg, msg
+    assert list(tmp_path.iterdir()) == []
+    w, _p = save_rewrite(model, Plan((), "all_3x3", "fx"), tmp_path / "o.safetensors", save_format="safetensors")
+    assert w.is_file()

@@ -92,6 +92,7 @@ def test_quick_zoo_model(name):
         # the m=9 check means something only if the replaced convs reach the outputs
         assert r.m1_error is not None and r.m1_error > 1e-3, _show(r)
         assert r.m9_error is not None and r.m9_error < zoo.TOL, _show(r)
+        assert r.load_seconds is not None, _show(r)  # saved and reloaded through the safe loader
     if "own_forward" in exp:
         cls = exp["own_forward"]
         assert r.own_forward, _show(r)

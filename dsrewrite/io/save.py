@@ -23,8 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import re
+import shutil
 import secrets
 import stat
 from pathlib import Path
@@ -84,10 +87,32 @@ def _unlink_quietly(path: Optional[Path]) -> None:
 
 
 def _write_failed(path: Path, exc: BaseException) -> OutputError:
-    return OutputError(
-        f"could not write {path}: {type(exc).__name__}: {exc}. Nothing was written there"
-        f"{' (the previous file is unchanged)' if path.exists() else ''}; free space or choose another -o."
-    )
+    """One line that names the real cause: a full disk, another OS error, or an object pickle cannot save."""
+    kept = f"Nothing was written there{' (the previous file is unchanged)' if path.exists() else ''}"
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
+        and _low_space(path))
+    if full:
+        why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+        return OutputError(f"could not write {path}: the disk is full{why}. {kept}; free space or choose another -o.")
+    if isinstance(exc, OSError):
+        return OutputError(f"could not write {path}: {exc.strerror or exc}. {kept}; choose another -o.")
+    if isinstance(exc, (pickle.PicklingError, AttributeError, TypeError)):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return OutputError(
+            f"could not write {path}: the model holds an object that pickle cannot save ({type(exc).__name__}: "
+            f"{first}), e.g. a lambda or a local function. {kept}; remove it, or write the weights with "
+            "--save-format safetensors (a .safetensors output) and reload them with the plan."
+        )
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return OutputError(f"could not write {path}: {type(exc).__name__}: {first}. {kept}.")
+
+
+def _low_space(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], temps: list[Path]) -> Path:
