@@ -5,8 +5,8 @@
 * ``"demo"``: the embedded demo U-Net (:func:`dsrewrite.demo.demo_unet`);
 * an **arch spec**, random weights, never a download: ``timm:resnet18``,
   ``torchvision:resnet18``, ``smp:Unet:resnet18`` (segmentation_models_pytorch
-  ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``
-  (imported and called with no arguments);
+  ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``,
+  with keyword arguments ``arch_args`` (see :mod:`dsrewrite.io.arch`);
 * a **file** written by ``torch.save``:
 
   - a full module (``torch.save(model)``), read by the restricted unpickler of
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, UnsafePickleError
-from .arch import ARCH_FLAG_EXAMPLES, ARCH_EXAMPLES, build_arch
+from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_pickle import restricted_torch_load
 
 __all__ = [
@@ -70,6 +70,8 @@ class LoadedModel:
     ``kind`` is ``"module"`` (full-module pickle), ``"state_dict"`` (checkpoint
     loaded into an arch), ``"arch"`` (random weights from an arch spec) or
     ``"demo"``; ``source_spec`` is the spec as given; ``path`` is the file, if any.
+    ``arch`` is the architecture it was built from (kinds ``"arch"``, ``"state_dict"``,
+    ``"demo"``; None for a full module), which a saved plan records.
     """
 
     model: nn.Module
@@ -77,6 +79,7 @@ class LoadedModel:
     kind: Kind
     source_spec: str = ""
     path: Optional[Path] = None
+    arch: Optional[ArchSpec] = None
 
 
 def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -304,6 +307,7 @@ def load_model(
     spec: Union[str, os.PathLike],
     *,
     arch: Optional[str] = None,
+    arch_args: Optional[Mapping[str, Any]] = None,
     trust_pickle: bool = False,
     map_location: Any = "cpu",
 ) -> LoadedModel:
@@ -323,14 +327,21 @@ def load_model(
         if text == "demo":
             from ..demo import demo_unet
 
-            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text)
+            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text,
+                               arch=arch_spec(text, arch_args))
         if _looks_like_arch(text):
-            return LoadedModel(build_arch(text), f"{text} (random weights)", "arch", text)
+            a = arch_spec(text, arch_args)
+            return LoadedModel(build_arch(a), f"{a} (random weights)", "arch", text, arch=a)
         if path.suffix not in _FILE_SUFFIXES and os.sep not in text and "/" not in text:
             raise ModelLoadError(
                 f"{text!r} is neither a file nor a model spec: pass a file written by torch.save, 'demo', "
                 f"or an arch spec such as {ARCH_EXAMPLES}."
             )
+    if arch is None and arch_args:
+        raise ModelLoadError(
+            f"arch args ({', '.join(arch_args)}) need an arch spec: pass --arch (arch=... in Python) with them."
+        )
+    spec_arch = arch_spec(arch, arch_args) if arch is not None else None
     obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location)
     if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
         for key in ("model", "module", "net"):
@@ -341,15 +352,16 @@ def load_model(
         model, notes = unwrap_parallel(_check_rebuilt(obj, path))
         desc = f"{path}: full module {type(model).__name__} ({', '.join([how, *notes])})"
         if arch is not None:
-            desc += f"; --arch {arch} ignored (the file holds the whole model)"
+            desc += f"; --arch {spec_arch} ignored (the file holds the whole model)"
         return LoadedModel(model, desc, "module", text, path)
     sd, where = extract_state_dict(obj, source=str(path))
-    if arch is None:
+    if spec_arch is None:
         raise ModelLoadError(
             f"{path} holds a state dict ({len(sd)} tensors, e.g. {next(iter(sd))!r}), not a whole model: "
             f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {ARCH_FLAG_EXAMPLES}."
         )
-    model = build_arch(arch)
-    load_state_dict_checked(model, sd, source=str(path), arch=arch)
+    model = build_arch(spec_arch)
+    load_state_dict_checked(model, sd, source=str(path), arch=str(spec_arch))
     detail = ", ".join(x for x in (how, where) if x)
-    return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {arch}", "state_dict", text, path)
+    return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {spec_arch}", "state_dict",
+                       text, path, arch=spec_arch)
