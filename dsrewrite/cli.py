@@ -78,8 +78,12 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Let the model file name classes of this package, importing it (repeatable).")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Load full-module pickles with plain torch.load (runs code from the file).")(fn)
+    fn = click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE",
+                      help="Keyword argument of the arch spec (--arch, or MODEL as a spec), value read as YAML; "
+                           "repeatable, e.g. --arch-arg classes=3.")(fn)
     fn = click.option("--arch", default=None,
-                      help="Architecture for a state-dict checkpoint: timm:NAME, torchvision:NAME, pkg.mod:factory.")(fn)
+                      help="Architecture for a state-dict checkpoint: timm:NAME, torchvision:NAME, smp:ARCH[:ENCODER], "
+                           "pkg.mod:factory.")(fn)
     fn = click.option("--input-shape", callback=_parse_shape, default="1,3,224,224", show_default=True,
                       help="Example input shape, e.g. 1,3,512,512.")(fn)
     fn = click.argument("model")(fn)
@@ -97,11 +101,14 @@ def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _load(model: str, arch: Optional[str], trust_pickle: bool, **load_options: Any) -> Any:
+def _load(model: str, arch: Optional[str], arch_args: Sequence[str], trust_pickle: bool,
+          **load_options: Any) -> Any:
     from .io import load_model
+    from .io.arch import parse_arch_args
 
+    args = parse_arch_args(arch_args)
     _progress(f"loading {model} ...")
-    return load_model(model, arch=arch, trust_pickle=trust_pickle, **load_options)
+    return load_model(model, arch=arch, arch_args=args, trust_pickle=trust_pickle, **load_options)
 
 
 def _make_plan(loaded: Any, recipe: str, input_shape: Sequence[int], **overrides: Any) -> tuple[Any, Any]:
@@ -133,7 +140,8 @@ def main(debug: bool) -> None:
     """Swap dense k×k convs of a trained PyTorch model for depthwise-separable ones.
 
     MODEL is a file written by torch.save(model), a state-dict checkpoint with --arch,
-    an architecture spec (timm:resnet18, torchvision:resnet18, pkg.mod:factory), or
+    an architecture spec (timm:resnet18, torchvision:resnet18, smp:Unet:resnet18, pkg.mod:factory;
+    constructor arguments with --arch-arg NAME=VALUE), or
     `demo` (an embedded U-Net with a ResNet18 encoder, random weights).
     """
 
@@ -166,8 +174,9 @@ def main(debug: bool) -> None:
                    "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
-def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
-          depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], output: Optional[str],
+def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
+          trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
+          init: Optional[str], output: Optional[str],
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
@@ -190,7 +199,7 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
     for extra in (report_path, plot_path):
         if extra:
             check_output_path(Path(extra), input_path=input_path, force=True)
-    loaded = _load(model, arch, trust_pickle, **load_options)
+    loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     calib_batches = None
     if calib:
         from .calib_data import load_calibration
@@ -214,7 +223,7 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
     # The model and its plan first (both or neither): a failed write leaves no output at all.
     if not dry_run:
         weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path,
-                                          save_format=save_format)
+                                          save_format=save_format, arch=loaded.arch)
         click.echo(f"wrote {weights} and {plan_file}", err=True)
     if report_path:
         save_report(rep, report_path)
@@ -229,13 +238,13 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_p
 @_recipe_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan report as JSON on stdout.")
 @_handle_errors
-def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, recipe: str,
-             depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], as_json: bool,
-             **load_options: Any) -> None:
+def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
+             trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
+             init: Optional[str], as_json: bool, **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
     from .report import build_plan_report, render_table
 
-    loaded = _load(model, arch, trust_pickle, **load_options)
+    loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
@@ -250,14 +259,14 @@ def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], trus
 @_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON on stdout.")
 @_handle_errors
-def inspect(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool,
-            as_json: bool, **load_options: Any) -> None:
+def inspect(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
+            trust_pickle: bool, as_json: bool, **load_options: Any) -> None:
     """List every conv with its graph facts: the names and facts to write a recipe with."""
     from .api import example_input
     from .capture import capture
     from .report import build_inventory, render_inventory
 
-    loaded = _load(model, arch, trust_pickle, **load_options)
+    loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     _progress("capturing the graph ...")
     cap = capture(loaded.model, example_input(loaded.model, input_shape), input_shape=input_shape)
     inv = build_inventory(loaded.model, cap, example_input(loaded.model, input_shape))
@@ -307,8 +316,9 @@ def recipes_show(name: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Where to write the healed model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @_handle_errors
-def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pickle: bool, rewritten: str,
-         data: str, steps: int, lr: float, batch_size: int, checkpoint: Optional[str], resume: bool,
+def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
+         trust_pickle: bool, rewritten: str, data: str, steps: int, lr: float, batch_size: int,
+         checkpoint: Optional[str], resume: bool,
          output: str, force: bool, **load_options: Any) -> None:
     """Distil the original MODEL into the rewritten model for a few steps (no labels)."""
     from .calib_data import load_calibration
@@ -316,7 +326,7 @@ def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], trust_pi
     from .io import atomic_save, check_output_path, load_model
 
     check_output_path(Path(output), input_path=Path(rewritten), force=force)
-    original = _load(model, arch, trust_pickle, **load_options).model
+    original = _load(model, arch, arch_args, trust_pickle, **load_options).model
     student = load_model(rewritten, trust_pickle=trust_pickle, allow_modules=load_options["allow_modules"],
                          allow_globals=load_options["allow_globals"]).model
     batches = load_calibration(data, input_shape=input_shape, batch_size=batch_size)

@@ -64,13 +64,21 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class Plan:
-    """The decisions for one model; apply with :func:`dsrewrite.apply.apply_plan`."""
+    """The decisions for one model; apply with :func:`dsrewrite.apply.apply_plan`.
+
+    ``arch`` and ``arch_args`` record the arch spec the model was built from
+    (e.g. ``"smp:Unet"``, ``{"classes": 3}``) so that
+    :func:`dsrewrite.io.load_rewrite` can rebuild it; None and ``{}`` when the
+    model came from a full-module file (and in plans written before they existed).
+    """
 
     entries: tuple[PlanEntry, ...]
     recipe: str
     capture: str
     input_shape: Optional[tuple[int, ...]] = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    arch: Optional[str] = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def replaced(self) -> tuple[PlanEntry, ...]:
@@ -109,12 +117,19 @@ class Plan:
                 for e in d["entries"]
             )
             shape = d.get("input_shape")
+            arch, arch_args = d.get("arch"), d.get("arch_args") or {}
+            if arch is not None and not isinstance(arch, str):
+                raise PlanError(f"{source}: 'arch' is {arch!r}; expected an arch spec string or null.")
+            if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
+                raise PlanError(f"{source}: 'arch_args' is {arch_args!r}; expected a mapping of argument names.")
             return cls(
                 entries=entries,
                 recipe=d["recipe"],
                 capture=d["capture"],
                 input_shape=tuple(shape) if shape is not None else None,
                 notes=tuple(d.get("notes", ())),
+                arch=arch,
+                arch_args=dict(arch_args),
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(f"{source}: not a dsrewrite plan ({type(exc).__name__}: {exc}).") from exc

@@ -6,7 +6,8 @@ Example:
     'demo'
 """
 
-from .load import LoadedModel, build_arch, load_model
+from .arch import ArchSpec, arch_spec, build_arch, parse_arch_args
+from .load import LoadedModel, load_model
 from .safe_pickle import restricted_torch_load
 from .save import (
     atomic_save,
@@ -22,6 +23,9 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "build_arch",
+    "ArchSpec",
+    "arch_spec",
+    "parse_arch_args",
     "restricted_torch_load",
     "atomic_save",
     "atomic_write_bytes",

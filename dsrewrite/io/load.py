@@ -5,8 +5,8 @@
 * ``"demo"``: the embedded demo U-Net (:func:`dsrewrite.demo.demo_unet`);
 * an **arch spec**, random weights, never a download: ``timm:resnet18``,
   ``torchvision:resnet18``, ``smp:Unet:resnet18`` (segmentation_models_pytorch
-  ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``
-  (imported and called with no arguments);
+  ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``,
+  with keyword arguments ``arch_args`` (see :mod:`dsrewrite.io.arch`);
 * a **file** written by ``torch.save``, always read by torch's weights-only unpickler
   with a per-file allowlist (:mod:`dsrewrite.io.safe_load`; ``trust_pickle=True``:
   plain ``torch.load``, which runs code from the file):
@@ -31,11 +31,8 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, UnsafePickleError, did_you_mean
+from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_load import safe_torch_load
 
 __all__ = [
@@ -64,10 +62,6 @@ __all__ = [
 
 Kind = Literal["module", "state_dict", "arch", "demo"]
 
-ARCH_EXAMPLES = "'timm:resnet18', 'torchvision:resnet18', 'smp:Unet:resnet18' or 'mypkg.models:build_model'"
-_ARCH_FLAG_EXAMPLES = (
-    "--arch timm:resnet18, --arch torchvision:resnet18, --arch smp:Unet:resnet18 or --arch mypkg.models:build_model"
-)
 #: Keys under which a checkpoint dict may hold the state dict (searched in this order).
 STATE_DICT_KEYS: tuple[str, ...] = (
     "state_dict", "model_state_dict", "model", "net", "module", "state_dict_ema", "model_ema", "ema",
@@ -75,7 +69,6 @@ STATE_DICT_KEYS: tuple[str, ...] = (
 #: Prefixes training wrappers add to every key: DataParallel/DDP, torch.compile, Lightning modules.
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "model.", "net.")
 _FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors"}
-_LIBRARY_PREFIXES = ("timm", "torchvision", "smp")
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,8 @@ class LoadedModel:
     ``kind`` is ``"module"`` (full-module pickle), ``"state_dict"`` (checkpoint
     loaded into an arch), ``"arch"`` (random weights from an arch spec) or
     ``"demo"``; ``source_spec`` is the spec as given; ``path`` is the file, if any.
+    ``arch`` is the architecture it was built from (kinds ``"arch"``, ``"state_dict"``,
+    ``"demo"``; None for a full module), which a saved plan records.
     """
 
     model: nn.Module
@@ -93,6 +88,7 @@ class LoadedModel:
     kind: Kind
     source_spec: str = ""
     path: Optional[Path] = None
+    arch: Optional[ArchSpec] = None
 
 
 def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -133,121 +129,6 @@ def is_compiled(model: nn.Module) -> bool:
 def _looks_like_arch(spec: str) -> bool:
     return ":" in spec and not any(sep in spec for sep in ("/", "\\")) and Path(spec).suffix not in _FILE_SUFFIXES
 
-
-def _timm(name: str) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=False)
-    except RuntimeError as exc:
-        if "Unknown model" not in str(exc):
-            raise
-        raise ModelLoadError(
-            f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}. "
-            "List them with `python -c \"import timm; print(timm.list_models('resnet*'))\"`."
-        ) from None
-
-
-def _torchvision(name: str) -> nn.Module:
-    import torchvision
-
-    names = torchvision.models.list_models()
-    if name not in names:
-        raise ModelLoadError(
-            f"unknown torchvision model {name!r}{did_you_mean(name, names)}. "
-            "List them with `python -c \"import torchvision; print(torchvision.models.list_models())\"`."
-        )
-    builder = torchvision.models.get_model_builder(name)
-    kwargs: dict[str, Any] = {"weights": None}
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs["weights_backbone"] = None  # segmentation/detection models would fetch a backbone
-    return builder(**kwargs)
-
-
-def _smp(rest: str) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    arch, _, encoder = rest.partition(":")
-    archs = {a.__name__.lower(): a.__name__ for a in smp.MODEL_ARCHITECTURES_MAPPING.values()} \
-        if hasattr(smp, "MODEL_ARCHITECTURES_MAPPING") else {}
-    if archs and arch.lower() not in archs:
-        raise ModelLoadError(f"unknown smp architecture {arch!r}{did_you_mean(arch, archs.values())}.")
-    kwargs: dict[str, Any] = {"encoder_weights": None}
-    if encoder:
-        encoders = smp.encoders.get_encoder_names()
-        if encoder not in encoders:
-            raise ModelLoadError(f"unknown smp encoder {encoder!r}{did_you_mean(encoder, encoders)}.")
-        kwargs["encoder_name"] = encoder
-    return smp.create_model(arch, **kwargs)
-
-
-def _factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"arch {spec!r}: cannot import module {module_name!r} ({exc}). Run from the directory "
-            "that holds it or add it to PYTHONPATH."
-        ) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            options = [n for n in dir(obj) if not n.startswith("_")]
-            raise ModelLoadError(f"arch {spec!r}: {module_name!r} has no {attr!r}{did_you_mean(part, options)}.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelLoadError(f"arch {spec!r}: {attr!r} is not callable; name a class or factory function.")
-    try:
-        model = obj()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"arch {spec!r}: calling {attr}() failed ({type(exc).__name__}: {exc}); the factory "
-            "must build the model with no arguments."
-        ) from exc
-    return model
-
-
-def build_arch(spec: str) -> nn.Module:
-    """Build a model with random weights from an arch spec (never downloads).
-
-    Forms: ``demo``, ``timm:NAME``, ``torchvision:NAME``, ``smp:ARCH[:ENCODER]``,
-    ``package.module:factory``.
-
-    Example:
-        >>> type(build_arch("timm:resnet18")).__name__
-        'ResNet'
-        >>> build_arch("timm:resnet81")
-        Traceback (most recent call last):
-        ...
-        dsrewrite.errors.ModelLoadError: unknown timm model 'resnet81' (did you mean 'resnet18'?). List them with `python -c "import timm; print(timm.list_models('resnet*'))"`.
-    """
-    spec = str(spec).strip()
-    if spec == "demo":
-        from ..demo import demo_unet
-
-        return demo_unet()
-    prefix, sep, rest = spec.partition(":")
-    if not sep or not prefix or not rest or not re.fullmatch(r"[A-Za-z_][\w.]*", prefix):
-        raise ModelLoadError(f"unknown arch spec {spec!r}: use 'demo', {ARCH_EXAMPLES}.")
-    try:
-        if prefix == "timm":
-            model = _timm(rest)
-        elif prefix == "torchvision":
-            model = _torchvision(rest)
-        elif prefix == "smp":
-            model = _smp(rest)
-        else:
-            model = _factory(spec)
-    except ModelLoadError:
-        raise
-    except ImportError as exc:
-        raise ModelLoadError(f"arch {spec!r} needs a package that is not installed ({exc}).") from exc
-    except Exception as exc:
-        raise ModelLoadError(f"arch {spec!r}: building the model failed ({type(exc).__name__}: {exc}).") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"arch {spec!r} returned a {type(model).__name__}, not a torch.nn.Module.")
-    return model
 
 
 # ----------------------------------------------------------------------------- files
@@ -564,6 +445,7 @@ def load_model(
     spec: Union[str, os.PathLike],
     *,
     arch: Optional[str] = None,
+    arch_args: Optional[Mapping[str, Any]] = None,
     trust_pickle: bool = False,
     map_location: Any = "cpu",
     allow_modules: Iterable[str] = (),
@@ -591,14 +473,21 @@ def load_model(
         if text == "demo":
             from ..demo import demo_unet
 
-            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text)
+            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text,
+                               arch=arch_spec(text, arch_args))
         if _looks_like_arch(text):
-            return LoadedModel(build_arch(text), f"{text} (random weights)", "arch", text)
+            a = arch_spec(text, arch_args)
+            return LoadedModel(build_arch(a), f"{a} (random weights)", "arch", text, arch=a)
         if path.suffix not in _FILE_SUFFIXES and os.sep not in text and "/" not in text:
             raise ModelLoadError(
                 f"{text!r} is neither a file nor a model spec: pass a file written by torch.save, 'demo', "
                 f"or an arch spec such as {ARCH_EXAMPLES}."
             )
+    if arch is None and arch_args:
+        raise ModelLoadError(
+            f"arch args ({', '.join(arch_args)}) need an arch spec: pass --arch (arch=... in Python) with them."
+        )
+    spec_arch = arch_spec(arch, arch_args) if arch is not None else None
     obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location,
                                allow_modules=allow_modules, allow_globals=allow_globals)
     if isinstance(obj, Mapping) and not _is_tensor_mapping(obj) and state_dict_key is None:
@@ -610,18 +499,19 @@ def load_model(
         model, notes = unwrap_parallel(_check_rebuilt(obj, path))
         desc = f"{path}: full module {type(model).__name__} ({', '.join([how, *notes])})"
         if arch is not None:
-            desc += f"; --arch {arch} ignored (the file holds the whole model)"
+            desc += f"; --arch {spec_arch} ignored (the file holds the whole model)"
         return LoadedModel(model, desc, "module", text, path)
     sd, where = extract_state_dict(obj, source=str(path), state_dict_key=state_dict_key)
-    if arch is None:
+    if spec_arch is None:
         raise ModelLoadError(
             f"{path} holds a state dict ({len(sd)} tensors, e.g. {next(iter(sd))!r}), not a whole model: "
-            f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {_ARCH_FLAG_EXAMPLES}."
+            f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {ARCH_FLAG_EXAMPLES}."
         )
-    model = build_arch(arch)
+    model = build_arch(spec_arch)
     try:
-        fitted = fit_state_dict(model, sd, source=str(path), arch=arch)
+        fitted = fit_state_dict(model, sd, source=str(path), arch=str(spec_arch))
     except ModelLoadError:
-        model, fitted = _fit_rewritten(model, sd, path, arch)
+        model, fitted = _fit_rewritten(model, sd, path, str(spec_arch))
     detail = ", ".join(x for x in (how, where, fitted) if x)
-    return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {arch}", "state_dict", text, path)
+    return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {spec_arch}", "state_dict",
+                       text, path, arch=spec_arch)

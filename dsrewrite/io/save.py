@@ -6,10 +6,11 @@ file or the new one, never a partial one, and a failed write removes its
 temporary file and leaves any previous file untouched.
 
 ``save_rewrite`` writes two files: the rewritten full module (``torch.save``) at
-``out.pt`` and the plan as JSON at ``out.plan.json``. ``load_rewrite`` rebuilds
-the rewrite on a fresh instance of the architecture from the plan and loads the
-weights from either file kind: a state-dict file (read with ``weights_only=True``)
-or the full-module ``out.pt`` itself (read by the restricted unpickler, of which
+``out.pt`` and the plan as JSON at ``out.plan.json`` (which records the arch spec
+and its arguments when the model was built from one). ``load_rewrite`` rebuilds
+the rewrite on a fresh instance of the architecture (given, or built from the
+plan's arch spec) from the plan and loads the weights from either file kind: a
+state-dict file (read with ``weights_only=True``) or the full-module ``out.pt`` itself (read by the restricted unpickler, of which
 only the ``state_dict()`` is used).
 
 Example:
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pickle
@@ -31,13 +33,16 @@ import shutil
 import secrets
 import stat
 from pathlib import Path
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError, OutputError, did_you_mean
 from ..plan_types import Plan
+
+if TYPE_CHECKING:
+    from .arch import ArchSpec
 
 __all__ = [
     "atomic_write_bytes",
@@ -331,6 +336,7 @@ def save_rewrite(
     force: bool = False,
     input_path: Optional[PathLike] = None,
     save_format: str = "torch",
+    arch: Optional["ArchSpec"] = None,
 ) -> tuple[Path, Path]:
     """Write the rewritten model to ``path`` and the plan JSON beside it; return both paths.
 
@@ -338,6 +344,10 @@ def save_rewrite(
     ``"safetensors"`` writes its state dict as a ``.safetensors`` file (tensors only, no
     pickle; shared tensors are stored once each), which :func:`load_rewrite` and
     ``load_model(path, arch=...)`` read back with the plan.
+
+    ``arch`` (the :class:`~dsrewrite.io.arch.ArchSpec` the model was built from,
+    ``LoadedModel.arch``) is recorded in the plan as ``arch`` and ``arch_args``,
+    so that :func:`load_rewrite` can rebuild the same architecture.
 
     Both paths are checked (:func:`check_output_path`) before anything is
     written, and the pair is written all-or-nothing: both temp files are written
@@ -362,6 +372,8 @@ def save_rewrite(
                           "format from it).")
     check_output_path(weights, input_path=input_path, force=force)
     check_output_path(plan_file, input_path=input_path, force=force)
+    if arch is not None:
+        plan = dataclasses.replace(plan, arch=arch.spec, arch_args=arch.kwargs)
     data = plan.to_json().encode("utf-8")
     if save_format == "safetensors":
         blob = _safetensors_bytes(model)
@@ -380,16 +392,23 @@ def _safetensors_bytes(model: nn.Module) -> bytes:
     return safetensors.torch.save(tensors, metadata={"format": "pt", "producer": "dsrewrite"})
 
 
-def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: PathLike) -> nn.Module:
+def load_rewrite(fresh_model: Optional[nn.Module], plan_path: PathLike, weights_path: PathLike, *,
+                 trust_arch: bool = False) -> nn.Module:
     """Rebuild a saved rewrite: apply the plan to a copy of ``fresh_model``, then load the weights.
 
-    ``weights_path`` may be a state-dict file (``torch.save(model.state_dict())``,
+    With ``fresh_model=None`` the architecture is built from the arch spec and
+    arguments the plan records (random weights, never a download). A
+    ``package.module:factory`` spec imports and runs code named by the plan file,
+    so it is refused unless ``trust_arch=True``; library specs (``timm:``,
+    ``torchvision:``, ``smp:``, ``demo``) are always admitted, their arguments
+    checked as on the command line. ``weights_path`` may be a state-dict file (``torch.save(model.state_dict())``,
     read with ``weights_only=True``) or the full-module file written by
     :func:`save_rewrite` (read by the restricted unpickler; only its
     ``state_dict()`` is used). ``fresh_model`` is not modified.
 
     Raises:
-        ModelLoadError: a file is missing or unreadable, or the weights do not fit.
+        ModelLoadError: a file is missing or unreadable, the weights do not fit, or
+            ``fresh_model`` is None and the plan records no (admissible) arch spec.
         PlanError: the plan is not valid or does not fit ``fresh_model``.
 
     Example:
@@ -399,6 +418,12 @@ def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: Path
         >>> w, p = save_rewrite(m, Plan((), "decoder_only", "fx"), d / "o.pt")
         >>> torch.equal(load_rewrite(nn.Linear(2, 2), p, w).weight, m.weight)
         True
+        >>> from dsrewrite.io import build_arch
+        >>> from dsrewrite.io.arch import arch_spec
+        >>> a = arch_spec("timm:resnet18", {"num_classes": 7})
+        >>> w, p = save_rewrite(build_arch(a), Plan((), "all_3x3", "fx"), d / "r18.pt", arch=a)
+        >>> load_rewrite(None, p, w).fc.out_features  # rebuilt from the plan's arch and arch_args
+        7
     """
     from ..apply import apply_plan
     from .load import extract_state_dict, fit_state_dict, read_torch_file, unwrap_parallel
@@ -410,6 +435,8 @@ def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: Path
         raise ModelLoadError(f"cannot read plan file {plan_path}: {exc.strerror or exc}. Pass the .plan.json "
                              "written next to the rewritten model.") from exc
     plan = Plan.from_json(text, source=str(plan_path))
+    if fresh_model is None:
+        fresh_model = _build_recorded_arch(plan, plan_path, trust_arch=trust_arch)
     model = apply_plan(fresh_model, plan, inplace=False, init="random")
     obj, _how = read_torch_file(weights_path)
     if isinstance(obj, nn.Module):
@@ -418,3 +445,24 @@ def load_rewrite(fresh_model: nn.Module, plan_path: PathLike, weights_path: Path
         sd, _where = extract_state_dict(obj, source=str(weights_path))
     fit_state_dict(model, sd, source=str(weights_path), arch=f"{type(fresh_model).__name__} + plan {plan_path.name}")
     return model
+
+
+def _build_recorded_arch(plan: Plan, plan_path: Path, *, trust_arch: bool) -> nn.Module:
+    """The fresh architecture a plan records (``arch``, ``arch_args``), built with random weights."""
+    from .arch import arch_spec, build_arch
+
+    if plan.arch is None:
+        raise ModelLoadError(
+            f"{plan_path} records no arch spec (the model came from a full-module file, or the plan is from an "
+            "older dsrewrite): pass a fresh instance of the architecture as fresh_model."
+        )
+    try:
+        spec = arch_spec(plan.arch, plan.arch_args)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{plan_path}: {exc}") from None
+    if spec.library == "factory" and not trust_arch:
+        raise ModelLoadError(
+            f"{plan_path} names the factory {spec}; a plan file never makes dsrewrite import and run code: "
+            "pass trust_arch=True if you trust it, or build the model and pass it as fresh_model."
+        )
+    return build_arch(spec)
