@@ -45,7 +45,8 @@ __all__ = ["BatchError", "InputSpec", "input_spec", "model_inputs", "iter_inputs
            "positional_count", "to_device", "check_iterable"]
 
 _HINT = ("Hint: pass input_key=<key of the input in a dict batch> or input_fn=<function: batch -> model "
-         "inputs> (see docs/data.md).")
+         "inputs>; from the CLI, torch.save each batch's model inputs (a tensor, or a tuple for several "
+         "inputs). See docs/data.md.")
 
 
 class BatchError(UsageError):
@@ -190,7 +191,7 @@ def model_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
         >>> model_inputs(("a.png",), 3, input_spec(nn.Identity()))
         Traceback (most recent call last):
         ...
-        dsrewrite.batches.BatchError: calibration batch 3 is a tuple of 1: (str); the model takes 1 positional input and the batch's first element must be it (a tensor). Hint: pass input_key=<key of the input in a dict batch> or input_fn=<function: batch -> model inputs> (see docs/data.md).
+        dsrewrite.batches.BatchError: calibration batch 3 is a tuple of 1: (str); the model takes 1 positional input and the batch's first element must be it (a tensor). Hint: pass input_key=<key of the input in a dict batch> or input_fn=<function: batch -> model inputs>; from the CLI, torch.save each batch's model inputs (a tensor, or a tuple for several inputs). See docs/data.md.
     """
     where, n = spec.where, spec.positional
     found = _describe(batch)

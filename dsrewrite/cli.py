@@ -195,7 +195,6 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
 
         calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
                                       mean=calib_mean, std=calib_std, limit=calib_limit)
-        click.echo(f"calibration data: {calib_data.describe()}", err=True)
     p, x = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
     from .api import rewrite_with_plan
 
@@ -203,6 +202,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     result = rewrite_with_plan(loaded.model, p, x, calibration=calib_data.loader if calib_data else None,
                                calibration_options={"activation": calib_activation}, benchmark=benchmark)
     rep = result.report
+    if calib_data is not None:
+        click.echo(f"calibration data: {calib_data.describe()}", err=True)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
@@ -324,7 +325,6 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     student = load_model(rewritten, trust_pickle=trust_pickle).model
     source = open_calibration(data, input_shape=shape, size=calib_size, preset=calib_preset, mean=calib_mean,
                               std=calib_std, batch_size=batch_size)
-    click.echo(f"healing data: {source.describe()}", err=True)
     result = heal_fn(student, loaded.model, source.loader, steps=steps, lr=lr, checkpoint=checkpoint,
                      resume=resume, progress=sys.stderr.isatty(), example_inputs=x)
     atomic_save(student, Path(output))
