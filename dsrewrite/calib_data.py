@@ -254,7 +254,8 @@ def _load_pt(p: Path) -> Any:
                          f"{str(exc).splitlines()[0] if str(exc) else ''}). Hint: write it with torch.save.") from exc
 
 
-def _tensor_file(p: Path, channels: Optional[int], limit: Optional[int], batch_size: int) -> CalibrationData:
+def _tensor_file(p: Path, input_shape: Optional[Sequence[int]], limit: Optional[int],
+                 batch_size: int) -> CalibrationData:
     import numpy as np
 
     suffix = p.suffix.lower()
@@ -277,10 +278,12 @@ def _tensor_file(p: Path, channels: Optional[int], limit: Optional[int], batch_s
             "models) a list of batches each a tuple or dict. Hint: torch.save(torch.stack(images), 'calib.pt')."
         )
     for t in parts:
-        if channels is not None and (len(t.shape) != 4 or t.shape[1] != channels):
+        if input_shape is not None and (len(t.shape) != len(input_shape) or t.shape[1] != input_shape[1]):
+            spatial = {3: ["L"], 4: ["H", "W"], 5: ["D", "H", "W"]}.get(len(input_shape), ["..."])
+            want = ", ".join(["N", str(input_shape[1]), *spatial])
             raise UsageError(
                 f"calibration file {str(p)!r} holds a tensor of shape {tuple(t.shape)}, but the model takes "
-                f"(N, {channels}, H, W) (--input-shape). Hint: save inputs with the model's channel count."
+                f"({want}) (--input-shape). Hint: save inputs with the model's channel count."
             )
     total = sum(int(t.shape[0]) for t in parts)
     count = min(total, limit) if limit is not None else total
@@ -335,7 +338,7 @@ def open_calibration(
         raise UsageError(f"calibration limit must be >= 1, got {limit}.")
     channels = int(input_shape[1]) if input_shape is not None and len(input_shape) >= 2 else None
     if p.is_file():
-        return _tensor_file(p, channels, limit, batch_size)
+        return _tensor_file(p, input_shape if channels is not None else None, limit, batch_size)
     if input_shape is None or channels is None:
         raise UsageError(
             f"calibration folder {str(p)!r}: images feed a model with one (N, C, H, W) input; this model takes "

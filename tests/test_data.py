@@ -382,3 +382,47 @@ def test_cli_bad_data_exits_2_with_one_line(tmp_path, small_model, setup, extra,
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert fragment in lines[0], lines[0]
     assert {p.name for p in tmp_path.iterdir()} == before  # nothing written
+
+
+def test_docs_data_commands_parse(tmp_path, monkeypatch):
+    """Every `dsrewrite` command line of docs/data.md parses with the real options (files stubbed)."""
+    import re
+    import shlex
+
+    import click
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    lines = [l.split("  #")[0] for l in re.findall(r"^dsrewrite .*$", text, re.M)]
+    assert len(lines) >= 8, lines
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        for a in argv:  # the paths a command checks for existence
+            if a.endswith("/"):
+                Path(a).mkdir(exist_ok=True)
+            elif a.endswith((".pt", ".npy")) and not a.startswith("healed"):
+                Path(a).touch()
+        cmd = main.commands[argv[0]]
+        with click.Context(main) as parent:
+            ctx = cmd.make_context(argv[0], argv[1:], parent=parent)
+        assert ctx.params, line
+
+
+def test_example_inputs_file_forms(tmp_path):
+    from dsrewrite.calib_data import example_inputs_for
+
+    model = TwoInput()
+    s, t = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([3])
+    torch.save({"timestep": t, "sample": s}, tmp_path / "d.pt")
+    (xs, xt), shape = example_inputs_for(model, path=tmp_path / "d.pt")  # dict -> forward's order
+    assert shape is None and xs.dtype == torch.float32 and xt.dtype == torch.int64
+    assert torch.equal(xs, s.float()) and torch.equal(xt, t)
+    torch.save({"sample": s, "timestamp": t}, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match=r"did you mean 'timestep'"):
+        example_inputs_for(model, path=tmp_path / "bad.pt")
+    torch.save(["not", "tensors"], tmp_path / "str.pt")
+    with pytest.raises(UsageError, match="must hold a tensor, a tuple/list"):
+        example_inputs_for(model, path=tmp_path / "str.pt")
+    save_pngs(tmp_path / "imgs", 1, "RGB")
+    with pytest.raises(UsageError, match="images feed a model with one"):
+        open_calibration(tmp_path / "imgs", input_shape=None)
