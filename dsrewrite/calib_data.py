@@ -2,7 +2,7 @@
 
 ``open_calibration(path, ...)`` reads
 
-* a folder (searched recursively, in sorted path order) of images (``.png .jpg .jpeg .bmp .tif
+* one image, or a folder (searched recursively, in sorted path order) of images (``.png .jpg .jpeg .bmp .tif
   .tiff .webp``, decoded with Pillow) and ``.npy`` arrays (one sample each, ``(C, H, W)`` or
   ``(H, W)``). Images are converted to the model's channel count (1: grayscale ``L``, 16-bit
   grayscale kept at full range; 3: ``RGB``; 4: ``RGBA``), scaled to [0, 1], resized (bilinear,
@@ -229,7 +229,7 @@ class _Samples(Dataset):
 def _image_folder(p: Path, channels: int, size: tuple[int, int], norm: Any, limit: Optional[int],
                   batch_size: int) -> CalibrationData:
     suffixes = IMAGE_SUFFIXES + ARRAY_SUFFIXES
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
     if not files:
         raise UsageError(f"calibration folder {str(p)!r} holds no images or arrays (searched recursively for "
                          f"{', '.join(suffixes)}). Hint: pass a folder of images or a .pt/.npy tensor file.")
@@ -337,11 +337,11 @@ def open_calibration(
     if limit is not None and limit < 1:
         raise UsageError(f"calibration limit must be >= 1, got {limit}.")
     channels = int(input_shape[1]) if input_shape is not None and len(input_shape) >= 2 else None
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
         return _tensor_file(p, input_shape if channels is not None else None, limit, batch_size)
     if input_shape is None or channels is None:
         raise UsageError(
-            f"calibration folder {str(p)!r}: images feed a model with one (N, C, H, W) input; this model takes "
+            f"calibration images {str(p)!r}: images feed a model with one (N, C, H, W) input; this model takes "
             "several (--example-inputs). Hint: torch.save a list of input tuples/dicts and pass that .pt file."
         )
     norm = _normalisation(channels, preset, mean, std)

@@ -232,6 +232,9 @@ def test_images_are_converted_to_the_model_channel_count_and_size(tmp_path):
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba" / "a.png")
     (x,) = list(open_calibration(tmp_path / "rgba", input_shape=(1, 4, 4, 4), mean="0.5", std="0.5").loader)
     assert torch.equal(x[0, 3], torch.ones(4, 4)) and torch.equal(x[0, :3], -torch.ones(3, 4, 4))
+    (one,) = list(open_calibration(tmp_path / "rgba" / "a.png", input_shape=(1, 4, 4, 4), mean="0.5",
+                                   std="0.5").loader)  # a single image file
+    assert torch.equal(one, x)
 
 
 def test_folder_decodes_only_the_limit_and_lazily(tmp_path, monkeypatch):
