@@ -135,7 +135,7 @@ def rewrite_with_plan(
     plan: Plan,
     example_inputs: Inputs,
     *,
-    calibration: Optional[Iterable[Tensor]] = None,
+    calibration: Optional[Iterable[Any]] = None,
     calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     with_report: bool = True,
@@ -144,7 +144,10 @@ def rewrite_with_plan(
     """Carry out an existing plan, calibrate if batches are given, and build the report.
 
     This is the second half of :func:`rewrite_and_report`, for callers that inspect
-    the plan first (the CLI does).
+    the plan first (the CLI does). ``calibration`` is any iterable of batches as the user has
+    them (see :mod:`dsrewrite.batches`; ``calibration_options`` may hold ``input_key`` or
+    ``input_fn``); they are turned into model inputs once, read into memory (the labels are
+    dropped), and used for the refit and the report's fidelity on the calibration inputs.
 
     Example:
         >>> from dsrewrite.planner import plan
@@ -160,7 +163,13 @@ def rewrite_with_plan(
     inner, outer = unwrap_for_rewrite(model, inplace=inplace)
     check_rewritable(inner)
     plan = _unprefixed(plan, inner)
-    calib_batches = list(calibration) if calibration is not None else None
+    calib_batches = None
+    if calibration is not None:  # user batches -> model inputs, once, for calibrate and the report
+        from .batches import input_spec, iter_inputs
+
+        spec = input_spec(inner, example_inputs, input_key=calib_options.pop("input_key", None),
+                          input_fn=calib_options.pop("input_fn", None), where="calibration")
+        calib_batches = list(iter_inputs(calibration, spec))
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
     original = copy.deepcopy(inner) if needs_original else inner
@@ -170,7 +179,7 @@ def rewrite_with_plan(
         from .calibrate import calibrate
 
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
-                                 **calib_options)
+                                 example_inputs=example_inputs, **calib_options)
     report = None
     if with_report:
         from .report import build_report
@@ -190,7 +199,7 @@ def _run(
     model: nn.Module,
     recipe: RecipeLike,
     example_inputs: Optional[Inputs],
-    calibration: Optional[Iterable[Tensor]],
+    calibration: Optional[Iterable[Any]],
     calibration_options: Optional[Mapping[str, Any]],
     inplace: bool,
     depth_multiplier: Optional[int],
@@ -213,7 +222,7 @@ def rewrite(
     recipe: RecipeLike = "decoder_only",
     *,
     example_inputs: Optional[Inputs] = None,
-    calibration: Optional[Iterable[Tensor]] = None,
+    calibration: Optional[Iterable[Any]] = None,
     calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     depth_multiplier: Optional[int] = None,
@@ -230,7 +239,8 @@ def rewrite(
     rewritten model, a DDP model comes back unwrapped (wrap it again: DDP binds to
     its parameters when constructed). Quantized convs and models on the meta device
     are refused (:class:`~dsrewrite.errors.UnsupportedModelError`). ``calibration`` (an iterable
-    of example inputs) refits the new blocks in closed form against the original
+    of batches: tensors, ``(image, mask)`` tuples, dicts with ``calibration_options={"input_key": ...}``,
+    or anything ``{"input_fn": ...}`` maps; see docs/data.md) refits the new blocks in closed form against the original
     (see :mod:`dsrewrite.calibrate`); ``calibration_options`` are passed on to
     :func:`~dsrewrite.calibrate.calibrate` (e.g. ``{"activation": "none"}`` for a purely
     linear fit). ``depth_multiplier``, ``order`` and ``init``
@@ -253,7 +263,7 @@ def rewrite_and_report(
     recipe: RecipeLike = "decoder_only",
     *,
     example_inputs: Optional[Inputs] = None,
-    calibration: Optional[Iterable[Tensor]] = None,
+    calibration: Optional[Iterable[Any]] = None,
     calibration_options: Optional[Mapping[str, Any]] = None,
     inplace: bool = False,
     depth_multiplier: Optional[int] = None,

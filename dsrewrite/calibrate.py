@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from .activation import FollowingReLU, following_relus
+from .batches import batch_size_of, input_spec, iter_inputs, to_device
 from .errors import CalibrationError, UsageError, did_you_mean
 from .fidelity import flatten_outputs
 from .layers.dsconv import DepthwiseSeparableConv2d
@@ -207,11 +208,11 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         >>> check_options({"activaton": "none"})
         Traceback (most recent call last):
         ...
-        dsrewrite.calibrate.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+        dsrewrite.calibrate.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
     """
     opts = dict(options or {})
     valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "names")
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("names", "example_inputs"))
     for key in opts:
         if key not in valid:
             raise CalibrationUsageError(
@@ -666,26 +667,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1
-
-
 def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
     blocks = {n: m for n, m in rewritten.named_modules() if isinstance(m, DepthwiseSeparableConv2d)}
     convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
@@ -734,14 +715,19 @@ def calibrate(
     activation: str = "auto",
     progress: bool = False,
     seed: int = 0,
+    input_key: Optional[Any] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    example_inputs: Any = None,
 ) -> CalibrationResult:
     """Refit the separable blocks of ``rewritten`` IN PLACE to reproduce ``original``'s conv outputs.
 
     Args:
         original: the model before the rewrite (the teacher; never modified).
         rewritten: the rewritten model; its blocks named in ``names`` are refit in place.
-        batches: unlabeled inputs (tensors; a tuple/list is passed as positional
-            arguments, a dict as keyword arguments). Read once and kept in memory.
+        batches: unlabeled batches as the user's DataLoader gives them (any iterable): tensors,
+            ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
+            maps; turned into model inputs by :func:`dsrewrite.batches.model_inputs`. Read once;
+            the model inputs (not the labels) are kept in memory on the model's device.
         names: qualified names of the blocks to refit; default: every
             ``DepthwiseSeparableConv2d`` of ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
         max_positions: output positions sampled per layer over all batches (spread evenly).
@@ -760,11 +746,16 @@ def calibrate(
             ``"none"``: fit every conv output linearly only.
         progress: print one line per layer to stderr.
         seed: seeds the sampling of positions.
+        input_key: key of the model input in dict batches.
+        input_fn: ``batch -> model inputs`` for any other batch structure.
+        example_inputs: the example inputs; their number of positional inputs says how a tuple
+            batch maps to a multi-input model (default: ``forward``'s parameters without default).
 
     Both models run in eval mode under ``no_grad``; all train flags are restored.
 
     Raises:
         CalibrationUsageError: no batches, unknown names, or blocks that do not match the original.
+        BatchError: a batch cannot be mapped to model inputs (a ``UsageError``).
 
     Example:
         >>> import copy
@@ -786,12 +777,13 @@ def calibrate(
             f"max_positions={max_positions}, ridge={ridge}, alternate={alternate}, max_joint_dim={max_joint_dim}."
         )
     device = _device_of(rewritten)
-    data = [_to(b, device) for b in batches]
+    spec = input_spec(original, example_inputs, input_key=input_key, input_fn=input_fn, where="calibration")
+    data = [to_device(x, device) for x in iter_inputs(batches, spec)]
     if not data:
         raise CalibrationUsageError("calibrate: `batches` is empty. Hint: pass at least one batch of example inputs.")
     resolved = _resolve(original, rewritten, names)
     layers = [_Layer(n, i, b, c) for i, (n, b, c) in enumerate(resolved)]
-    images = sum(_batch_size(b) for b in data)
+    images = sum(batch_size_of(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
 

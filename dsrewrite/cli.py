@@ -84,8 +84,12 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--arch", default=None,
                       help="Architecture for a state-dict checkpoint: timm:NAME, torchvision:NAME, smp:ARCH[:ENCODER], "
                            "pkg.mod:factory.")(fn)
-    fn = click.option("--input-shape", callback=_parse_shape, default="1,3,224,224", show_default=True,
-                      help="Example input shape, e.g. 1,3,512,512.")(fn)
+    fn = click.option("--example-inputs", "example_inputs", type=click.Path(dir_okay=False), default=None,
+                      help="Example inputs saved with torch.save (a tensor, tuple or dict; read weights-only), "
+                           "e.g. (sample, timestep) of a diffusion U-Net. Instead of --input-shape.")(fn)
+    fn = click.option("--input-shape", callback=_parse_shape, default=None,
+                      help="Example input shape, e.g. 1,3,512,512 (default 1,3,224,224); its channels and size "
+                           "also shape the calibration images.")(fn)
     fn = click.argument("model")(fn)
     return fn
 
@@ -111,19 +115,25 @@ def _load(model: str, arch: Optional[str], arch_args: Sequence[str], trust_pickl
     return load_model(model, arch=arch, arch_args=args, trust_pickle=trust_pickle, **load_options)
 
 
-def _make_plan(loaded: Any, recipe: str, input_shape: Sequence[int], **overrides: Any) -> tuple[Any, Any]:
-    from .api import example_input
+def _inputs(loaded: Any, input_shape: Optional[Sequence[int]], example_inputs: Optional[str]
+            ) -> tuple[Any, Optional[tuple[int, ...]]]:
+    from .calib_data import example_inputs_for
+
+    return example_inputs_for(loaded.model, input_shape=input_shape, path=example_inputs)
+
+
+def _make_plan(loaded: Any, recipe: str, x: Any, input_shape: Optional[Sequence[int]],
+               **overrides: Any) -> tuple[Any, Any]:
     from .apply import check_rewritable
     from .planner import NothingSelectedWarning, plan
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
     check_rewritable(loaded.model)
-    x = example_input(loaded.model, input_shape)
     _progress("capturing the graph ...")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NothingSelectedWarning)
-        p = plan(loaded.model, rec, x, input_shape=input_shape, **overrides)
+        p = plan(loaded.model, rec, x, **({"input_shape": input_shape} if input_shape else {}), **overrides)
     if not p.replaced:
         raise UsageError(
             f"recipe {rec.name!r} selects no conv of {loaded.source} ({len(p.entries)} candidates, all "
@@ -156,14 +166,16 @@ def main(debug: bool) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG bar chart of per-layer MACs before/after.")
 @click.option("--calib", type=click.Path(), default=None,
-              help="Calibration data: a folder of images or a saved tensor file (.pt).")
+              help="Calibration data: a folder of images/.npy arrays (recursive; png jpg jpeg bmp tif tiff webp) "
+                   "or a tensor file (.pt, .npy, .npz). See docs/data.md.")
 @click.option("--calib-size", default=None, help="Resize calibration images to H,W (default: the input shape's).")
-@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
-              help="Normalisation of calibration images (overridden by --calib-mean/--calib-std).")
-@click.option("--calib-mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
-@click.option("--calib-std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default=None,
+              help="Normalisation of calibration images (default: imagenet for 3 channels, none otherwise; "
+                   "overridden by --calib-mean/--calib-std).")
+@click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values), e.g. 0.485,0.456,0.406.")
+@click.option("--calib-std", default=None, help="Per-channel std (1 or C values), e.g. 0.229,0.224,0.225.")
 @click.option("--calib-limit", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Use at most this many calibration images.")
+              help="Use at most this many calibration samples (only these are decoded).")
 @click.option("--calib-activation", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: fit blocks whose conv feeds a (BatchNorm +) ReLU through that ReLU; none: linear fit only.")
 @click.option("--benchmark", is_flag=True, help="Measure latency before/after (interleaved, medians).")
@@ -174,11 +186,11 @@ def main(debug: bool) -> None:
                    "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
-def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
-          trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
-          init: Optional[str], output: Optional[str],
+def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
+          arch_args: tuple[str, ...], trust_pickle: bool, recipe: str,
+          depth_multiplier: Optional[int], order: Optional[str], init: Optional[str], output: Optional[str],
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
-          calib_preset: str, calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
+          calib_preset: Optional[str], calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
           save_format: Optional[str], **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
@@ -200,22 +212,22 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_ar
         if extra:
             check_output_path(Path(extra), input_path=input_path, force=True)
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
-    calib_batches = None
+    x, shape = _inputs(loaded, input_shape, example_inputs)
+    calib_data = None
     if calib:
-        from .calib_data import load_calibration
+        from .calib_data import open_calibration
 
-        _progress("reading calibration data ...")
-        calib_batches = load_calibration(
-            calib, input_shape=input_shape, size=calib_size, preset=calib_preset, mean=calib_mean,
-            std=calib_std, limit=calib_limit,
-        )
-    p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
+        calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
+                                      mean=calib_mean, std=calib_std, limit=calib_limit)
+    p, x = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
     from .api import rewrite_with_plan
 
-    _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_batches else " ..."))
-    result = rewrite_with_plan(loaded.model, p, x, calibration=calib_batches,
+    _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))
+    result = rewrite_with_plan(loaded.model, p, x, calibration=calib_data.loader if calib_data else None,
                                calibration_options={"activation": calib_activation}, benchmark=benchmark)
     rep = result.report
+    if calib_data is not None:
+        click.echo(f"calibration data: {calib_data.describe()}", err=True)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
@@ -238,14 +250,15 @@ def apply(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_ar
 @_recipe_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan report as JSON on stdout.")
 @_handle_errors
-def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
-             trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
+def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
+             arch_args: tuple[str, ...], trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
              init: Optional[str], as_json: bool, **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
     from .report import build_plan_report, render_table
 
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
-    p, x = _make_plan(loaded, recipe, input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    x, shape = _inputs(loaded, input_shape, example_inputs)
+    p, x = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
@@ -259,17 +272,17 @@ def plan_cmd(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch
 @_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON on stdout.")
 @_handle_errors
-def inspect(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
-            trust_pickle: bool, as_json: bool, **load_options: Any) -> None:
+def inspect(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
+            arch_args: tuple[str, ...], trust_pickle: bool, as_json: bool, **load_options: Any) -> None:
     """List every conv with its graph facts: the names and facts to write a recipe with."""
-    from .api import example_input
     from .capture import capture
     from .report import build_inventory, render_inventory
 
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
+    x, _ = _inputs(loaded, input_shape, example_inputs)
     _progress("capturing the graph ...")
-    cap = capture(loaded.model, example_input(loaded.model, input_shape), input_shape=input_shape)
-    inv = build_inventory(loaded.model, cap, example_input(loaded.model, input_shape))
+    cap = capture(loaded.model, x)
+    inv = build_inventory(loaded.model, cap, x)
     if as_json:
         click.echo(json.dumps(inv, indent=2))
     else:
@@ -306,7 +319,13 @@ def recipes_show(name: str) -> None:
 @click.option("--rewritten", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The rewritten model written by `dsrewrite apply`.")
 @click.option("--data", required=True, type=click.Path(exists=True),
-              help="Unlabeled data: a folder of images or a saved tensor file (.pt).")
+              help="Unlabeled data, all of it used and streamed: a folder of images/.npy arrays (recursive) or a "
+                   "tensor file (.pt, .npy, .npz). See docs/data.md.")
+@click.option("--calib-size", default=None, help="Resize images to H,W (default: the input shape's).")
+@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default=None,
+              help="Normalisation of images (default: imagenet for 3 channels, none otherwise).")
+@click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values).")
+@click.option("--calib-std", default=None, help="Per-channel std (1 or C values).")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -316,26 +335,29 @@ def recipes_show(name: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Where to write the healed model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @_handle_errors
-def heal(model: str, input_shape: tuple[int, ...], arch: Optional[str], arch_args: tuple[str, ...],
-         trust_pickle: bool, rewritten: str, data: str, steps: int, lr: float, batch_size: int,
-         checkpoint: Optional[str], resume: bool,
-         output: str, force: bool, **load_options: Any) -> None:
+def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
+         arch_args: tuple[str, ...], trust_pickle: bool, rewritten: str, data: str, calib_size: Optional[str], calib_preset: Optional[str],
+         calib_mean: Optional[str], calib_std: Optional[str], steps: int, lr: float, batch_size: int,
+         checkpoint: Optional[str], resume: bool, output: str, force: bool, **load_options: Any) -> None:
     """Distil the original MODEL into the rewritten model for a few steps (no labels)."""
-    from .calib_data import load_calibration
+    from .calib_data import open_calibration
     from .heal import heal as heal_fn
     from .io import atomic_save, check_output_path, load_model
 
     check_output_path(Path(output), input_path=Path(rewritten), force=force)
-    original = _load(model, arch, arch_args, trust_pickle, **load_options).model
+    loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
+    x, shape = _inputs(loaded, input_shape, example_inputs)
     student = load_model(rewritten, trust_pickle=trust_pickle, allow_modules=load_options["allow_modules"],
                          allow_globals=load_options["allow_globals"]).model
-    batches = load_calibration(data, input_shape=input_shape, batch_size=batch_size)
-    result = heal_fn(student, original, batches, steps=steps, lr=lr, checkpoint=checkpoint, resume=resume,
-                     progress=sys.stderr.isatty())
+    source = open_calibration(data, input_shape=shape, size=calib_size, preset=calib_preset, mean=calib_mean,
+                              std=calib_std, batch_size=batch_size)
+    result = heal_fn(student, loaded.model, source.loader, steps=steps, lr=lr, checkpoint=checkpoint,
+                     resume=resume, progress=sys.stderr.isatty(), example_inputs=x)
     atomic_save(student, Path(output))
     hist = getattr(result, "losses", None) or []
     if hist:
-        click.echo(f"distillation loss {hist[0]:.4g} -> {hist[-1]:.4g} over {len(hist)} steps")
+        click.echo(f"distillation loss {hist[0]:.4g} -> {hist[-1]:.4g} over {len(hist)} steps "
+                   f"({result.images} samples drawn from the {source.count} in {data})")
     click.echo(f"wrote {output}", err=True)
 
 

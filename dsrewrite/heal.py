@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrate import CalibrationUsageError, _to, replaced_names
+from .batches import batch_size_of, check_iterable, input_spec, model_inputs, to_device
+from .calibrate import CalibrationUsageError, replaced_names
 from .errors import CalibrationError, did_you_mean
 from .fidelity import flatten_outputs
 from .layers.dsconv import DepthwiseSeparableConv2d
@@ -68,7 +69,8 @@ class HealResult:
 
     ``losses`` is the total loss per step, ``output_losses`` and ``layer_losses``
     its two terms (``layer_losses`` before the ``layer_weight`` factor). Under DDP the
-    values are averaged over the processes.
+    values are averaged over the processes. ``images``: samples this process drew from
+    ``data`` in this call (repeats counted: ``data`` is cycled for as many steps as asked).
     """
 
     step: int
@@ -79,6 +81,7 @@ class HealResult:
     seconds: float = 0.0
     world_size: int = 1
     checkpoint: Optional[str] = None
+    images: int = 0
 
 
 def init_distributed(device: Optional[Union[str, torch.device]] = None) -> tuple[int, int]:
@@ -103,17 +106,20 @@ def init_distributed(device: Optional[Union[str, torch.device]] = None) -> tuple
     return dist.get_rank(), dist.get_world_size()
 
 
-def _cycle(data: Iterable[Any], skip: int, rank: int, world: int) -> Iterator[Any]:
-    """Endless stream of this rank's batches (every ``world``-th), re-iterating ``data``; skips ``skip`` steps."""
+def _cycle(data: Iterable[Any], skip: int, rank: int, world: int) -> Iterator[tuple[int, Any]]:
+    """Endless stream of this rank's ``(index, batch)`` (every ``world``-th), re-iterating ``data``; skips ``skip`` steps.
+
+    ``data`` is read as it is iterated (a DataLoader decodes batch by batch): nothing is kept.
+    """
     g = 0
     taken = 0
     while True:
         empty = True
-        for batch in data:
+        for i, batch in enumerate(data):
             empty = False
             if g % world == rank:
                 if taken >= skip:
-                    yield batch
+                    yield i, batch
                 taken += 1
             g += 1
         if empty:
@@ -219,14 +225,19 @@ def heal(
     progress: bool = True,
     device: Optional[Union[str, torch.device]] = None,
     shard: bool = True,
+    input_key: Optional[Any] = None,
+    input_fn: Optional[Any] = None,
+    example_inputs: Any = None,
 ) -> HealResult:
     """Distil ``original`` into ``rewritten`` (IN PLACE) for ``steps`` optimizer steps in total.
 
     Args:
         rewritten: the student, trained in place (moved to ``device`` when given).
         original: the frozen teacher (never modified; copied when it must move to ``device``).
-        data: re-iterable batches of unlabeled inputs (tensor; tuple/list: positional
-            args; dict: keyword args), cycled as long as needed.
+        data: re-iterable batches (a list, a DataLoader) as the user has them: tensors,
+            ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
+            maps (:func:`dsrewrite.batches.model_inputs`); streamed, not kept, and cycled as long
+            as ``steps`` needs: every batch is used once before any is used twice.
         steps: total number of steps, counting those a resumed checkpoint already did.
         lr: Adam learning rate.
         layer_weight: weight of the per-layer terms (0: output only).
@@ -248,9 +259,14 @@ def heal(
         device: where to train; default: the student's device (``cuda:LOCAL_RANK`` under torchrun with CUDA).
         shard: under DDP, each process takes every ``world_size``-th batch of ``data``; pass
             False when ``data`` is already per-process (a DataLoader with a DistributedSampler).
+        input_key: key of the model input in dict batches.
+        input_fn: ``batch -> model inputs`` for any other batch structure.
+        example_inputs: the example inputs; their number of positional inputs says how a tuple
+            batch maps to a multi-input model (default: ``forward``'s parameters without default).
 
     Raises:
         CalibrationUsageError: bad options, missing/unreadable checkpoint, empty data.
+        BatchError: a batch cannot be mapped to model inputs (a ``UsageError``).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3))
@@ -289,6 +305,8 @@ def heal(
     if t_param is not None and t_param.device != dev:
         teacher = copy.deepcopy(original).to(dev)
 
+    check_iterable(data, "heal")
+    spec = input_spec(original, example_inputs, input_key=input_key, input_fn=input_fn, where="heal")
     names = list(names) if names is not None else replaced_names(original, rewritten)
     blocks = dict(rewritten.named_modules())
     convs = dict(teacher.named_modules())
@@ -373,7 +391,9 @@ def heal(
         bar = _progress_bar(steps, start, progress and rank == 0)
         stream = _cycle(data, start, rank, world) if shard else _cycle(data, start, 0, 1)
         for step in range(start + 1, steps + 1):
-            batch = _to(next(stream), dev)
+            index, raw = next(stream)
+            batch = to_device(model_inputs(raw, index, spec), dev)
+            result.images += batch_size_of(batch)
             for g in opt.param_groups:
                 g["lr"] = _rate(lr, step, steps, schedule, warmup)
             s_out.clear()
