@@ -80,11 +80,30 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+class _Registered(Sequence[str]):
+    """Choices read from a registry when click asks (kinds may be registered after import)."""
+
+    def __init__(self, read: Callable[[], Sequence[str]]) -> None:
+        self._read = read
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._read()[i]
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+
+def _order_choices() -> Sequence[str]:
+    from .recipe.schema import order_choices
+
+    return order_choices()
+
+
 def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--init", type=click.Choice(["svd", "random"]), default=None,
                       help="Override the recipe's init.")(fn)
-    fn = click.option("--order", type=click.Choice(["dw_pw", "pw_dw", "auto"]), default=None,
-                      help="Override the recipe's order.")(fn)
+    fn = click.option("--order", type=click.Choice(_Registered(_order_choices)), default=None,
+                      help="Override the recipe's order: a replacement kind, or auto.")(fn)
     fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
                       help="Override the recipe's depth multiplier (or energy threshold).")(fn)
     fn = click.option("--recipe", "recipe", required=True, help="Built-in recipe name or path to a YAML recipe.")(fn)
