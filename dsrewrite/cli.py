@@ -80,29 +80,27 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class _Registered(Sequence[str]):
-    """Choices read from a registry when click asks (kinds may be registered after import)."""
+class _OrderChoice(click.Choice):
+    """``--order``'s choices, read from the kind registry whenever click asks (kinds may be registered later)."""
 
-    def __init__(self, read: Callable[[], Sequence[str]]) -> None:
-        self._read = read
+    def __init__(self) -> None:
+        super().__init__(())
 
-    def __getitem__(self, i: Any) -> Any:
-        return self._read()[i]
+    @property  # type: ignore[override]
+    def choices(self) -> Sequence[str]:
+        from .recipe.schema import order_choices
 
-    def __len__(self) -> int:
-        return len(self._read())
+        return order_choices()
 
-
-def _order_choices() -> Sequence[str]:
-    from .recipe.schema import order_choices
-
-    return order_choices()
+    @choices.setter
+    def choices(self, _value: Any) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
 
 
 def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--init", type=click.Choice(["svd", "random"]), default=None,
                       help="Override the recipe's init.")(fn)
-    fn = click.option("--order", type=click.Choice(_Registered(_order_choices)), default=None,
+    fn = click.option("--order", type=_OrderChoice(), default=None,
                       help="Override the recipe's order: a replacement kind, or auto.")(fn)
     fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
                       help="Override the recipe's depth multiplier (or energy threshold).")(fn)
