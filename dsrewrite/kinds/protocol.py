@@ -6,6 +6,11 @@ planner, apply, calibration, deployment and the hoist ask the kind of a plan ent
 (``LayerConfig.order`` is its :attr:`~ReplacementKind.name`) or of a built block
 (:func:`~dsrewrite.kinds.kind_of`); none of them compares kind names.
 
+The block a kind builds exposes the replaced conv's hyperparameters as attributes
+(``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``,
+``padding_mode``, ``bias``, ``depth_multiplier``): calibration checks them against the
+original conv.
+
 Calibration asks one more object per block, a :class:`LstsqLayout`: the block's
 weights in the least-squares layouts of :mod:`dsrewrite.lstsq` and the refits of
 its stages. The shapes are the kind's own business; calibration only needs them to
@@ -123,8 +128,9 @@ class ReplacementKind(Protocol):
     description: str
     #: Whether ``order: auto`` considers this kind (ties go to the earlier registered kind).
     auto: bool
-    #: ``None`` when the deployment hoist (:mod:`dsrewrite.hoist`) applies to this kind's blocks,
-    #: else why it does not (shown in the hoist's record).
+    #: ``None`` when the deployment hoist (:mod:`dsrewrite.hoist`, which rewrites
+    #: ``DepthwiseSeparableConv2d``-shaped blocks) applies to this kind's blocks, else why it
+    #: does not (shown in the hoist's record).
     hoist_refusal: Optional[str]
 
     def check(self, conv: nn.Module, *, name: str = "") -> None:

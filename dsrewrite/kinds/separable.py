@@ -33,14 +33,13 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedConvError
-from ..factorize import PER_INPUT, PER_OUTPUT, SliceLayout, factorize
+from ..factorize import PER_INPUT, SliceLayout, factorize, layout_of
 
 __all__ = [
     "DepthwiseSeparableConv2d",
     "MID_NORMS",
     "MID_ACTS",
     "INITS",
-    "STAGE_ORDERS",
     "make_mid_act",
     "check_convertible",
 ]
@@ -57,8 +56,6 @@ MID_ACTS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 INITS: tuple[str, ...] = ("svd", "random")
-#: The stage orders this module can hold, each with the SVD slicing that initialises it.
-STAGE_ORDERS: dict[str, SliceLayout] = {"dw_pw": PER_INPUT, "pw_dw": PER_OUTPUT}
 
 
 def make_mid_act(name: Optional[str]) -> nn.Module:
@@ -118,8 +115,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         mid_act: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if order not in STAGE_ORDERS:
-            raise ValueError(f"order must be one of {tuple(STAGE_ORDERS)}, got {order!r}")
+        spatial_first = layout_of(order) is PER_INPUT  # ValueError for an order this module cannot hold
         if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
             raise ValueError(f"depth_multiplier must be an int >= 1, got {depth_multiplier!r}")
         if mid_norm is not None and mid_norm not in MID_NORMS:
@@ -132,7 +128,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         self.mid_norm_kind = mid_norm
         self.mid_act_kind = mid_act
         m = depth_multiplier
-        if STAGE_ORDERS[order] is PER_INPUT:
+        if spatial_first:
             mid = m * in_channels
             self.depthwise = nn.Conv2d(
                 in_channels, mid, kernel_size, stride, padding, dilation,
@@ -180,7 +176,7 @@ class DepthwiseSeparableConv2d(nn.Module):
     @property
     def _spatial_first(self) -> bool:
         # a property, not an attribute: blocks pickled by earlier versions have only ``order``
-        return STAGE_ORDERS[self.order] is PER_INPUT
+        return layout_of(self.order) is PER_INPUT
 
     @property
     def first_stage(self) -> nn.Conv2d:
@@ -256,7 +252,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         )
         with torch.no_grad():
             if init == "svd":
-                _factorize_into(block, w.detach(), depth_multiplier, STAGE_ORDERS[order])
+                _factorize_into(block, w.detach(), depth_multiplier, layout_of(order))
             if conv.bias is not None:
                 block.bias.copy_(conv.bias.detach())  # type: ignore[union-attr]
         for p in block.parameters():
