@@ -334,3 +334,32 @@ def test_toy_kind_is_as_good_as_expected_on_a_dense_kernel(toy) -> None:
     (rec,) = calibrate(net, light, batches).layers
     assert rec.steps[:1] == ("last",) and rec.rel_error_after < rec.rel_error_before, rec
     assert rec.act_error_after is not None and rec.act_error_after <= rec.act_error_before + 1e-12, rec
+
+
+def test_auto_chooses_among_the_registered_kinds_that_take_part() -> None:
+    """``order: auto`` reads the registry: a third kind that takes part is weighed with the built-ins."""
+
+    class AutoToy(GroupedDwPwKind):
+        auto = True
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 8, 8)
+    rec = {"select": {"in_channels": {"min": 8}}, "replace": {"order": "auto", "depth_multiplier": 1}}
+    (before,) = plan(net, rec, x).replaced
+    assert before.config.order == "dw_pw", before.config.note  # the built-ins alone: dw_pw is cheaper here
+    kind = register_kind(AutoToy())
+    try:
+        (e,) = plan(net, rec, x).replaced
+        (f,) = capture(net, x).facts
+        macs = {n: get_kind(n).macs(f, 1) for n in ("dw_pw", "pw_dw", kind.name)}
+        assert e.config.order == kind.name == min(macs, key=macs.get), (macs, e.config.note)
+        assert e.config.note == (f"order auto: dw_pw_g2 has fewer MACs ({macs[kind.name]:,} vs "
+                                 f"{macs['dw_pw']:,} for dw_pw, {macs['pw_dw']:,} for pw_dw)")
+        timed = {**rec, "replace": {**rec["replace"], "auto_order": "measured"}}
+        (t,) = plan(net, timed, x).replaced
+        assert {"dw_pw_ms", "pw_dw_ms", "dw_pw_g2_ms", "pw_dw_ratio", "dw_pw_g2_ratio"} == set(t.measured), t.measured
+        ratios = {"dw_pw": 1.0, "pw_dw": t.measured["pw_dw_ratio"], kind.name: t.measured["dw_pw_g2_ratio"]}
+        assert t.config.order == min(ratios, key=ratios.get), (ratios, t.config.note)
+    finally:
+        unregister_kind(kind.name)
