@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from .activation import FollowingReLU, following_relus
 from .errors import CalibrationError, UsageError, did_you_mean
 from .fidelity import flatten_outputs
-from .kinds import kind_of
+from .kinds import LAYOUT_MEMBERS, kind_of, missing_members
 from .layers.dsconv import DepthwiseSeparableConv2d
 from .lstsq import (
     GramStats,
@@ -395,9 +395,13 @@ class _Layer:
         assert kind is not None  # _resolve keeps only registered kinds' blocks
         self.kind = kind.name
         self.lay = kind.layout(block)
+        missing = missing_members(self.lay, LAYOUT_MEMBERS)
+        if missing:  # a kind's programming error, reported as such
+            raise TypeError(f"kind {kind.name!r}: layout() returned a {type(self.lay).__name__} that lacks "
+                            f"{', '.join(missing)} (see dsrewrite.kinds.LstsqLayout)")
         kh, kw = conv.kernel_size
         self.k = kh * kw
-        self.m = int(getattr(block, "depth_multiplier", 0))
+        self.m = int(block.depth_multiplier)
         self.c_in, self.c_out = conv.in_channels, conv.out_channels
         self.positions: list[Optional[Tensor]] = []  # per batch, (P, 3)
         self.targets: list[Optional[Tensor]] = []  # per batch, (P, C_out)

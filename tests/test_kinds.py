@@ -363,3 +363,20 @@ def test_auto_chooses_among_the_registered_kinds_that_take_part() -> None:
         assert t.config.order == min(ratios, key=ratios.get), (ratios, t.config.note)
     finally:
         unregister_kind(kind.name)
+
+
+def test_a_layout_missing_members_is_named_when_calibration_asks(toy) -> None:
+    class Half:  # a layout with only the weights
+        def __init__(self, block):
+            self.block = block
+
+        def current(self):
+            raise AssertionError("not reached")
+
+    net = _toy_net(block_diag=True)
+    light = apply_plan(net, plan(net, _recipe(toy.name, 1), torch.randn(1, 3, 12, 12)))
+    before = {k: v.clone() for k, v in light.state_dict().items()}
+    toy.layout = Half  # the instance's member, for this test's registration only
+    with pytest.raises(TypeError, match=r"kind 'dw_pw_g2': layout\(\) returned a Half that lacks linear, joint_dim"):
+        calibrate(net, light, [torch.randn(2, 3, 12, 12)])
+    assert all(torch.equal(before[k], v) for k, v in light.state_dict().items())
