@@ -1,4 +1,4 @@
-"""Carry out a plan: swap the selected convs for DepthwiseSeparableConv2d blocks.
+"""Carry out a plan: swap the selected convs for the blocks their kinds build (:mod:`dsrewrite.kinds`).
 
 The model's own class comes back (never a GraphModule), with submodules
 swapped; device, dtype and train/eval mode are kept. The caller's model is
@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError
-from .layers.dsconv import DepthwiseSeparableConv2d, check_convertible
+from .errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError, did_you_mean
+from .kinds import get_kind, kind_names
 from .plan_types import Plan
 
 __all__ = ["apply_plan", "set_submodule", "module_aliases", "check_rewritable", "UnsupportedModelError"]
@@ -140,8 +140,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Opt
     plus a state dict uses: the weights are loaded afterwards).
 
     Raises:
-        PlanError: an entry names a module the model lacks, or one that is not a
-            convertible conv (e.g. the plan was made for another architecture).
+        PlanError: an entry names a module the model lacks, a kind (``order``) that is
+            not registered, or a conv its kind refuses (e.g. the plan was made for
+            another architecture).
         UnsupportedModelError: the model holds quantized convs, or an entry
             initialised by SVD names a conv on the meta device.
     """
@@ -153,12 +154,18 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Opt
                 f"plan entry {e.name!r} names no module of {type(model).__name__}. Hint: the plan was made "
                 "for another architecture, or the model is wrapped (DataParallel adds 'module.')."
             )
-        try:
-            check_convertible(modules[e.name], name=e.name)
-        except DsRewriteError as exc:
-            raise PlanError(f"plan entry {e.name!r} cannot be applied: {exc}") from exc
         if e.config is None:
             raise PlanError(f"plan entry {e.name!r} is 'replace' but carries no config")
+        if e.config.order not in kind_names():
+            raise PlanError(
+                f"plan entry {e.name!r}: order {e.config.order!r} is not a registered replacement kind; valid "
+                f"options: {', '.join(repr(k) for k in kind_names())}{did_you_mean(str(e.config.order), kind_names())}. "
+                "Hint: a plan made with a custom kind needs that kind registered (dsrewrite.kinds.register_kind)."
+            )
+        try:
+            get_kind(e.config.order).check(modules[e.name], name=e.name)
+        except DsRewriteError as exc:
+            raise PlanError(f"plan entry {e.name!r} cannot be applied: {exc}") from exc
         weight = modules[e.name].weight
         if (init or e.config.init) == "svd" and isinstance(weight, Tensor) and weight.device.type == "meta":
             raise UnsupportedModelError(
@@ -174,15 +181,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Opt
                 continue
             cfg = e.config
             assert cfg is not None  # checked above
-            new = DepthwiseSeparableConv2d.from_conv(
-                conv,  # type: ignore[arg-type]
-                depth_multiplier=cfg.depth_multiplier,
-                order=cfg.order,
-                init=init or cfg.init,
-                mid_norm=cfg.mid_norm,
-                mid_act=cfg.mid_act,
-                name=e.name,
-            )
+            new = get_kind(cfg.order).build(conv, cfg, init=init, name=e.name)
             set_submodule(target, e.name, new)
             done[id(conv)] = new
             done[id(new)] = new

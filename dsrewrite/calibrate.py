@@ -66,19 +66,14 @@ from .activation import FollowingReLU, following_relus
 from .batches import batch_size_of, input_spec, iter_inputs, to_device
 from .errors import CalibrationError, UsageError, did_you_mean
 from .fidelity import flatten_outputs
+from .kinds import LAYOUT_MEMBERS, kind_of, missing_members
 from .layers.dsconv import DepthwiseSeparableConv2d
 from .lstsq import (
     GramStats,
     block_error,
-    dense_dwpw,
-    dense_pwdw,
     gather_patches,
     gram_matrix,
     quadratic_error,
-    refit_dwpw_pointwise,
-    refit_dwpw_spatial,
-    refit_pwdw_pointwise,
-    refit_pwdw_spatial,
     ridge_solve,
     sample_positions,
 )
@@ -232,7 +227,7 @@ def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
         ['1']
     """
     convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
-    return [n for n, m in rewritten.named_modules() if isinstance(m, DepthwiseSeparableConv2d) and n in convs]
+    return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and n in convs]
 
 
 # ----------------------------------------------------------------------------------------
@@ -393,12 +388,22 @@ class _Tracer:
 # One layer: what to capture and how to refit
 # ----------------------------------------------------------------------------------------
 class _Layer:
-    def __init__(self, name: str, index: int, block: DepthwiseSeparableConv2d, conv: nn.Conv2d) -> None:
+    """One replaced layer; its kind's :class:`~dsrewrite.kinds.LstsqLayout` holds the stage-specific maths."""
+
+    def __init__(self, name: str, index: int, block: nn.Module, conv: nn.Conv2d) -> None:
         self.name, self.index, self.block, self.conv = name, index, block, conv
-        kh, kw = block.kernel_size
+        kind = kind_of(block)
+        assert kind is not None  # _resolve keeps only registered kinds' blocks
+        self.kind = kind.name
+        self.lay = kind.layout(block)
+        missing = missing_members(self.lay, LAYOUT_MEMBERS)
+        if missing:  # a kind's programming error, reported as such
+            raise TypeError(f"kind {kind.name!r}: layout() returned a {type(self.lay).__name__} that lacks "
+                            f"{', '.join(missing)} (see dsrewrite.kinds.LstsqLayout)")
+        kh, kw = conv.kernel_size
         self.k = kh * kw
-        self.m = block.depth_multiplier
-        self.c_in, self.c_out = block.in_channels, block.out_channels
+        self.m = int(block.depth_multiplier)
+        self.c_in, self.c_out = conv.in_channels, conv.out_channels
         self.positions: list[Optional[Tensor]] = []  # per batch, (P, 3)
         self.targets: list[Optional[Tensor]] = []  # per batch, (P, C_out)
         self.calls_orig = 0
@@ -418,57 +423,34 @@ class _Layer:
         self.samples.append(feats[::step].to(torch.float32))
         self.sample_targets.append(y[::step].to(torch.float32))
 
-    def joint_dim(self) -> int:
-        d = self.c_in * self.k
-        return d * self.m if self.block.order == "dw_pw" else d
+    def can_joint(self, alternate: int, max_joint_dim: int) -> bool:
+        d = self.lay.joint_dim
+        return self.lay.linear and alternate > 0 and d is not None and d <= max_joint_dim
 
     @property
-    def spatial(self) -> nn.Conv2d:
-        return self.block.depthwise
+    def last(self) -> nn.Module:
+        return self.lay.last_stage
 
-    @property
-    def last(self) -> nn.Conv2d:
-        return self.block.pointwise if self.block.order == "dw_pw" else self.block.depthwise
-
-    def features(self, x: Tensor, z: Tensor, pos: Tensor) -> Tensor:
+    def features(self, x: Optional[Tensor], z: Optional[Tensor], pos: Tensor) -> Tensor:
         """Features at ``pos``: input patches (joint) or the last stage's input (last-stage only)."""
-        sp = self.spatial
         if self.joint:
-            p = gather_patches(x, pos, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+            c = self.conv
+            assert x is not None  # internal invariant
+            p = gather_patches(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
             return p.reshape(p.shape[0], -1)
-        if self.block.order == "dw_pw":
-            return z[pos[:, 0].to(z.device), :, pos[:, 1].to(z.device), pos[:, 2].to(z.device)]
-        p = gather_patches(z, pos, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
-        return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
+        assert z is not None  # internal invariant
+        return self.lay.last_features(z, pos)
 
     # --- weights in the lstsq layouts ------------------------------------------------
-    def _bias(self) -> Optional[Tensor]:
-        b = self.block.bias
-        return None if b is None else b.detach().to(torch.float64)
-
     def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(first-stage, last-stage, bias) in lstsq layouts, float64."""
-        blk, k, m = self.block, self.k, self.m
-        dw = blk.depthwise.weight.detach().to(torch.float64)
-        pw = blk.pointwise.weight.detach().to(torch.float64)
-        if blk.order == "dw_pw":
-            return dw.reshape(self.c_in, m, k), pw.reshape(self.c_out, self.c_in, m), self._bias()
-        return pw.reshape(self.c_out, m, self.c_in), dw.reshape(self.c_out, m, k), self._bias()
+        """(first-stage, last-stage, bias) in the kind's lstsq layouts, float64."""
+        return self.lay.current()
 
     def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
-        blk = self.block
-        with torch.no_grad():
-            if blk.order == "dw_pw":
-                blk.depthwise.weight.copy_(first.reshape(blk.depthwise.weight.shape))
-                blk.pointwise.weight.copy_(last.reshape(blk.pointwise.weight.shape))
-            else:
-                blk.pointwise.weight.copy_(first.reshape(blk.pointwise.weight.shape))
-                blk.depthwise.weight.copy_(last.reshape(blk.depthwise.weight.shape))
-            if bias is not None and blk.bias is not None:
-                blk.bias.copy_(bias)
+        self.lay.write(first, last, bias)
 
     def dense(self, first: Tensor, last: Tensor) -> Tensor:
-        return dense_dwpw(first, last) if self.block.order == "dw_pw" else dense_pwdw(first, last)
+        return self.lay.dense(first, last)
 
     # --- refits ------------------------------------------------------------------------
     def _alternate(self, err: Callable[..., float], start: tuple[Tensor, Tensor, Optional[Tensor]], e: float,
@@ -478,18 +460,11 @@ class _Layer:
         first, last, bias = start
         st, steps, note = self.stats, [], ""
         for step in ["last"] + ["first", "last"] * alternate:
-            if self.block.order == "dw_pw":
-                if step == "last":
-                    l_new, b_new = refit_dwpw_pointwise(st, first, bias=has_bias, ridge=ridge)
-                    cand = (first, l_new, b_new)
-                else:
-                    cand = (refit_dwpw_spatial(st, last, bias, k=self.k, ridge=ridge), last, bias)
+            if step == "last":
+                l_new, b_new = self.lay.refit_last(st, first, bias=has_bias, ridge=ridge)
+                cand = (first, l_new, b_new)
             else:
-                if step == "last":
-                    l_new, b_new = refit_pwdw_spatial(st, first, k=self.k, bias=has_bias, ridge=ridge)
-                    cand = (first, l_new, b_new)
-                else:
-                    cand = (refit_pwdw_pointwise(st, last, bias, in_channels=self.c_in, ridge=ridge), last, bias)
+                cand = (self.lay.refit_first(st, last, bias, ridge=ridge), last, bias)
             e_new = err(*cand)
             if not e_new < e:
                 if not steps:
@@ -501,25 +476,16 @@ class _Layer:
         return first, last, bias, e, steps, note
 
     def pack_last(self, last: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """Last stage and bias in the ``ridge_solve`` layout: dw_pw ``(D+1, C_out)``, pw_dw ``(C_out, mK+1, 1)``."""
-        if self.block.order == "dw_pw":
-            return torch.cat([last.reshape(self.c_out, -1).T, _bias_row(bias, self.c_out, last)], 0)
-        return torch.cat([last.reshape(self.c_out, -1), _bias_row(bias, self.c_out, last).T], 1).unsqueeze(-1)
+        """Last stage and bias in the ``ridge_solve`` layout of the kind's last-stage features."""
+        return self.lay.pack_last(last, bias)
 
     def unpack_last(self, w: Tensor, has_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
         """Inverse of :meth:`pack_last` (the bias is ``None`` when the block has none)."""
-        if self.block.order == "dw_pw":
-            return w[:-1].T.reshape(self.c_out, self.c_in, self.m), (w[-1] if has_bias else None)
-        return w[:, :-1, 0].reshape(self.c_out, self.m, self.k), (w[:, -1, 0] if has_bias else None)
+        return self.lay.unpack_last(w, has_bias)
 
     def last_features(self, feats: Tensor, first: Tensor) -> Tensor:
         """The last stage's input features at stored positions (joint layers store input patches)."""
-        if not self.joint:
-            return feats
-        p = feats.reshape(feats.shape[0], self.c_in, self.k)
-        if self.block.order == "dw_pw":
-            return torch.einsum("pck,cmk->pcm", p, first.to(p)).reshape(p.shape[0], self.c_in * self.m)
-        return torch.einsum("pck,ojc->pojk", p, first.to(p)).reshape(p.shape[0], self.c_out, self.m * self.k)
+        return self.lay.last_features_from_patches(feats, first) if self.joint else feats
 
     def linear_error(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> float:
         """Squared conv-output error of (first, last, bias) from the Gram statistics."""
@@ -535,14 +501,15 @@ class _Layer:
         """``(predict, solve)`` for :func:`~dsrewrite.relu_fit.fit_through_relu` on the stored positions.
 
         ``solve`` is one round of the linear refits on a target ``zy`` instead of ``y``.
-        Joint pw_dw layers refit both stages (the 1×1 projection, then the k×k and bias)
+        Joint layers whose kind says ``relu_refits_first`` (pw_dw: its first stage, the 1×1
+        projection, is where the channels mix) refit both stages (first, then last and bias)
         on the stored input patches; every other layer refits its last stage and bias on
         fixed last-stage features (for dw_pw that stage is where the channels mix). The
         Gram matrix is the layer's own when every sampled position was kept, else the
         stored subset's.
         """
-        has_bias = self.block.bias is not None
-        if self.joint and self.block.order == "pw_dw":
+        has_bias = self.current()[2] is not None
+        if self.joint and self.lay.relu_refits_first:
             st = self.stats
             assert st.gram is not None  # internal invariant
             n = int(feats.shape[0])
@@ -558,8 +525,8 @@ class _Layer:
                 _, last, bias = cand
                 tz = GramStats()
                 tz.gram, tz.cross, tz.count = gram, cross_product(feats, zy).to(torch.float64), n
-                first = refit_pwdw_pointwise(tz, last, bias, in_channels=self.c_in, ridge=ridge)
-                last, new_bias = refit_pwdw_spatial(tz, first, k=self.k, bias=has_bias, ridge=ridge)
+                first = self.lay.refit_first(tz, last, bias, ridge=ridge)
+                last, new_bias = self.lay.refit_last(tz, first, bias=has_bias, ridge=ridge)
                 return first, last, new_bias
 
             return predict_joint, solve_joint
@@ -585,7 +552,8 @@ class _Layer:
 
         The auxiliary-variable loop of :func:`dsrewrite.relu_fit.fit_through_relu`, whose
         ``W`` step is one round of the same linear refits as the linear calibration (joint
-        pw_dw layers: first stage, then last stage and bias; others: last stage and bias), on
+        layers whose kind says ``relu_refits_first``, e.g. pw_dw: first stage, then last stage
+        and bias; others: last stage and bias), on
         the stored positions. It starts from whichever of the initial and the linearly
         calibrated weights has the lower activation error, so the activation error after
         is at most the one before.
@@ -646,17 +614,14 @@ class _Layer:
                 note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
             method = "last_stage"
             if alternate > 0:
-                why = ("the block is not linear (mid_norm/mid_act)" if not self.block.is_linear
-                       else f"joint size {self.joint_dim()} > max_joint_dim")
+                why = ("the block is not linear (mid_norm/mid_act)" if not self.lay.linear
+                       else f"kind {self.kind} has no joint refit" if self.lay.joint_dim is None
+                       else f"joint size {self.lay.joint_dim} > max_joint_dim")
                 note = (note + "; " if note else "") + f"first stage kept: {why}"
         if steps:
             self.write(first, last, bias)
-        return LayerCalibration(self.name, self.block.order, self.m, method, rel(e0), rel(e), st.count,
+        return LayerCalibration(self.name, self.kind, self.m, method, rel(e0), rel(e), st.count,
                                 tuple(steps), note)
-
-
-def _bias_row(bias: Optional[Tensor], c_out: int, like: Tensor) -> Tensor:
-    return (torch.zeros(c_out, dtype=torch.float64, device=like.device) if bias is None else bias).reshape(1, c_out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -668,7 +633,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
-    blocks = {n: m for n, m in rewritten.named_modules() if isinstance(m, DepthwiseSeparableConv2d)}
+    blocks = {n: m for n, m in rewritten.named_modules() if kind_of(m) is not None}
     convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
     if names is None:
         names = [n for n in blocks if n in convs]
@@ -676,7 +641,8 @@ def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence
     for name in names:
         if name not in blocks:
             raise CalibrationUsageError(
-                f"calibrate(names=...): {name!r} is not a DepthwiseSeparableConv2d in the rewritten model"
+                f"calibrate(names=...): {name!r} is not a replacement block (a DepthwiseSeparableConv2d or "
+                f"another registered kind's) in the rewritten model"
                 f"{did_you_mean(name, blocks)}. Hint: pass the qualified names of the replaced layers "
                 f"(available: {sorted(blocks)[:8]}{' ...' if len(blocks) > 8 else ''})."
             )
@@ -898,7 +864,7 @@ def _calibrate_layers(
             h.remove()
     probe_seq = list(tracer.sequence)
     for l in layers:
-        l.joint = l.block.is_linear and alternate > 0 and l.joint_dim() <= max_joint_dim
+        l.joint = l.can_joint(alternate, max_joint_dim)
         if l.skip:
             continue
         if calls[l.name] == 0:
@@ -953,7 +919,7 @@ def _calibrate_layers(
             layer.samples, layer.sample_targets = [], []
             cache = _layer_pass(rewritten, data, layer, tracer, [{} for _ in data], set(), False, [])
         if not layer.stats.ready:
-            rec = LayerCalibration(layer.name, layer.block.order, layer.m, "skipped", math.nan, math.nan, 0,
+            rec = LayerCalibration(layer.name, layer.kind, layer.m, "skipped", math.nan, math.nan, 0,
                                    (), "no calibration positions reached this layer")
         else:
             rec = layer.refit_through_relu(layer.refit(ridge, alternate), ridge)
@@ -966,7 +932,7 @@ def _calibrate_layers(
             f" ({time.perf_counter() - t_layer:.1f} s){' ' + rec.note if rec.note else ''}")
     for l in layers:
         if l.skip:
-            done.append(LayerCalibration(l.name, l.block.order, l.m, "skipped", math.nan, math.nan, 0, (),
+            done.append(LayerCalibration(l.name, l.kind, l.m, "skipped", math.nan, math.nan, 0, (),
                                          f"skipped: {l.skip}"))
 
     # 4. the "after" pass (replays everything before the last refit layer)

@@ -94,11 +94,28 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+class _OrderChoice(click.Choice):
+    """``--order``'s choices, read from the kind registry whenever click asks (kinds may be registered later)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> Sequence[str]:
+        from .recipe.schema import order_choices
+
+        return order_choices()
+
+    @choices.setter
+    def choices(self, _value: Any) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--init", type=click.Choice(["svd", "random"]), default=None,
                       help="Override the recipe's init.")(fn)
-    fn = click.option("--order", type=click.Choice(["dw_pw", "pw_dw", "auto"]), default=None,
-                      help="Override the recipe's order.")(fn)
+    fn = click.option("--order", type=_OrderChoice(), default=None,
+                      help="Override the recipe's order: a replacement kind, or auto.")(fn)
     fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
                       help="Override the recipe's depth multiplier (or energy threshold).")(fn)
     fn = click.option("--recipe", "recipe", required=True, help="Built-in recipe name or path to a YAML recipe.")(fn)

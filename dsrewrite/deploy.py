@@ -21,7 +21,11 @@ Where a conv→BN pair is found (:func:`find_conv_bn_pairs`):
 * otherwise a ``torch.fx`` symbolic trace of the module (tried from the root down; a
   module that does not trace is searched child by child): a BN whose only input is a
   conv call whose only user is that BN;
-* the ``mid_norm`` of a :class:`DepthwiseSeparableConv2d`, which follows its first stage.
+* the ``mid_norm`` of a :class:`DepthwiseSeparableConv2d` (any replacement block whose kind
+  names one in its :class:`~dsrewrite.kinds.Stages`), which follows its first stage.
+
+Which stage a BN after a replacement block folds into is its kind's answer
+(:meth:`~dsrewrite.kinds.ReplacementKind.fold_bn_into`: the last stage for the built-ins).
 
 A pair is folded only if both modules are called once and held under one name, the conv
 has the plain ``nn.Conv2d`` forward (no weight standardisation, no own padding) and
@@ -57,7 +61,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import OutputError, RewriteError, UsageError
-from .layers import DepthwiseSeparableConv2d
+from .kinds import Stages, kind_of
 from .macs import evaluating
 
 __all__ = [
@@ -215,20 +219,19 @@ def _plain_conv(m: nn.Module) -> bool:
     )
 
 
-def _plain_dsconv(m: nn.Module) -> bool:
-    return (
-        isinstance(m, DepthwiseSeparableConv2d)
-        and type(m).forward is DepthwiseSeparableConv2d.forward
-        and not (m._forward_hooks or m._forward_pre_hooks)
-    )
+def _block_stages(m: nn.Module) -> Optional[Stages]:
+    """The stages of a replacement block without hooks whose kind knows its forward, else ``None``."""
+    kind = kind_of(m)
+    if kind is None or m._forward_hooks or m._forward_pre_hooks:
+        return None
+    return kind.stages(m)
 
 
-def _last_stage(name: str, block: DepthwiseSeparableConv2d) -> str:
-    return f"{name}.{'pointwise' if block.order == 'dw_pw' else 'depthwise'}"
-
-
-def _first_stage(name: str, block: DepthwiseSeparableConv2d) -> str:
-    return f"{name}.{'depthwise' if block.order == 'dw_pw' else 'pointwise'}"
+def _bn_stage(block: nn.Module) -> Optional[str]:
+    """The stage (relative name) of a replacement block that a BN following it folds into, if it is a plain conv."""
+    kind = kind_of(block)
+    stage = None if kind is None or _block_stages(block) is None else kind.fold_bn_into(block)
+    return stage if stage is not None and _plain_conv(block.get_submodule(stage)) else None
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -279,8 +282,8 @@ def _collect(module: nn.Module, prefix: str, out: list[FoldPair]) -> None:
         for (na, a), (nb, b) in zip(children, children[1:]):
             if _is_bn(b) and _plain_conv(a):
                 out.append(FoldPair(_join(prefix, na), _join(prefix, nb), "sequential"))
-            elif _is_bn(b) and _plain_dsconv(a) and _plain_conv(a.pointwise if a.order == "dw_pw" else a.depthwise):
-                out.append(FoldPair(_last_stage(_join(prefix, na), a), _join(prefix, nb), "sequential"))
+            elif _is_bn(b) and (stage := _bn_stage(a)) is not None:
+                out.append(FoldPair(_join(_join(prefix, na), stage), _join(prefix, nb), "sequential"))
         for name, child in children:
             _collect(child, _join(prefix, name), out)
         return
@@ -302,8 +305,10 @@ def find_conv_bn_pairs(model: nn.Module) -> list[FoldPair]:
     """
     found: list[FoldPair] = []
     for name, m in model.named_modules():
-        if _plain_dsconv(m) and _is_bn(m.mid_norm) and _plain_conv(model.get_submodule(_first_stage(name, m))):
-            found.append(FoldPair(_first_stage(name, m), _join(name, "mid_norm"), "mid_norm"))
+        st = _block_stages(m)
+        if st is not None and st.mid_norm is not None and _is_bn(m.get_submodule(st.mid_norm)) \
+                and _plain_conv(m.get_submodule(st.first)):
+            found.append(FoldPair(_join(name, st.first), _join(name, st.mid_norm), "mid_norm"))
     _collect(model, "", found)
     # Only modules held under exactly one name: a shared module may run elsewhere too.
     held = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))

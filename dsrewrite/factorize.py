@@ -35,7 +35,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Union
 
 import torch
 from torch import Tensor
@@ -43,6 +44,11 @@ from torch import Tensor
 __all__ = [
     "Order",
     "ORDERS",
+    "SliceLayout",
+    "PER_INPUT",
+    "PER_OUTPUT",
+    "LAYOUTS",
+    "layout_of",
     "kernel_slices",
     "spectrum",
     "factorize",
@@ -53,19 +59,55 @@ __all__ = [
 ]
 
 Order = Literal["dw_pw", "pw_dw"]
-ORDERS: tuple[str, ...] = ("dw_pw", "pw_dw")
 
 
-def _check(weight: Tensor, order: str) -> None:
+@dataclass(frozen=True)
+class SliceLayout:
+    """How a dense kernel is cut into the matrices whose SVDs define one factorisation.
+
+    ``per="input"``: one ``C_out × K`` matrix per input channel (the depthwise stage
+    comes first); ``per="output"``: one ``C_in × K`` matrix per output filter (the
+    pointwise stage comes first). The replacement kinds (:mod:`dsrewrite.kinds`) pick one.
+    """
+
+    per: Literal["input", "output"]
+
+
+#: Slicing per input channel: spatial ``(C_in·m, 1, kh, kw)``, pointwise ``(C_out, C_in·m, 1, 1)``.
+PER_INPUT = SliceLayout("input")
+#: Slicing per output filter: pointwise ``(C_out·m, C_in, 1, 1)``, spatial ``(C_out, m, kh, kw)``.
+PER_OUTPUT = SliceLayout("output")
+
+#: The order names this module's functions accept (the two built-in kinds' names), and their slicing.
+LAYOUTS: dict[str, SliceLayout] = {"dw_pw": PER_INPUT, "pw_dw": PER_OUTPUT}
+ORDERS: tuple[str, ...] = tuple(LAYOUTS)
+
+LayoutLike = Union[str, SliceLayout]
+
+
+def layout_of(order: LayoutLike) -> SliceLayout:
+    """The :class:`SliceLayout` of an order name (``"dw_pw"``/``"pw_dw"``), or the layout itself.
+
+    Example:
+        >>> layout_of("pw_dw") is PER_OUTPUT
+        True
+    """
+    if isinstance(order, SliceLayout):
+        return order
+    if order not in LAYOUTS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return LAYOUTS[order]
+
+
+def _check(weight: Tensor, order: LayoutLike) -> SliceLayout:
     if weight.dim() != 4:
         raise ValueError(
             f"expected a 4-d conv kernel (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}"
         )
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return layout_of(order)
 
 
-def kernel_slices(weight: Tensor, order: str = "dw_pw") -> Tensor:
+def kernel_slices(weight: Tensor, order: LayoutLike = "dw_pw") -> Tensor:
     """Return the batch of matrices whose SVDs define the factorisation.
 
     ``dw_pw``: shape ``(C_in, C_out, kh·kw)`` (one matrix per input channel);
@@ -75,14 +117,14 @@ def kernel_slices(weight: Tensor, order: str = "dw_pw") -> Tensor:
         >>> kernel_slices(torch.zeros(8, 4, 3, 5)).shape
         torch.Size([4, 8, 15])
     """
-    _check(weight, order)
+    layout = _check(weight, order)
     c_out, c_in, kh, kw = weight.shape
-    if order == "dw_pw":
+    if layout is PER_INPUT:
         return weight.permute(1, 0, 2, 3).reshape(c_in, c_out, kh * kw)
     return weight.reshape(c_out, c_in, kh * kw)
 
 
-def _svd(weight: Tensor, order: str) -> tuple[Tensor, Tensor, Tensor]:
+def _svd(weight: Tensor, order: LayoutLike) -> tuple[Tensor, Tensor, Tensor]:
     mats = kernel_slices(weight.detach(), order).to(torch.float64)
     u, s, vh = torch.linalg.svd(mats, full_matrices=False)
     # Fix the sign ambiguity so results are deterministic: make the largest-magnitude
@@ -95,7 +137,7 @@ def _svd(weight: Tensor, order: str) -> tuple[Tensor, Tensor, Tensor]:
     return u, s, vh
 
 
-def spectrum(weight: Tensor, order: str = "dw_pw") -> Tensor:
+def spectrum(weight: Tensor, order: LayoutLike = "dw_pw") -> Tensor:
     """Singular values of every kernel slice, float64, shape ``(B, min(R, kh·kw))``, descending.
 
     Example:
@@ -105,7 +147,7 @@ def spectrum(weight: Tensor, order: str = "dw_pw") -> Tensor:
     return _svd(weight, order)[1]
 
 
-def factorize(weight: Tensor, rank: int, order: str = "dw_pw") -> tuple[Tensor, Tensor]:
+def factorize(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> tuple[Tensor, Tensor]:
     """Best rank-``rank`` depthwise-separable factorisation of a dense kernel.
 
     Returns ``(spatial, pointwise)`` in ``weight``'s dtype and device:
@@ -123,7 +165,7 @@ def factorize(weight: Tensor, rank: int, order: str = "dw_pw") -> tuple[Tensor, 
         >>> s.shape, p.shape
         (torch.Size([8, 1, 3, 3]), torch.Size([16, 8, 1, 1]))
     """
-    _check(weight, order)
+    layout = _check(weight, order)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     c_out, c_in, kh, kw = weight.shape
@@ -138,7 +180,7 @@ def factorize(weight: Tensor, rank: int, order: str = "dw_pw") -> tuple[Tensor, 
         left = torch.cat([left, left.new_zeros(b, rr, rank - keep)], dim=2)
         right = torch.cat([right, right.new_zeros(b, rank - keep, k)], dim=1)
     dtype, device = weight.dtype, weight.device
-    if order == "dw_pw":
+    if layout is PER_INPUT:
         # right: (C_in, m, K) -> depthwise filters, channel c*m + j
         spatial = right.reshape(c_in * rank, 1, kh, kw)
         # left: (C_in, C_out, m) -> pointwise[o, c*m + j]
@@ -151,7 +193,7 @@ def factorize(weight: Tensor, rank: int, order: str = "dw_pw") -> tuple[Tensor, 
     return spatial.to(device=device, dtype=dtype), pointwise.to(device=device, dtype=dtype)
 
 
-def compose(spatial: Tensor, pointwise: Tensor, order: str = "dw_pw", *, in_channels: int) -> Tensor:
+def compose(spatial: Tensor, pointwise: Tensor, order: LayoutLike = "dw_pw", *, in_channels: int) -> Tensor:
     """The dense kernel ``(C_out, C_in, kh, kw)`` equivalent to a linear two-stage conv.
 
     Inverse of :func:`factorize` up to truncation; used for checks and calibration.
@@ -161,10 +203,9 @@ def compose(spatial: Tensor, pointwise: Tensor, order: str = "dw_pw", *, in_chan
         >>> compose(s, p, in_channels=3).shape
         torch.Size([6, 3, 3, 3])
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    layout = layout_of(order)
     kh, kw = spatial.shape[-2:]
-    if order == "dw_pw":
+    if layout is PER_INPUT:
         c_out = pointwise.shape[0]
         m = spatial.shape[0] // in_channels
         sp = spatial.reshape(in_channels, m, kh * kw)  # (C_in, m, K)
@@ -178,7 +219,7 @@ def compose(spatial: Tensor, pointwise: Tensor, order: str = "dw_pw", *, in_chan
     return dense.reshape(c_out, in_channels, kh, kw)
 
 
-def truncation_error(weight: Tensor, rank: int, order: str = "dw_pw") -> Tensor:
+def truncation_error(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> Tensor:
     """Squared Frobenius error of the rank-``rank`` factorisation: the discarded ``Σσ²`` (float64 scalar).
 
     Example:
@@ -189,7 +230,7 @@ def truncation_error(weight: Tensor, rank: int, order: str = "dw_pw") -> Tensor:
     return (s[:, rank:] ** 2).sum()
 
 
-def relative_weight_error(weight: Tensor, rank: int, order: str = "dw_pw") -> float:
+def relative_weight_error(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` for the rank-``rank`` factorisation (0 for a zero kernel).
 
     Example:
@@ -203,7 +244,7 @@ def relative_weight_error(weight: Tensor, rank: int, order: str = "dw_pw") -> fl
     return float(((s[:, rank:] ** 2).sum() / total).sqrt())
 
 
-def rank_for_energy(weight: Tensor, energy: float, order: str = "dw_pw") -> int:
+def rank_for_energy(weight: Tensor, energy: float, order: LayoutLike = "dw_pw") -> int:
     """Smallest rank ``m`` whose factorisation keeps at least ``energy`` of ``Σσ²`` (over all slices).
 
     Equivalently the smallest ``m`` with relative weight error ``≤ √(1 − energy)``.

@@ -52,6 +52,7 @@ from .batches import batch_size_of, check_iterable, input_spec, model_inputs, to
 from .calibrate import CalibrationUsageError, replaced_names
 from .errors import CalibrationError, did_you_mean
 from .fidelity import flatten_outputs
+from .kinds import kind_of
 from .layers.dsconv import DepthwiseSeparableConv2d
 from .macs import call_model
 
@@ -311,10 +312,11 @@ def heal(
     blocks = dict(rewritten.named_modules())
     convs = dict(teacher.named_modules())
     for n in names:
-        if not isinstance(blocks.get(n), DepthwiseSeparableConv2d) or n not in convs:
+        if n not in blocks or kind_of(blocks[n]) is None or n not in convs:
             raise CalibrationUsageError(
-                f"heal(names=...): {n!r} must be a DepthwiseSeparableConv2d in the rewritten model and a module "
-                f"of the original{did_you_mean(n, [k for k, v in blocks.items() if isinstance(v, DepthwiseSeparableConv2d)])}."
+                f"heal(names=...): {n!r} must be a replacement block (a DepthwiseSeparableConv2d or another "
+                f"registered kind's) in the rewritten model and a module "
+                f"of the original{did_you_mean(n, [k for k, v in blocks.items() if kind_of(v) is not None])}."
             )
 
     flags = [(m, m.training) for m in rewritten.modules()] + [(m, m.training) for m in teacher.modules()]

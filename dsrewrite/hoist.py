@@ -70,6 +70,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .deploy import _join, _set_submodule, parity_tolerance
 from .errors import UsageError
+from .kinds import Stages, kind_of
 from .layers import DepthwiseSeparableConv2d
 from .macs import evaluating, run_model
 
@@ -325,14 +326,13 @@ def _shape(node: Any) -> Optional[tuple[int, ...]]:
 def _problem(match: _Match, root: nn.Module, calls: Counter, held: Counter) -> str:
     """Why ``match`` cannot be hoisted, or ``""``."""
     ds, target = match.conv, str(match.conv_node.target)
-    if type(ds).forward is not DepthwiseSeparableConv2d.forward:
+    kind = kind_of(ds)
+    stages = kind.stages(ds) if kind is not None else None
+    if kind is None or stages is None:
         return f"block {target!r} is a {type(ds).__qualname__} with its own forward"
-    if ds.order != "pw_dw":
-        return (
-            f"block {target!r} has order {ds.order!r}: its first stage is the k×k depthwise, which does not "
-            "commute with the upsample. Hint: rewrite with order='pw_dw' (or 'auto')"
-        )
-    pw = ds.pointwise
+    if kind.hoist_refusal is not None:
+        return f"block {target!r} has order {kind.name!r}: {kind.hoist_refusal}"
+    pw = ds.get_submodule(stages.first)
     if _has_hooks(ds) or _has_hooks(pw):
         return f"block {target!r} or its pointwise stage has hooks, which the rewrite would bypass"
     if type(pw) is not nn.Conv2d or pw.groups != 1:
@@ -404,11 +404,20 @@ def _split_pointwise(pw: nn.Conv2d, start: int, stop: int, bias: bool) -> nn.Con
     return new
 
 
+def _stages(block: nn.Module) -> Stages:
+    """The stages of a block :func:`_problem` accepted (its kind knows its forward)."""
+    kind = kind_of(block)
+    stages = kind.stages(block) if kind is not None else None
+    assert stages is not None  # _problem declined every other block
+    return stages
+
+
 def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Module], name: str,
              conv: str) -> HoistRecord:
     """Replace ``match`` in ``graph``; new pointwise modules go into ``new_modules``."""
     ds, target = match.conv, str(match.conv_node.target)
-    pw = ds.pointwise
+    stages = _stages(ds)
+    pw = ds.get_submodule(stages.first)
     bias_at = next((i for i, p in enumerate(match.parts) if p.up is None), 0)
     single = len(match.parts) == 1
     outs, start, hoisted, other, saved, descs = [], 0, 0, 0, 0, []
@@ -416,7 +425,7 @@ def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Mod
         for i, p in enumerate(match.parts):
             shape = _shape(p.node)
             c = shape[1]  # type: ignore[index]
-            part = f"{target}.pointwise" if single else f"{target}.pointwise_part{i}"
+            part = f"{target}.{stages.first}" if single else f"{target}.{stages.first}_part{i}"
             new_modules[part] = _split_pointwise(pw, start, start + c, bias=i == bias_at)
             start += c
             if p.up is None:
@@ -438,7 +447,7 @@ def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Mod
         for stage in ("mid_norm", "mid_act"):
             if not isinstance(getattr(ds, stage), nn.Identity):
                 acc = graph.create_node("call_module", f"{target}.{stage}", (acc,))
-        out = graph.create_node("call_module", f"{target}.depthwise", (acc,))
+        out = graph.create_node("call_module", f"{target}.{stages.last}", (acc,))
     match.conv_node.replace_all_uses_with(out)
     dead = [match.conv_node, *match.post, *([match.cat] if match.cat else [])]
     for p in match.parts:

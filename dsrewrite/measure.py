@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .kinds import get_kind
 from .latency import compare_latency
-from .layers.dsconv import DepthwiseSeparableConv2d
 from .plan_types import LayerConfig
 
-__all__ = ["time_dense_vs_separable", "time_orders"]
+__all__ = ["time_dense_vs_separable", "time_orders", "ratio_key"]
 
 
 def _input(conv: nn.Conv2d, shape: Sequence[int]) -> torch.Tensor:
@@ -36,10 +36,9 @@ def _input(conv: nn.Conv2d, shape: Sequence[int]) -> torch.Tensor:
 
 def _block(conv: nn.Conv2d, order: str, m: int, cfg: Optional[LayerConfig] = None) -> nn.Module:
     # random init: only the speed matters here, and it skips the SVD
-    return DepthwiseSeparableConv2d.from_conv(
-        conv, depth_multiplier=m, order=order, init="random",
-        mid_norm=cfg.mid_norm if cfg else None, mid_act=cfg.mid_act if cfg else None,
-    ).eval()
+    config = LayerConfig(order=order, depth_multiplier=m, init="random",
+                         mid_norm=cfg.mid_norm if cfg else None, mid_act=cfg.mid_act if cfg else None)
+    return get_kind(order).build(conv, config).eval()
 
 
 def time_dense_vs_separable(
@@ -62,6 +61,16 @@ def time_dense_vs_separable(
     return {"dense_ms": cmp.median_a_ms, "separable_ms": cmp.median_b_ms, "ratio": cmp.ratio}
 
 
+def ratio_key(name: str, names: Sequence[str]) -> str:
+    """Key of kind ``name``'s time ratio to the first of ``names`` in :func:`time_orders`'s result.
+
+    Example:
+        >>> ratio_key("pw_dw", ["dw_pw", "pw_dw"])
+        'order_ratio'
+    """
+    return "order_ratio" if len(names) == 2 else f"{name}_ratio"
+
+
 def time_orders(
     conv: nn.Conv2d,
     ranks: dict[str, int],
@@ -71,7 +80,10 @@ def time_orders(
     warmup: int = 3,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """Median times (ms) of the ``dw_pw`` and ``pw_dw`` blocks and ``order_ratio`` = pw_dw / dw_pw.
+    """Median times (ms) of the blocks of the kinds in ``ranks`` (name → rank), each timed against the first.
+
+    Keys: ``<kind>_ms`` for each kind; with two kinds ``order_ratio`` = second / first,
+    with more ``<kind>_ratio`` for each kind after the first.
 
     Example:
         >>> r = time_orders(nn.Conv2d(32, 8, 3, padding=1), {"dw_pw": 1, "pw_dw": 1}, (1, 32, 8, 8), rounds=3)
@@ -79,7 +91,15 @@ def time_orders(
         ['dw_pw_ms', 'order_ratio', 'pw_dw_ms']
     """
     dense = copy.deepcopy(conv).eval()
-    a, b = _block(dense, "dw_pw", ranks["dw_pw"]), _block(dense, "pw_dw", ranks["pw_dw"])
-    cmp = compare_latency(a, b, _input(conv, input_shape), rounds=rounds, warmup=warmup,
-                          channels_last=channels_last)
-    return {"dw_pw_ms": cmp.median_a_ms, "pw_dw_ms": cmp.median_b_ms, "order_ratio": cmp.ratio}
+    names = list(ranks)
+    if len(names) < 2:
+        raise ValueError(f"time_orders needs at least two kinds, got {names}")
+    first = _block(dense, names[0], ranks[names[0]])
+    out: dict[str, float] = {}
+    for name in names[1:]:
+        cmp = compare_latency(first, _block(dense, name, ranks[name]), _input(conv, input_shape), rounds=rounds,
+                              warmup=warmup, channels_last=channels_last)
+        out.setdefault(f"{names[0]}_ms", cmp.median_a_ms)
+        out[f"{name}_ms"] = cmp.median_b_ms
+        out[ratio_key(name, names)] = cmp.ratio
+    return out

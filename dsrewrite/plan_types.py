@@ -29,10 +29,11 @@ class LayerConfig:
     """What to put in place of one conv: fully resolved (no 'auto', no energy left open).
 
     ``note`` says how a value was chosen (e.g. ``"energy 0.90 -> m=2"``,
-    ``"order auto: pw_dw has fewer MACs (C_in 256 > C_out 128)"``).
+    ``"order auto: pw_dw has fewer MACs (C_in 256 > C_out 128)"``). ``order`` is the
+    name of a registered replacement kind (:mod:`dsrewrite.kinds`).
     """
 
-    order: Literal["dw_pw", "pw_dw"] = "dw_pw"
+    order: str = "dw_pw"
     depth_multiplier: int = 1
     init: Literal["svd", "random"] = "svd"
     mid_norm: Optional[str] = None

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from .capture import capture
 from .facts import Capture, ConvFact
-from .factorize import rank_for_energy, relative_weight_error
-from .measure import time_dense_vs_separable, time_orders
+from .kinds import auto_kinds, get_kind
+from .measure import ratio_key, time_dense_vs_separable, time_orders
 from .plan_types import LayerConfig, Plan, PlanEntry
 from .recipe import Recipe, load_recipe, select
-from .recipe.schema import LatencySpec
+from .recipe.schema import AUTO, LatencySpec
 
 __all__ = ["plan", "plan_from_capture", "resolve_config", "separable_macs", "NothingSelectedWarning"]
 
@@ -40,10 +40,10 @@ class NothingSelectedWarning(UserWarning):
 
 
 def separable_macs(fact: ConvFact, order: str, m: int) -> int:
-    """MACs of the separable block that would replace ``fact`` (bias excluded).
+    """MACs of the block of kind ``order`` that would replace ``fact`` (bias excluded); asks the kind.
 
-    The spatial stage runs at the output resolution; the pointwise stage at the
-    output resolution for ``dw_pw`` and at the *input* resolution for ``pw_dw``.
+    For the built-ins: the spatial stage runs at the output resolution; the pointwise
+    stage at the output resolution for ``dw_pw`` and at the *input* resolution for ``pw_dw``.
 
     Example:
         >>> f = ConvFact(name="c", cls="Conv2d", conv_type="Conv2d", plain=True, in_channels=64,
@@ -53,18 +53,7 @@ def separable_macs(fact: ConvFact, order: str, m: int) -> int:
         >>> separable_macs(f, "dw_pw", 1)
         27496448
     """
-    if fact.input_shape is None or fact.output_shape is None:
-        raise ValueError(f"conv {fact.name!r} has no recorded shapes")
-    n, _, hi, wi = fact.input_shape
-    _, _, ho, wo = fact.output_shape
-    k = 1
-    for s in fact.kernel_size:
-        k *= int(s)
-    cin, cout = fact.in_channels, fact.out_channels
-    out_px, in_px = n * ho * wo, n * hi * wi
-    if order == "dw_pw":
-        return k * m * cin * out_px + m * cin * cout * out_px
-    return m * cout * cin * in_px + k * m * cout * out_px
+    return get_kind(order).macs(fact, m)
 
 
 def resolve_config(
@@ -82,11 +71,13 @@ def resolve_config(
 ) -> LayerConfig:
     """Turn a recipe's replace spec into a concrete :class:`LayerConfig` for one conv.
 
-    ``order="auto"`` picks per conv, as ``auto_order`` says: ``"macs"`` (fewer MACs at
-    this conv's shapes; ties go to ``dw_pw``), ``"error"`` (lower weight reconstruction
-    error; the note gives both MAC counts) or ``"measured"`` (faster when both blocks
-    are timed at the real input shape). ``note`` says why. ``energy`` picks the
-    smallest rank that keeps that share of the kernel's spectrum (needs real weights).
+    ``order`` is a registered kind's name or ``"auto"``, which picks per conv among the
+    kinds that take part in ``auto`` (:func:`dsrewrite.kinds.auto_kinds`), as ``auto_order``
+    says: ``"macs"`` (fewer MACs at this conv's shapes; ties go to the earlier registered
+    kind, ``dw_pw`` among the built-ins), ``"error"`` (lower weight reconstruction error;
+    the note gives the MAC counts) or ``"measured"`` (faster when the blocks are timed at
+    the real input shape). ``note`` says why. ``energy`` picks the smallest rank that keeps
+    that share of the kernel's spectrum (needs real weights).
 
     Example:
         >>> conv = nn.Conv2d(256, 64, 3, padding=1)
@@ -99,6 +90,40 @@ def resolve_config(
     """
     return _resolve(fact, conv, order=order, depth_multiplier=depth_multiplier, energy=energy, init=init,
                     mid_norm=mid_norm, mid_act=mid_act, auto_order=auto_order, timing=timing)[0]
+
+
+def _choose(fact: ConvFact, conv: nn.Conv2d, ranks: dict[str, int], auto_order: str,
+            timing: Optional[LatencySpec], measured: dict[str, float]) -> tuple[str, str]:
+    """``order: auto``: the chosen kind's name and the note saying why (``ranks`` in registry order)."""
+    names = list(ranks)
+    first = names[0]
+    if len(names) == 1:
+        return first, f"order auto: {first} is the only kind that takes part"
+    if fact.input_shape is None or fact.output_shape is None:
+        return first, f"order auto: no shapes recorded, kept {first}"
+    macs = {n: get_kind(n).macs(fact, ranks[n]) for n in names}
+    mac_text = "MACs " + " vs ".join(f"{macs[n]:,} {n}" for n in names)
+    if auto_order == "measured":
+        spec = timing or LatencySpec()
+        t = time_orders(conv, ranks, fact.input_shape, rounds=spec.rounds, warmup=spec.warmup,
+                        channels_last=spec.channels_last)
+        measured.update(t)
+        ratios = {first: 1.0, **{n: t[ratio_key(n, names)] for n in names[1:]}}
+        chosen = min(names, key=lambda n: ratios[n])  # the first of equals: ties keep the earlier kind
+        took = ", ".join(f"{n} took {ratios[n]:.2f}× the time of {first}" for n in names[1:])
+        return chosen, (f"order auto (measured): {took} (median of {spec.rounds} interleaved rounds), "
+                        f"{chosen} chosen; {mac_text}")
+    if auto_order == "error" and conv.weight.device.type != "meta":
+        errs = {n: get_kind(n).weight_error(conv.weight, ranks[n]) for n in names}
+        chosen = min(names, key=lambda n: errs[n])
+        by_err = " vs ".join(f"{errs[n]:.3f} {n}" for n in names)
+        return chosen, f"order auto (by weight error): {by_err}, {chosen} chosen; {mac_text}"
+    chosen = min(names, key=lambda n: macs[n])
+    others = [n for n in names if n != chosen]
+    if all(macs[n] == macs[chosen] for n in others):
+        return chosen, f"order auto: equal MACs, kept {chosen}"
+    more = ", ".join(f"{macs[n]:,} for {n}" for n in others)
+    return chosen, f"order auto: {chosen} has fewer MACs ({macs[chosen]:,} vs {more})"
 
 
 def _resolve(
@@ -116,53 +141,26 @@ def _resolve(
 ) -> tuple[LayerConfig, dict[str, float]]:
     notes: list[str] = []
     measured: dict[str, float] = {}
-    orders = ("dw_pw", "pw_dw") if order == "auto" else (order,)
+    candidates = auto_kinds() if order == AUTO else (get_kind(order),)
+    if not candidates:
+        raise ValueError("order auto: no registered replacement kind takes part in auto")
     ranks: dict[str, int] = {}
-    for o in orders:
+    for kind in candidates:
         if energy is not None:
             if conv.weight.device.type == "meta":
                 raise ValueError(f"conv {fact.name!r} is on the meta device: an energy threshold needs weights")
-            ranks[o] = rank_for_energy(conv.weight, energy, o)
+            ranks[kind.name] = kind.rank_for_energy(conv.weight, energy)
         else:
-            ranks[o] = int(depth_multiplier or 1)
-    chosen = orders[0]
-    if order == "auto":
-        if fact.input_shape is None or fact.output_shape is None:
-            notes.append("order auto: no shapes recorded, kept dw_pw")
-        else:
-            macs = {o: separable_macs(fact, o, ranks[o]) for o in orders}
-            by_macs = "pw_dw" if macs["pw_dw"] < macs["dw_pw"] else "dw_pw"
-            mac_text = f"MACs {macs['dw_pw']:,} dw_pw vs {macs['pw_dw']:,} pw_dw"
-            if auto_order == "measured":
-                spec = timing or LatencySpec()
-                t = time_orders(conv, ranks, fact.input_shape, rounds=spec.rounds, warmup=spec.warmup,
-                                channels_last=spec.channels_last)
-                measured.update(t)
-                chosen = "pw_dw" if t["order_ratio"] < 1.0 else "dw_pw"
-                notes.append(
-                    f"order auto (measured): pw_dw took {t['order_ratio']:.2f}× the time of dw_pw "
-                    f"(median of {spec.rounds} interleaved rounds), {chosen} chosen; {mac_text}"
-                )
-            elif auto_order == "error" and conv.weight.device.type != "meta":
-                errs = {o: relative_weight_error(conv.weight, ranks[o], o) for o in orders}
-                chosen = "pw_dw" if errs["pw_dw"] < errs["dw_pw"] else "dw_pw"
-                notes.append(
-                    f"order auto (by weight error): {errs['dw_pw']:.3f} dw_pw vs {errs['pw_dw']:.3f} pw_dw, "
-                    f"{chosen} chosen; {mac_text}"
-                )
-            else:
-                chosen = by_macs
-                other = "dw_pw" if chosen == "pw_dw" else "pw_dw"
-                notes.append(
-                    f"order auto: {chosen} has fewer MACs ({macs[chosen]:,} vs {macs[other]:,} for {other})"
-                    if macs[chosen] != macs[other]
-                    else "order auto: equal MACs, kept dw_pw"
-                )
+            ranks[kind.name] = int(depth_multiplier or 1)
+    chosen = candidates[0].name
+    if order == AUTO:
+        chosen, why = _choose(fact, conv, ranks, auto_order, timing, measured)
+        notes.append(why)
     m = ranks[chosen]
     if energy is not None:
         notes.append(f"energy {energy:g} -> m={m}")
     cfg = LayerConfig(
-        order=chosen,  # type: ignore[arg-type]
+        order=chosen,
         depth_multiplier=m,
         init=init,  # type: ignore[arg-type]
         mid_norm=mid_norm,

@@ -34,7 +34,6 @@ from .schema import (
     INITS,
     MID_ACT_NAMES,
     MID_NORMS,
-    ORDERS,
     PREDICATE_KEYS,
     GraphPredicates,
     Kernel,
@@ -46,6 +45,7 @@ from .schema import (
     ReplacePatch,
     ReplaceSpec,
     Selector,
+    order_choices,
 )
 
 __all__ = [
@@ -557,7 +557,7 @@ def _replace_values(ctx: _Ctx, path: KeyPath, data: Mapping[Any, Any]) -> dict[s
     _check_keys(ctx, path, data, REPLACE_KEYS)
     out: dict[str, Any] = {}
     if "order" in data:
-        out["order"] = _choice(ctx, (*path, "order"), data["order"], ORDERS, "order")
+        out["order"] = _choice(ctx, (*path, "order"), data["order"], order_choices(), "order")
     if "auto_order" in data:
         out["auto_order"] = _choice(ctx, (*path, "auto_order"), data["auto_order"], AUTO_ORDERS, "auto_order")
     if data.get("depth_multiplier") is not None:

@@ -19,10 +19,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
+from ..kinds import auto_kinds, get_kind, kind_names
 from ..layers.dsconv import INITS, MID_ACTS, MID_NORMS
 
 __all__ = [
     "ORDERS",
+    "AUTO",
+    "order_choices",
+    "order_json_schema",
     "AUTO_ORDERS",
     "LatencySpec",
     "INITS",
@@ -41,8 +45,43 @@ __all__ = [
     "Recipe",
 ]
 
-#: Accepted ``replace.order`` values (``auto`` is resolved per conv by the planner).
-ORDERS: tuple[str, ...] = ("dw_pw", "pw_dw", "auto")
+#: The ``order`` value that lets the planner choose among the kinds (per conv).
+AUTO = "auto"
+
+
+def order_choices() -> tuple[str, ...]:
+    """Accepted ``replace.order`` values: the registered kinds' names, then ``auto``.
+
+    Read from :mod:`dsrewrite.kinds` at each call (``ORDERS`` is the same, read on access).
+
+    Example:
+        >>> order_choices()
+        ('dw_pw', 'pw_dw', 'auto')
+    """
+    return (*kind_names(), AUTO)
+
+
+def order_json_schema() -> dict[str, Any]:
+    """The ``replace.order`` property of ``recipe.schema.json``, generated from the registry.
+
+    Example:
+        >>> order_json_schema()["enum"]
+        ['dw_pw', 'pw_dw', 'auto']
+    """
+    described = "; ".join(f"{n}: {get_kind(n).description}" for n in kind_names())
+    among = ", ".join(k.name for k in auto_kinds())
+    return {
+        "description": f"{described}; {AUTO}: chosen per conv among {among} (see auto_order).",
+        "enum": list(order_choices()),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ORDERS":  # read on access: kinds may be registered after import
+        return order_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: how ``order: auto`` decides per conv
 AUTO_ORDERS: tuple[str, ...] = ("macs", "error", "measured")
 #: Accepted ``replace.mid_act`` names (besides ``null``).
@@ -183,10 +222,11 @@ class ReplaceSpec:
 
     Exactly one of ``depth_multiplier`` (a fixed ``m ≥ 1``) and ``energy`` (the
     smallest ``m`` keeping that fraction of the squared singular values, in
-    ``(0, 1]``) is set. ``order="auto"`` is resolved per conv by the planner.
+    ``(0, 1]``) is set. ``order`` names a registered kind (:mod:`dsrewrite.kinds`);
+    ``order="auto"`` is resolved per conv by the planner.
     """
 
-    order: Literal["dw_pw", "pw_dw", "auto"] = "dw_pw"
+    order: str = "dw_pw"  # a registered kind's name, or "auto"
     depth_multiplier: Optional[int] = 1
     energy: Optional[float] = None
     init: Literal["svd", "random"] = "svd"
@@ -208,7 +248,7 @@ class ReplaceSpec:
     def describe(self) -> str:
         """Short form, e.g. ``'dw_pw m=1 init=svd'`` or ``'auto energy=0.9 init=svd mid=batchnorm/relu'``."""
         rank = f"m={self.depth_multiplier}" if self.energy is None else f"energy={self.energy:g}"
-        order = self.order if self.order != "auto" or self.auto_order == "macs" else f"auto({self.auto_order})"
+        order = self.order if self.order != AUTO or self.auto_order == "macs" else f"{AUTO}({self.auto_order})"
         text = f"{order} {rank} init={self.init}"
         if self.mid_norm or self.mid_act:
             text += f" mid={self.mid_norm or '-'}/{self.mid_act or '-'}"
