@@ -183,7 +183,7 @@ CLI_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("quantized model from a factory", [f"{__name__}:quantized_static", "--recipe", "all_3x3"],
      ("quantized conv", "'1'", "float model before quantizing")),
     ("model on the meta device", ["{in:meta}", "--recipe", "all_3x3"], ("meta device", "load the weights")),
-    ("pickle with a code payload", ["{in:pickle_payload}", "--recipe", "all_3x3"], ("refused to unpickle", "system", "--trust-pickle")),
+    ("pickle with a code payload", ["{in:pickle_payload}", "--recipe", "all_3x3"], ("refused to load global", "system", "--trust-pickle")),
     ("unwritable output directory", ["{in:net}", "--recipe", "all_3x3", "-o", "{ro}/light.pt"], ("not writable",)),
 ]
 
