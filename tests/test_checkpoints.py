@@ -234,6 +234,12 @@ def test_diffusers_unet_whole_pickle_with_frozendict(tmp_path: Path) -> None:
     x, t = _x((1, 3, 16, 16)), torch.tensor([10])
     with torch.no_grad():
         assert torch.equal(unet(x, t).sample, loaded(x, t).sample)
+    # full rank on the multi-input (sample, timestep) model
+    light = dsrewrite.rewrite(loaded, "all_3x3", example_inputs=(x, t), depth_multiplier=9)
+    assert sum(type(m).__name__ == "DepthwiseSeparableConv2d" for m in light.modules()) > 0
+    with torch.no_grad():
+        err = _rel(light(x, t).sample, unet(x, t).sample)
+    assert err < 1e-4, f"full-rank rewrite of the diffusers U-Net moved the outputs: rel L2 {err:.3e}"
 
 
 def test_unpicklable_model_names_the_real_cause(tmp_path: Path) -> None:
