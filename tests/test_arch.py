@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import dsrewrite
+from cli_checks import assert_clean_cli_error, run_cli
 from dsrewrite.cli import main
 from dsrewrite.errors import ModelLoadError, PlanError
 from dsrewrite.io import build_arch, load_model, load_rewrite, plan_path_for, save_rewrite
@@ -94,10 +95,6 @@ def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         sys.modules.pop(name, None)
 
 
-def run_cli(args: list[Any]) -> Any:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def listing(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
 
@@ -168,12 +165,7 @@ def test_bad_arch_spec_cli(factories: Path, tmp_path: Path, case: str, spec: str
         argv += ["--arch-arg", a]
     previous_hook = sys.breakpointhook
     r = run_cli(argv)
-    assert r.exit_code == 2, f"{case}: exit {r.exit_code}\n{r.output}"
-    assert "Traceback" not in r.output, f"{case}: {r.output}"
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: not one error line: {r.stderr!r}"
-    for frag in fragments:
-        assert frag.lower() in lines[0].lower(), f"{case}: {frag!r} not in {lines[0]!r}"
+    assert_clean_cli_error(case, r, fragments)
     assert r.stdout == "", f"{case}: {r.stdout!r}"
     assert listing(out_dir) == [], f"{case}: wrote {listing(out_dir)}"
     assert sys.breakpointhook is previous_hook, f"{case}: breakpoint hook not restored"

@@ -27,6 +27,7 @@ from torch import nn
 import dsrewrite
 from dsrewrite.apply import apply_plan
 from dsrewrite.errors import UnsupportedModelError
+from cli_checks import assert_clean_cli_error, run_cli
 from dsrewrite.cli import main
 from dsrewrite.errors import DsRewriteError, InputShapeError, PlanError, UsageError
 from dsrewrite.io import load_model, plan_path_for
@@ -78,19 +79,6 @@ def assert_untouched(model: nn.Module, snap: tuple[dict[str, torch.Tensor], dict
             assert torch.equal(now[k], v), f"{k} changed: max abs diff {(now[k] - v).abs().max().item():.3e}"
     assert {n: type(m) for n, m in model.named_modules()} == classes, "the model's modules changed"
     assert model.training == training
-
-
-def run_cli(args: list[Any]) -> Any:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_clean_cli_error(label: str, r: Any, fragments: tuple[str, ...]) -> None:
-    assert r.exit_code == 2, f"{label}: exit {r.exit_code}\n{r.output}"
-    assert "Traceback" not in r.output, f"{label}: {r.output}"
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{label}: not one error line: {r.stderr!r}"
-    for frag in fragments:
-        assert frag.lower() in lines[0].lower(), f"{label}: {frag!r} not in {lines[0]!r}"
 
 
 def quantized_static(seed: int = 0) -> nn.Module:

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import hostile_pickles as hp
+from cli_checks import assert_clean_cli_error
 from dsrewrite.cli import main
 from dsrewrite.errors import ModelLoadError, UsageError
 from dsrewrite.io import load_rewrite, save_rewrite
@@ -69,14 +70,6 @@ def _entry_points(evil: Path, s: dict[str, Path]) -> dict[str, list[str]]:
     }
 
 
-def _check_refused(label: str, r: Any, fragment: str) -> None:
-    assert r.exit_code == 2, f"{label}: exit {r.exit_code}\n{r.output}"
-    assert "Traceback" not in r.output, f"{label}: {r.output}"
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{label}: not one error line: {r.stderr!r}"
-    assert fragment in lines[0], f"{label}: {fragment!r} not named in {lines[0]!r}"
-
-
 @pytest.mark.parametrize("case,legacy", [(c, False) for c in CASES] + [(c, True) for c in LEGACY_CASES],
                          ids=[c for c in CASES] + [f"{c}-legacy" for c in LEGACY_CASES])
 def test_hostile_file_refused_everywhere(setup: dict[str, Path], case: str, legacy: bool) -> None:
@@ -87,7 +80,7 @@ def test_hostile_file_refused_everywhere(setup: dict[str, Path], case: str, lega
     runner = CliRunner()
     for label, args in _entry_points(evil, setup).items():
         r = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-        _check_refused(f"{case}/{label}", r, fragment)
+        assert_clean_cli_error(f"{case}/{label}", r, (fragment,))
         assert not marker.exists(), f"{case}/{label}: the payload ran"
         assert _listing(setup["out"]) == before, f"{case}/{label}: something was written"
     # Python: load_rewrite reads the weights file through the same loader
@@ -137,7 +130,7 @@ def test_allow_module_admits_a_named_package(setup: dict[str, Path]) -> None:
     marker = setup["marker"]
     path = hp.write_case(hp.New(hp.Ref("dsr_evil_pkg", "Model"), dict(vars(nn.Module()))), setup["root"] / "m.pt")
     r = CliRunner().invoke(main, ["inspect", str(path), "--input-shape", "1,3,8,8"])
-    _check_refused("no allow", r, "--allow-module dsr_evil_pkg")
+    assert_clean_cli_error("no allow", r, ("--allow-module dsr_evil_pkg",))
     assert not marker.exists()
     r = CliRunner().invoke(main, ["inspect", str(path), "--allow-module", "dsr_evil_pkg", "--input-shape", "1,3,8,8"])
     assert marker.exists(), "the named package was not imported"
