@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 import dsrewrite
