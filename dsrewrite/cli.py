@@ -11,17 +11,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import click
 
-from .errors import DsRewriteError, UsageError
+from .errors import DsRewriteError, TrustedPickleWarning, UsageError
 
 __all__ = ["main"]
 
@@ -129,7 +130,25 @@ def _load(model: str, arch: Optional[str], arch_args: Sequence[str], trust_pickl
 
     args = parse_arch_args(arch_args)
     _progress(f"loading {model} ...")
-    return load_model(model, arch=arch, arch_args=args, trust_pickle=trust_pickle, **load_options)
+    with _trust_warnings():
+        return load_model(model, arch=arch, arch_args=args, trust_pickle=trust_pickle, **load_options)
+
+
+@contextlib.contextmanager
+def _trust_warnings() -> Iterator[None]:
+    """Print a --trust-pickle warning as one ``warning:`` line (also when the load then fails); other
+    warnings pass through."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TrustedPickleWarning)
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, TrustedPickleWarning):
+                click.echo(f"warning: {w.message}", err=True)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _inputs(loaded: Any, input_shape: Optional[Sequence[int]], example_inputs: Optional[str]
@@ -364,8 +383,9 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     check_output_path(Path(output), input_path=Path(rewritten), force=force)
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = _inputs(loaded, input_shape, example_inputs)
-    student = load_model(rewritten, trust_pickle=trust_pickle, allow_modules=load_options["allow_modules"],
-                         allow_globals=load_options["allow_globals"]).model
+    with _trust_warnings():
+        student = load_model(rewritten, trust_pickle=trust_pickle, allow_modules=load_options["allow_modules"],
+                             allow_globals=load_options["allow_globals"]).model
     source = open_calibration(data, input_shape=shape, size=calib_size, preset=calib_preset, mean=calib_mean,
                               std=calib_std, batch_size=batch_size)
     result = heal_fn(student, loaded.model, source.loader, steps=steps, lr=lr, checkpoint=checkpoint,

@@ -34,11 +34,16 @@ __all__ = [
     "RewriteError",
     "CalibrationError",
     "did_you_mean",
+    "TrustedPickleWarning",
 ]
 
 
 class DsRewriteError(Exception):
     """Base class of every error raised by dsrewrite on purpose."""
+
+
+class TrustedPickleWarning(UserWarning):
+    """A file was read with ``trust_pickle=True`` (CLI ``--trust-pickle``): code in it may have run."""
 
 
 class UsageError(DsRewriteError):

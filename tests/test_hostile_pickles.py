@@ -123,6 +123,7 @@ def test_trust_pickle_is_the_only_way_to_run_code(setup: dict[str, Path]) -> Non
     r = CliRunner().invoke(main, ["inspect", str(evil), "--trust-pickle", "--input-shape", "1,3,8,8"])
     assert marker.exists(), "the opt-in path did not load the file plainly"
     assert r.exit_code == 2  # an int is not a model
+    assert "warning: " in r.stderr and "--trust-pickle" in r.stderr and "runs whatever code" in r.stderr, r.stderr
 
 
 def test_allow_module_admits_a_named_package(setup: dict[str, Path]) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UnsafePickleError, did_you_mean
+from ..errors import ModelLoadError, TrustedPickleWarning, UnsafePickleError, did_you_mean
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_load import safe_torch_load
 
@@ -215,6 +216,11 @@ def read_torch_file(path: Union[str, os.PathLike], *, trust_pickle: bool = False
         except Exception as exc:
             raise _corrupt(path, exc) from exc
     if trust_pickle:
+        warnings.warn(
+            f"{path}: read with --trust-pickle (trust_pickle=True): plain torch.load(weights_only=False) runs "
+            "whatever code the file holds; use it only for files you made yourself.", TrustedPickleWarning,
+            stacklevel=2,
+        )
         try:
             return torch.load(path, map_location=map_location, weights_only=False), "trusted pickle"
         except Exception as exc:
