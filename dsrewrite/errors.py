@@ -59,7 +59,7 @@ class ModelLoadError(UsageError):
 
 
 class UnsafePickleError(ModelLoadError):
-    """A pickle asked for an object the restricted unpickler does not admit."""
+    """A model file names, calls or holds something the safe loader does not admit."""
 
 
 class OutputError(UsageError):

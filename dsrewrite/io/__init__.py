@@ -1,4 +1,4 @@
-"""Model I/O: safe loading (restricted unpickler, arch specs) and atomic saving with a plan sidecar.
+"""Model I/O: safe loading (torch's weights-only unpickler, per-file allowlist; arch specs) and atomic saving with a plan sidecar.
 
 Example:
     >>> from dsrewrite.io import load_model

@@ -10,7 +10,7 @@ temporary file and leaves any previous file untouched.
 and its arguments when the model was built from one). ``load_rewrite`` rebuilds
 the rewrite on a fresh instance of the architecture (given, or built from the
 plan's arch spec) from the plan and loads the weights from either file kind: a
-state-dict file (read with ``weights_only=True``) or the full-module ``out.pt`` itself (read by the restricted unpickler, of which
+state-dict file (read with ``weights_only=True``) or the full-module ``out.pt`` itself (read by the safe loader, of which
 only the ``state_dict()`` is used).
 
 Example:
@@ -403,7 +403,7 @@ def load_rewrite(fresh_model: Optional[nn.Module], plan_path: PathLike, weights_
     ``torchvision:``, ``smp:``, ``demo``) are always admitted, their arguments
     checked as on the command line. ``weights_path`` may be a state-dict file (``torch.save(model.state_dict())``,
     read with ``weights_only=True``) or the full-module file written by
-    :func:`save_rewrite` (read by the restricted unpickler; only its
+    :func:`save_rewrite` (read by the safe loader; only its
     ``state_dict()`` is used). ``fresh_model`` is not modified.
 
     Raises:
