@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import io
+import pickle
 import pickletools
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["PickleScan", "scan_pickle", "main_pickle", "NotTorchFile"]
+__all__ = ["PickleScan", "scan_pickle", "merge_scans", "file_pickles", "NotTorchFile"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 
@@ -46,17 +47,28 @@ class NotTorchFile(ValueError):
 class PickleScan:
     """What one pickle names: ``globals`` (``module.qualname``), those it ``called`` (REDUCE) and
     ``instantiated`` (NEWOBJ; ``instantiated_with_args``: those given ``__new__`` arguments);
-    ``unsupported`` lists opcodes that name globals dynamically."""
+    ``called_with_args`` those called with a non-empty argument tuple; ``built`` those whose
+    result a ``BUILD`` then fills (state set on the object); ``unsupported`` lists opcodes that
+    name globals dynamically."""
 
     globals: frozenset[str]
     called: frozenset[str]
     instantiated: frozenset[str]
     unsupported: tuple[str, ...] = ()
     instantiated_with_args: frozenset[str] = frozenset()
+    called_with_args: frozenset[str] = frozenset()
+    built: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class _Global:
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class _Made:
+    """The result of calling or instantiating the global ``name``."""
+
     name: str
 
 
@@ -92,6 +104,8 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
     instantiated: set[str] = set()
     unsupported: list[str] = []
     with_args: set[str] = set()
+    called_args: set[str] = set()
+    built: set[str] = set()
     for op, arg, _pos in pickletools.genops(stream):
         name = op.name
         if name == "GLOBAL" or name == "INST":
@@ -131,9 +145,11 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
             func = stack.pop() if stack else _OTHER
             if isinstance(func, _Global):
                 (instantiated if name.startswith("NEWOBJ") else called).add(func.name)
-                if name.startswith("NEWOBJ") and args[:1] != [_EMPTY]:
-                    with_args.add(func.name)
-            stack.append(_OTHER)
+                if args[:1] != [_EMPTY]:
+                    (with_args if name.startswith("NEWOBJ") else called_args).add(func.name)
+                stack.append(_Made(func.name))
+            else:
+                stack.append(_OTHER)
             continue
         if name == "OBJ":  # MARK cls args... OBJ -> calls cls
             items = stack
@@ -145,6 +161,8 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
         if name == "BUILD":
             if stack:
                 stack.pop()  # the state; the instance stays on the stack
+            if stack and isinstance(stack[-1], _Made):
+                built.add(stack[-1].name)
             continue
         if name == "MARK":
             metastack.append(stack)
@@ -162,39 +180,61 @@ def scan_pickle(data: Union[bytes, io.BufferedIOBase]) -> PickleScan:
             del stack[len(stack) - len(before):]
         stack.extend(_OTHER for _ in after)
     return PickleScan(frozenset(names), frozenset(called), frozenset(instantiated), tuple(unsupported),
-                      frozenset(with_args))
+                      frozenset(with_args), frozenset(called_args), frozenset(built))
 
 
-def main_pickle(path: Union[str, Path]) -> tuple[bytes, str]:
-    """The main pickle of a ``torch.save`` file and its format (``"zip"`` or ``"legacy"``).
+def merge_scans(scans: "list[PickleScan]") -> PickleScan:
+    """One record for several pickles of the same file (every field the union).
 
-    Zip files: the archive's ``data.pkl``. Legacy (``_use_new_zipfile_serialization=False``)
-    files are a sequence of pickles (torch's magic number, checked, protocol, system info, the object, storage
-    keys): the fourth is returned. Raises ``ValueError`` when the layout is not recognised.
+    Example:
+        >>> a, b = scan_pickle(pickle.dumps(set(), protocol=2)), scan_pickle(pickle.dumps(len, protocol=2))
+        >>> sorted(merge_scans([a, b]).globals)
+        ['builtins.len', 'builtins.set']
+    """
+    return PickleScan(*(frozenset().union(*(getattr(s, f) for s in scans)) if f != "unsupported"
+                        else tuple(x for s in scans for x in s.unsupported)
+                        for f in ("globals", "called", "instantiated", "unsupported", "instantiated_with_args",
+                                  "called_with_args", "built")))
+
+
+def file_pickles(path: Union[str, Path]) -> tuple[list[bytes], str]:
+    """Every pickle torch reads from a ``torch.save`` file, and the format (``"zip"`` or ``"legacy"``).
+
+    Zip files: every ``.pkl`` record of the archive (whatever the case of its name: the scan must
+    see whatever torch may read), refusing an archive with more than one ``data.pkl``. Legacy
+    (``_use_new_zipfile_serialization=False``) files: the sequence torch unpickles (torch's magic
+    number, checked; protocol; system info; the object; the storage keys). Raises ``ValueError``
+    (:class:`NotTorchFile` for a pickle without torch's header) when the layout is not recognised.
 
     Example:
         >>> import tempfile, torch
         >>> p = Path(tempfile.mkdtemp()) / "t.pt"; torch.save({"w": torch.ones(1)}, p)
-        >>> data, fmt = main_pickle(p); fmt, data[:1] == b"\\x80"
+        >>> pickles, fmt = file_pickles(p); fmt, len(pickles) >= 1
         ('zip', True)
     """
     path = Path(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
-            if len(pkls) != 1:
-                raise ValueError(f"expected one data.pkl in the archive, found {len(pkls)}")
-            return zf.read(pkls[0]), "zip"
+            names = zf.namelist()
+            data = [n for n in names if n.rsplit("/", 1)[-1].lower() == "data.pkl"]
+            if len(data) != 1:
+                raise ValueError(f"expected one data.pkl in the archive, found {len(data)}")
+            return [zf.read(n) for n in names if n.lower().endswith(".pkl")], "zip"
+    out: list[bytes] = []
     with open(path, "rb") as f:
         magic = [arg for _op, arg, _pos in pickletools.genops(f)]
         if _LEGACY_MAGIC not in magic:
             raise NotTorchFile("a pickle without torch's header")
-        for _ in range(2):
-            for _op in pickletools.genops(f):
-                pass
-        start = f.tell()
-        for _op in pickletools.genops(f):
-            pass
-        end = f.tell()
-        f.seek(start)
-        return f.read(end - start), "legacy"
+        for _ in range(4):
+            start = f.tell()
+            try:
+                for _op in pickletools.genops(f):
+                    pass
+            except ValueError:
+                if not out:
+                    raise
+                break  # past the storage keys come raw bytes
+            end = f.tell()
+            f.seek(start)
+            out.append(f.read(end - start))
+        return out, "legacy"

@@ -12,10 +12,17 @@ Instead :func:`safe_torch_load`:
    (``torch.save(model)`` only instantiates them);
 3. loads with ``torch.load(weights_only=True)`` inside
    ``torch.serialization.safe_globals(...)`` holding exactly those objects;
-4. audits the result (:func:`audit_loaded`): no instance attribute may hold a callable
-   that shadows its class's own method or attribute (a ``state_dict`` the loader would
-   call), hooks may only be torch's weight/spectral-norm hooks, ``functools.partial``
-   may only wrap admitted classes and reviewed functions.
+4. audits the result (:func:`audit_loaded`), every object reachable from it (dict keys and
+   tensor attributes included) *before* anything reads it: no instance attribute may hold a
+   callable under a dunder or protocol name (``__deepcopy__``, ``keys``, ...) or one that
+   shadows its class's own method or attribute (a ``state_dict`` the loader would call);
+   hooks may only be torch's weight/spectral-norm hooks; ``functools.partial`` may only wrap
+   admitted classes and reviewed functions, bound to plain numbers, flags and names (no
+   paths, URLs or weight arguments).
+
+The scan also refuses a mapping built from an object (``OrderedDict(obj)`` calls ``obj.keys``),
+state set on an enum member (shared by the whole process), and reads every pickle torch will
+read (all ``.pkl`` records of a zip, every pickle of a legacy file).
 
 ``torch.compile``'d model objects (``OptimizedModule``) are unwrapped while loading:
 the compiler context they pickle (dynamo callbacks, ``getattr`` calls) is replaced by
@@ -37,6 +44,7 @@ import collections
 import functools
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -45,11 +53,13 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsafePickleError
 from .allowlist import TRUST_HINT, Admitted, admit, is_reviewed_function
-from .pickle_scan import NotTorchFile, main_pickle, scan_pickle
+from .pickle_scan import NotTorchFile, file_pickles, merge_scans, scan_pickle
 
 __all__ = ["safe_torch_load", "audit_loaded", "TRUST_HINT"]
 
 _COMPILED = "torch._dynamo.eval_frame.OptimizedModule"
+#: torch's own allowed callables that a torch.save pickle only ever calls with no arguments.
+_EMPTY_CALLS = frozenset({"collections.OrderedDict"})
 _COMPILE_CONTEXT_EXTRA = ("torch._TorchCompileInductorWrapper", "contextlib.nullcontext", "builtins.getattr")
 _HOOK_TYPES = (
     "torch.nn.utils.weight_norm.WeightNorm",
@@ -86,16 +96,21 @@ class _MappingRecorder:
 
     def stand_in(self, cls: type) -> Any:
         def make(*args: Any) -> collections.OrderedDict:
-            od: collections.OrderedDict = collections.OrderedDict(*args)
+            if args:  # also refused by the scan; never build a mapping from an object from the file
+                raise pickle.UnpicklingError(f"{cls.__qualname__} called with arguments")
+            od: collections.OrderedDict = collections.OrderedDict()
             self.made[id(od)] = (od, cls)
             return od
 
         return make
 
     def rebuild(self, od: collections.OrderedDict, cls: type) -> Any:
+        """``cls`` with ``od``'s items and attributes, read through ``dict``'s own methods only (after the
+        audit: nothing the file put on ``od`` is looked up)."""
         new = cls.__new__(cls)
-        collections.OrderedDict.update(new, od)
-        object.__setattr__(new, "__dict__", dict(vars(od)))
+        for k, v in dict.items(od):
+            collections.OrderedDict.__setitem__(new, k, v)
+        object.__setattr__(new, "__dict__", dict(object.__getattribute__(od, "__dict__")))
         return new
 
 
@@ -111,18 +126,82 @@ def _qualname(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+#: Names Python and libraries look up on an *instance* (not its class): a callable stored under one would be
+#: called by ``dict(obj)``, ``copy.deepcopy``, file-like readers, ...
+_PROTOCOL_NAMES = frozenset({"keys", "items", "values", "get", "read", "readline", "readinto", "write", "seek",
+                             "tell", "close", "fileno"})
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _plain_arg(v: Any) -> bool:
+    """What a stored ``functools.partial`` may bind: numbers, flags, short identifier-like strings, dtypes,
+    admitted classes, reviewed functions, and tuples/lists/partials of those (no paths, URLs or objects)."""
+    if isinstance(v, (bool, int, float, complex, type(None), torch.dtype)):
+        return True
+    if isinstance(v, str):
+        return bool(_IDENT.fullmatch(v))
+    if isinstance(v, type) or is_reviewed_function(v):
+        return True
+    if isinstance(v, (tuple, list)):
+        return len(v) <= 64 and all(_plain_arg(x) for x in v)
+    return isinstance(v, functools.partial)  # audited on its own
+
+
+class _Path:
+    """Where an object sits in the loaded graph, built only when a refusal names it."""
+
+    __slots__ = ("parent", "step")
+
+    def __init__(self, parent: Optional["_Path"], step: str) -> None:
+        self.parent, self.step = parent, step
+
+    def __str__(self) -> str:
+        steps, node = [], self
+        while node is not None:
+            steps.append(node.step)
+            node = node.parent
+        return "".join(reversed(steps))
+
+
+def _audit_partial(obj: functools.partial, path: _Path) -> None:
+    f = obj.func
+    while isinstance(f, functools.partial):
+        f = f.func
+    if not (isinstance(f, type) or is_reviewed_function(f)):
+        raise UnsafePickleError(f"refused: {path} is {_describe(obj)}, a partial around something that "
+                                f"is not an admitted class or reviewed function. {TRUST_HINT}")
+    from .arch import WEIGHT_ARGS
+
+    bad_kw = sorted(k for k in obj.keywords if k in WEIGHT_ARGS)
+    if bad_kw or not all(_plain_arg(a) for a in (*obj.args, *obj.keywords.values())):
+        what = f"keyword {bad_kw[0]!r} (weights to download or read)" if bad_kw else \
+            "arguments that are not plain numbers, flags or names (a path, URL or object)"
+        raise UnsafePickleError(f"refused: {path} is {_describe(obj)} with {what}; calling it would construct "
+                                f"{_describe(f)} with data from the file. {TRUST_HINT}")
+
+
+def _audit_attrs(obj: Any, state: dict[str, Any], path: _Path) -> None:
+    cls = type(obj)
+    for k, v in _items(state):
+        if not callable(v):
+            continue
+        if not isinstance(k, str) or k.startswith("__") or k in _PROTOCOL_NAMES or hasattr(cls, k):
+            raise UnsafePickleError(
+                f"refused: attribute {k!r} of {path} ({_qualname(cls)}) holds {_describe(v)}; a callable stored "
+                f"under a method's or protocol's name could make dsrewrite or Python call it. {TRUST_HINT}"
+            )
 
 
 def _walk(root: Any, replace: dict[int, Any]) -> Any:
-    """Visit every object reachable through containers and instance ``__dict__``s (iteratively, any depth),
-    swap the ``replace``d ones in place, audit each; return the (possibly replaced) root.
+    """Visit every object reachable through containers, instance ``__dict__``s and tensor attributes
+    (iteratively, any depth), swap the ``replace``d ones in place, audit each; return the (replaced) root.
 
     Raises UnsafePickleError on the first audit failure, naming the attribute path.
     """
     root = replace.get(id(root), root)
     seen: set[int] = set()
-    todo: list[tuple[Any, str]] = [(root, "<file>")]
+    todo: list[tuple[Any, _Path]] = [(root, _Path(None, "<file>"))]
     while todo:
         obj, path = todo.pop()
         if isinstance(obj, _LEAVES) or id(obj) in seen:
@@ -132,55 +211,55 @@ def _walk(root: Any, replace: dict[int, Any]) -> Any:
             raise UnsafePickleError(f"refused: {path} holds part of a torch.compile context outside the "
                                     f"compiled module. {TRUST_HINT}")
         if isinstance(obj, functools.partial):
-            f = obj.func
-            while isinstance(f, functools.partial):
-                f = f.func
-            if not (isinstance(f, type) or is_reviewed_function(f)):
-                raise UnsafePickleError(f"refused: {path} is {_describe(obj)}, a partial around something that "
-                                        f"is not an admitted class or reviewed function. {TRUST_HINT}")
-            todo.extend((a, f"{path}.args[{i}]") for i, a in enumerate(obj.args))
-            todo.extend((a, f"{path}.keywords[{k!r}]") for k, a in obj.keywords.items())
+            _audit_partial(obj, path)
+            todo.extend((a, _Path(path, f".args[{i}]")) for i, a in enumerate(obj.args))
+            todo.extend((a, _Path(path, f".keywords[{k!r}]")) for k, a in obj.keywords.items())
             continue
         if isinstance(obj, dict):
-            for k in list(obj):
-                if id(obj[k]) in replace:
-                    obj[k] = replace[id(obj[k])]
-                todo.append((obj[k], f"{path}[{k!r}]"))
+            for k in list(dict.keys(obj)):
+                v = dict.__getitem__(obj, k)
+                if id(v) in replace:
+                    dict.__setitem__(obj, k, replace[id(v)])
+                    v = replace[id(v)]
+                todo.append((k, _Path(path, f"<key {k!r}>")))
+                todo.append((v, _Path(path, f"[{k!r}]")))
         elif isinstance(obj, list):
-            obj[:] = [replace.get(id(v), v) for v in obj]
-            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+            list.__setitem__(obj, slice(None), [replace.get(id(v), v) for v in obj])
+            todo.extend((v, _Path(path, f"[{i}]")) for i, v in enumerate(obj))
         elif isinstance(obj, (tuple, set, frozenset)):
-            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+            todo.extend((v, _Path(path, f"[{i}]")) for i, v in enumerate(obj))
         if isinstance(obj, type):
             continue
-        state = getattr(obj, "__dict__", None)
+        try:
+            state = object.__getattribute__(obj, "__dict__")
+        except (AttributeError, TypeError):
+            continue
         if not isinstance(state, dict):
             continue
-        cls = type(obj)
         if isinstance(obj, nn.Module):
             _audit_module(obj, state, path)
+        _audit_attrs(obj, state, path)
         for k in list(state):
             if id(state[k]) in replace:
                 state[k] = replace[id(state[k])]
-            v = state[k]
-            if callable(v) and hasattr(cls, k):
-                raise UnsafePickleError(
-                    f"refused: attribute {k!r} of {path} ({_qualname(cls)}) holds {_describe(v)}, which shadows "
-                    f"the class's own {k!r}; a file that replaces a method could make dsrewrite call it. {TRUST_HINT}"
-                )
-            todo.append((v, f"{path}.{k}"))
+            todo.append((state[k], _Path(path, f".{k}")))
     return root
 
 
-def _audit_module(m: nn.Module, state: dict[str, Any], path: str) -> None:
+def _items(d: Any) -> list[tuple[Any, Any]]:
+    """A dict's items through ``dict`` itself (never a method the file could have put on the instance)."""
+    return list(dict.items(d)) if isinstance(d, dict) else []
+
+
+def _audit_module(m: nn.Module, state: dict[str, Any], path: _Path) -> None:
     for slot, ok in (("_parameters", (torch.Tensor,)), ("_buffers", (torch.Tensor,)), ("_modules", (nn.Module,))):
-        for k, v in (state.get(slot) or {}).items():
+        for k, v in _items(state.get(slot)):
             if v is not None and not isinstance(v, ok):
                 raise UnsafePickleError(f"refused: {path}.{slot}[{k!r}] holds {_describe(v)}, not a "
                                         f"{ok[0].__name__}. {TRUST_HINT}")
-    for k, v in state.items():
-        if k.startswith("_") and "hooks" in k and isinstance(v, dict):
-            for hk, hook in v.items():
+    for k, v in _items(state):
+        if isinstance(k, str) and k.startswith("_") and "hooks" in k and isinstance(v, dict):
+            for hk, hook in _items(v):
                 if isinstance(hook, bool):
                     continue
                 if _qualname(type(hook)) not in _HOOK_TYPES:
@@ -201,7 +280,7 @@ def audit_loaded(obj: Any) -> Any:
         >>> audit_loaded(m)
         Traceback (most recent call last):
         ...
-        dsrewrite.errors.UnsafePickleError: refused: attribute 'state_dict' of <file> (torch.nn.modules.linear.Linear) holds functools.partial('builtins.print', ...), which shadows the class's own 'state_dict'; a file that replaces a method could make dsrewrite call it. If you trust this file, re-run with --trust-pickle (trust_pickle=True) to load it with plain torch.load(weights_only=False), or save a state dict and pass --arch.
+        dsrewrite.errors.UnsafePickleError: refused: attribute 'state_dict' of <file> (torch.nn.modules.linear.Linear) holds functools.partial('builtins.print', ...); a callable stored under a method's or protocol's name could make dsrewrite or Python call it. If you trust this file, re-run with --trust-pickle (trust_pickle=True) to load it with plain torch.load(weights_only=False), or save a state dict and pass --arch.
     """
     return _walk(obj, {})
 
@@ -249,8 +328,8 @@ def safe_torch_load(
     path = Path(f)
     source = source or os.fspath(path)
     try:
-        data, _fmt = main_pickle(path)
-        scan = scan_pickle(data)
+        pickles, _fmt = file_pickles(path)
+        scan = merge_scans([scan_pickle(data) for data in pickles])
     except NotTorchFile as exc:
         raise ModelLoadError(f"{source} is not a torch file ({exc}); expected a file written by torch.save "
                              "(a model or a state dict).") from exc
@@ -287,6 +366,18 @@ def safe_torch_load(
                 f"{source}: refused to pass arguments to {name}.__new__ while loading: torch.save of a model "
                 f"rebuilds modules with no arguments. {TRUST_HINT}"
             )
+    for name in sorted(scan.called_with_args):
+        if name in _EMPTY_CALLS or admitted.roles.get(name) == "mapping":
+            raise UnsafePickleError(
+                f"{source}: refused to call {name!r} with arguments while loading: a pickled mapping is rebuilt "
+                f"empty and then filled (building it from an object would call that object's methods). {TRUST_HINT}"
+            )
+    for name in sorted(scan.built):
+        if admitted.roles.get(name) == "enum":
+            raise UnsafePickleError(
+                f"{source}: refused to set state on a member of enum {name!r}: enum members are shared by the "
+                f"whole process. {TRUST_HINT}"
+            )
     recorder = _MappingRecorder()
     for name, obj in admitted.objects.items():
         safe.append((recorder.stand_in(obj), name) if admitted.roles[name] == "mapping" else (obj, name))
@@ -305,8 +396,9 @@ def safe_torch_load(
             ) from None
         raise UnsafePickleError(f"{source}: refused by torch's weights-only unpickler: {reason}. {TRUST_HINT}") \
             from None
-    replace = {i: recorder.rebuild(od, cls) for i, (od, cls) in recorder.made.items()}
     try:
-        return _walk(obj, replace)
+        _walk(obj, {})  # audit everything first: the rebuild below reads the mappings it audited
+        replace = {i: recorder.rebuild(od, cls) for i, (od, cls) in recorder.made.items()}
+        return _walk(obj, replace) if replace else obj
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{source}: {exc}") from None
