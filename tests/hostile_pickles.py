@@ -194,6 +194,29 @@ def cases(marker: Path) -> dict[str, tuple[Any, str, bool]]:
              "x": Call(Ref("builtins", "getattr"), ("abc", "upper"))},
             "torch.compile context", False),
         "main_module_class": (New(Ref("__main__", "Net"), {}), "__main__", False),
+        # found in review: a mapping built from an object calls that object's (instance) keys()
+        "ordereddict_keys_gadget": (
+            {"state_dict": {"w": torch.ones(1)},
+             "x": Call(Ref("collections", "OrderedDict"),
+                       (module_with(keys=partial(Ref("hostile_pickles", "MarkerModule"), str(marker))),))},
+            "collections.OrderedDict", True),
+        # copy.deepcopy (apply copies the model) looks __deepcopy__ up on the instance
+        "deepcopy_on_module": (module_with(__deepcopy__=partial(Ref("hostile_pickles", "MarkerModule"), str(marker))),
+                               "'__deepcopy__'", False),
+        "deepcopy_on_parameter": (
+            Call(Ref("torch._utils", "_rebuild_parameter_with_state"),
+                 (torch.ones(2), True, collections.OrderedDict(),
+                  {"__deepcopy__": partial(Ref("hostile_pickles", "MarkerModule"), str(marker))})),
+            "'__deepcopy__'", False),
+        # state set on an enum member changes it for the whole process
+        "enum_member_state": ({"junk": [Call(Ref("torchvision.transforms.functional", "InterpolationMode"),
+                                             ("bilinear",), {"_value_": "nearest"})]}, "enum", False),
+        # a stored partial that a forward would call, bound to a URL or to pretrained weights
+        "partial_with_url": (module_with(act=partial(LINEAR, "hf-hub:attacker-org/beacon")), "plain numbers", False),
+        "partial_with_pretrained": (module_with(act=Call(PARTIAL, (LINEAR,), (LINEAR, (3, 4), {"pretrained": True},
+                                                                              None))), "'pretrained'", False),
+        # importing a __main__ module runs a program
+        "dunder_main_module": (Ref("torch.utils.model_dump.__main__", "main"), "dunder part", False),
         "graph_module": (Call(Ref("torch.fx.graph_module", "reduce_graph_module"), ({}, "import os")),
                          "torch.fx.graph_module", False),
     }

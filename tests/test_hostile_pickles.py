@@ -146,3 +146,74 @@ def test_python_api_refuses_with_typed_error(setup: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match="torch.serialization.os.system"):
         load_model(evil)
     assert not setup["marker"].exists()
+
+
+def _rewrite_zip(path: Path, rename: dict[str, str], extra: dict[str, bytes]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        entries = [(i.filename, zf.read(i.filename)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries:
+            zf.writestr(rename.get(name, name), data)
+        for name, data in extra.items():
+            zf.writestr(name, data)
+
+
+def test_scan_sees_the_pickle_torch_reads(setup: dict[str, Path]) -> None:
+    """A hostile data.pkl under another case, beside a harmless decoy data.pkl: refused (found in review)."""
+    import zipfile
+
+    marker = setup["marker"]
+    evil = hp.write_case(hp.Call(hp.Ref("hostile_pickles", "MarkerModule"), (str(marker),)), setup["root"] / "e.pt")
+    decoy = hp.write_case(hp.New(hp.Ref("hostile_pickles", "MarkerModule"), hp.linear_state()), setup["root"] / "d.pt")
+    with zipfile.ZipFile(decoy) as zf:
+        decoy_pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    with zipfile.ZipFile(evil) as zf:
+        pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+    _rewrite_zip(evil, {pkl: pkl[: -len("data.pkl")] + "DATA.PKL"}, {pkl[: -len("data.pkl")] + "x/data.pkl": decoy_pkl})
+    r = CliRunner().invoke(main, ["inspect", str(evil), "--input-shape", "1,3,8,8"])
+    assert r.exit_code == 2 and not marker.exists(), r.output
+
+
+def test_legacy_system_info_pickle_is_scanned(setup: dict[str, Path]) -> None:
+    """A legacy file's third pickle (system info) is unpickled by torch too: it is scanned (found in review)."""
+    import pickle
+
+    import torch.serialization as ts
+
+    marker = setup["marker"]
+    path = setup["root"] / "legacy.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path, _use_new_zipfile_serialization=False)
+    blob = path.read_bytes()
+    buf = __import__("io").BytesIO()
+    hp.HostilePickler(buf, protocol=2).dump(hp.Call(hp.Ref("hostile_pickles", "MarkerModule"), (str(marker),)))
+    # replace the system-info pickle (the third) by the payload
+    import pickletools
+
+    f = __import__("io").BytesIO(blob)
+    bounds = []
+    for _ in range(3):
+        start = f.tell()
+        for _op in pickletools.genops(f):
+            pass
+        bounds.append((start, f.tell()))
+    path.write_bytes(blob[: bounds[2][0]] + buf.getvalue() + blob[bounds[2][1]:])
+    from dsrewrite.io import load_model
+
+    with pytest.raises(UsageError, match="MarkerModule"):
+        load_model(path)
+    assert not marker.exists()
+    del pickle, ts
+
+
+def test_enum_members_untouched_after_a_refused_file(setup: dict[str, Path]) -> None:
+    from torchvision.transforms.functional import InterpolationMode
+
+    obj, _f, _ = hp.cases(setup["marker"])["enum_member_state"]
+    path = hp.write_case(obj, setup["root"] / "enum.pt")
+    with pytest.raises(UsageError):
+        from dsrewrite.io import load_model
+
+        load_model(path)
+    assert InterpolationMode.BILINEAR.value == "bilinear"

@@ -178,6 +178,9 @@ def _import(name: str, module: str, allow_modules: tuple[str, ...]) -> ModuleTyp
         )
     if not module or not all(p.isidentifier() for p in module.split(".")):
         raise UnsafePickleError(f"refused to load global {name!r}: {module!r} is not a module name. {TRUST_HINT}")
+    if any(p.startswith("__") for p in module.split(".")):
+        raise UnsafePickleError(f"refused to load global {name!r}: module {module!r} has a dunder part "
+                                f"(__main__ modules run a program when imported). {TRUST_HINT}")
     if not _module_allowed(module, allow_modules):
         top = module.split(".", 1)[0]
         if top in sys.stdlib_module_names or top == "builtins":
@@ -208,6 +211,11 @@ def _import(name: str, module: str, allow_modules: tuple[str, ...]) -> ModuleTyp
             "that defines the model, run from the directory that holds it or add it to PYTHONPATH; or save a "
             "state dict and pass --arch."
         ) from exc
+    except (Exception, SystemExit) as exc:  # a module whose import runs a program or fails
+        raise UnsafePickleError(
+            f"refused to load global {name!r}: importing module {module!r} raised {type(exc).__name__} "
+            f"({str(exc).splitlines()[0] if str(exc) else 'no message'}). {TRUST_HINT}"
+        ) from None
     if getattr(mod, "__name__", None) != module:
         raise UnsafePickleError(
             f"refused to load global {name!r}: module {module!r} is not a module that can be imported by "

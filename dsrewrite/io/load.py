@@ -428,6 +428,10 @@ def _check_rebuilt(model: nn.Module, path: Path) -> nn.Module:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _holds_state_dict(obj: Mapping[Any, Any]) -> bool:
+    return any(isinstance(k, str) and _is_tensor_mapping(v) for k, v in obj.items())
+
+
 def _fit_rewritten(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> tuple[nn.Module, str]:
     """A rewritten model's weights (e.g. ``--save-format safetensors``): apply the plan sidecar, then fit.
 
@@ -496,11 +500,15 @@ def load_model(
     spec_arch = arch_spec(arch, arch_args) if arch is not None else None
     obj, how = read_torch_file(path, trust_pickle=trust_pickle, map_location=map_location,
                                allow_modules=allow_modules, allow_globals=allow_globals)
-    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj) and state_dict_key is None:
-        for key in ("model", "module", "net"):
-            if isinstance(obj.get(key), nn.Module):
-                obj, how = obj[key], f"{how}, key {key!r}"
-                break
+    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+        if state_dict_key is not None and isinstance(obj.get(state_dict_key), nn.Module):
+            obj, how = obj[state_dict_key], f"{how}, key {state_dict_key!r} (a whole module)"
+        elif state_dict_key is None and not (spec_arch is not None and _holds_state_dict(obj)):
+            # a whole module in the checkpoint, unless --arch asks for the state dict it also holds
+            for key in ("model", "module", "net"):
+                if isinstance(obj.get(key), nn.Module):
+                    obj, how = obj[key], f"{how}, key {key!r} (a whole module)"
+                    break
     if isinstance(obj, nn.Module):
         model, notes = unwrap_parallel(_check_rebuilt(obj, path))
         desc = f"{path}: full module {type(model).__name__} ({', '.join([how, *notes])})"

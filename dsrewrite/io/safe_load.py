@@ -396,6 +396,15 @@ def safe_torch_load(
             ) from None
         raise UnsafePickleError(f"{source}: refused by torch's weights-only unpickler: {reason}. {TRUST_HINT}") \
             from None
+    except MemoryError:
+        raise ModelLoadError(f"{source}: ran out of memory while reading the file.") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "no message"
+        raise ModelLoadError(
+            f"{source}: the file is a well-formed torch pickle, but rebuilding an object it describes failed "
+            f"({type(exc).__name__}: {first}); it may come from other versions of the packages that define the "
+            "model."
+        ) from exc
     try:
         _walk(obj, {})  # audit everything first: the rebuild below reads the mappings it audited
         replace = {i: recorder.rebuild(od, cls) for i, (od, cls) in recorder.made.items()}
