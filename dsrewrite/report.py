@@ -42,6 +42,7 @@ from .fidelity import Fidelity, compare_outputs
 from .latency import LatencyComparison, compare_latency
 from .macs import NOT_COUNTED, ModelCosts, layer_costs, measure, region_costs, region_of
 from .plan_types import Plan
+from .predicates import predicates
 
 __all__ = [
     "REPORT_SCHEMA_VERSION",
@@ -458,13 +459,14 @@ def render_inventory(inv: dict[str, Any]) -> str:
     def flag(v: Any) -> str:
         return "?" if v is None else ("y" if v else "-")
 
-    rows = [("conv", "type", "in→out", "k", "s", "g", "region", "os", "cat", "up", "↓up", "params", "MACs")]
+    preds = predicates()
+    rows = [("conv", "type", "in→out", "k", "s", "g", "region", "os", *(p.column for p in preds), "params", "MACs")]
     for c in inv["convs"]:
         rows.append((
             c["name"], c["conv_type"], f"{c['in_channels']}→{c['out_channels']}",
             "×".join(map(str, c["kernel_size"])), ",".join(map(str, c["stride"])), str(c["groups"]),
             c["region"], "?" if c.get("output_stride") is None else f"{c['output_stride']:g}",
-            flag(c.get("after_concat")), flag(c.get("after_upsample")), flag(c.get("downstream_of_upsample")),
+            *(flag(c.get(p.name)) for p in preds),
             _si(c["params"]), _si(c["macs"]),
         ))
     shape = tuple(inv["input_shape"]) if inv.get("input_shape") else "?"
@@ -473,7 +475,7 @@ def render_inventory(inv: dict[str, Any]) -> str:
         f"{inv['model']}: {len(inv['convs'])} convs, capture {inv['capture']}, input {shape}",
         _grid(rows),
         f"total: params {t['params']:,}; MACs {t['macs']:,}; FLOPs (= 2×MACs) {t['flops']:,}",
-        "os: output stride; cat/up/↓up: after concat / after upsample / downstream of upsample (?: unknown)",
+        f"os: output stride; {'/'.join(p.column for p in preds)}: {' / '.join(p.legend for p in preds)} (?: unknown)",
         NOT_COUNTED,
     ]
     lines += [f"functional conv (not replaceable): {f}" for f in inv.get("functional_convs", [])]
