@@ -19,6 +19,7 @@ import re
 from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Any, Literal, Optional
 
+from . import choices
 from .choices import (
     AUTO,
     AUTO_ORDERS,
@@ -70,8 +71,6 @@ def kernel_str(k: tuple[int, ...]) -> str:
 
 def __getattr__(name: str) -> Any:
     if name in ("ORDERS", "PREDICATE_KEYS"):  # read on access from the registries
-        from . import choices
-
         return getattr(choices, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
