@@ -1,4 +1,4 @@
-"""Recipe records: frozen, typed, validated once by :mod:`dsrewrite.recipe.load`.
+"""Recipe records: frozen, typed, validated once by :mod:`dsrewrite.recipe.validate`.
 
 A :class:`Recipe` says which convs to select (:class:`Selector`) and what to put
 in their place (:class:`ReplaceSpec`), with per-name :class:`Override` rules.
