@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .apply import apply_plan, check_rewritable
-from .errors import UnsupportedModelError
-from .planner import RecipeLike, plan as make_plan
+from .errors import UnsupportedModelError, UsageError
+from .planner import NothingSelectedWarning, RecipeLike, plan as make_plan
 from .plan_types import Plan
+from .recipe import load_recipe
 
 __all__ = [
     "rewrite",
     "rewrite_and_report",
     "rewrite_with_plan",
+    "plan_rewrite",
     "RewriteResult",
     "example_input",
     "unwrap_for_rewrite",
@@ -215,6 +218,58 @@ def _run(
     p = make_plan(inner, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
     return rewrite_with_plan(model, p, x, calibration=calibration, calibration_options=calibration_options,
                              inplace=inplace, with_report=with_report, benchmark=benchmark)
+
+
+def plan_rewrite(
+    model: nn.Module,
+    recipe: RecipeLike,
+    example_inputs: Inputs,
+    *,
+    input_shape: Optional[Sequence[int]] = None,
+    depth_multiplier: Optional[int] = None,
+    order: Optional[str] = None,
+    init: Optional[str] = None,
+    source: str = "the model",
+    source_spec: str = "MODEL",
+    progress: Optional[Callable[[str], None]] = None,
+) -> Plan:
+    """The plan of a rewrite that must replace something: what ``dsrewrite plan``/``apply`` carry out.
+
+    Loads and validates ``recipe`` (a built-in name, a ``.yaml`` path, a mapping), checks the
+    model can be rewritten, captures its graph and plans; ``source``/``source_spec`` name the
+    model in messages, ``progress`` (if given) hears "capturing the graph ...".
+
+    Raises:
+        RecipeError: the recipe is not valid.
+        UnsupportedModelError: the model cannot be rewritten (quantized convs, meta device).
+        UsageError: the recipe selects no conv (the message says how to see why).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 3))
+        >>> [e.name for e in plan_rewrite(net, "all_3x3", torch.zeros(1, 16, 16, 16)).replaced]
+        ['0', '1']
+        >>> plan_rewrite(net, "decoder_only", torch.zeros(1, 16, 16, 16), source="net.pt", source_spec="net.pt")
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.UsageError: recipe 'decoder_only' selects no conv of net.pt (2 candidates, all skipped). Hint: `dsrewrite plan net.pt --recipe decoder_only` shows why each was skipped; `dsrewrite inspect` lists the convs.
+    """
+    rec = load_recipe(recipe)
+    check_rewritable(model)
+    if progress is not None:
+        progress("capturing the graph ...")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingSelectedWarning)
+        p = make_plan(model, rec, example_inputs, **({"input_shape": input_shape} if input_shape else {}),
+                      depth_multiplier=depth_multiplier, order=order, init=init)
+    if not p.replaced:
+        raise UsageError(
+            f"recipe {rec.name!r} selects no conv of {source} ({len(p.entries)} candidates, all "
+            f"skipped). Hint: `dsrewrite plan {source_spec} --recipe {recipe}` shows why each was skipped; "
+            "`dsrewrite inspect` lists the convs."
+        )
+    return p
 
 
 def rewrite(

@@ -378,9 +378,7 @@ def _fact(name: str, mod: _ConvNd, run: _Run, model_h: Optional[int],
         input_shape=in_shape,
         output_shape=out_shape,
         output_stride=stride_out,
-        after_concat=None if preds is None else preds[0],
-        after_upsample=None if preds is None else preds[1],
-        downstream_of_upsample=None if preds is None else preds[2],
+        predicates=preds,
     )
 
 

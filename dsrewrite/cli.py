@@ -16,7 +16,6 @@ import functools
 import json
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -24,7 +23,7 @@ import click
 
 from .errors import DsRewriteError, TrustedPickleWarning, UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "CliError"]
 
 
 def _parse_shape(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -45,27 +44,50 @@ def _progress(msg: str) -> None:
         click.echo(msg, err=True)
 
 
+class CliError(click.ClickException):
+    """A failure as the command line shows it: ``error: MESSAGE`` (one line, plus an optional hint) and an exit code.
+
+    ``exit_code`` is 2 for bad usage or input (:class:`~dsrewrite.errors.UsageError`), 1 for
+    a failed rewrite (any other :class:`~dsrewrite.errors.DsRewriteError` or an unexpected
+    exception). click prints it and exits with its code.
+
+    Example:
+        >>> CliError.of(UsageError("no such file")).exit_code, CliError.of(DsRewriteError("x")).exit_code
+        (2, 1)
+    """
+
+    def __init__(self, message: str, exit_code: int, hint: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.hint = hint
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "CliError":
+        """The CLI form of an exception raised by the API."""
+        if isinstance(exc, DsRewriteError):
+            return cls(str(exc), 2 if isinstance(exc, UsageError) else 1)
+        return cls(f"the rewrite failed: {type(exc).__name__}: {exc}", 1,
+                   hint="rerun with --debug for the traceback")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+        if self.hint:
+            click.echo(f"hint: {self.hint}", err=True)
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map dsrewrite errors to one or two lines and the exit code (2 usage, 1 failure)."""
+    """Turn API errors into :class:`CliError` (``--debug`` prints the traceback first)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
             return fn(*args, **kwargs)
-        except DsRewriteError as exc:
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2 if isinstance(exc, UsageError) else 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except Exception as exc:  # a bug or an unexpected torch failure
-            if debug:
+        except Exception as exc:  # DsRewriteError, or a bug / an unexpected torch failure
+            if click.get_current_context().find_root().params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"error: the rewrite failed: {type(exc).__name__}: {exc}", err=True)
-            click.echo("hint: rerun with --debug for the traceback", err=True)
-            sys.exit(1)
+            raise CliError.of(exc) from exc
 
     return wrapper
 
@@ -95,27 +117,62 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class _OrderChoice(click.Choice):
-    """``--order``'s choices, read from the kind registry whenever click asks (kinds may be registered later)."""
+class _RegistryChoice(click.Choice):
+    """Choices read from a registry whenever click asks (entries may be registered after import)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[], Sequence[str]]) -> None:
+        self._read = read
         super().__init__(())
 
     @property  # type: ignore[override]
     def choices(self) -> Sequence[str]:
-        from .recipe.schema import order_choices
-
-        return order_choices()
+        return tuple(self._read())
 
     @choices.setter
     def choices(self, _value: Any) -> None:  # click.Choice.__init__ assigns; the registry is the source
         pass
 
 
+def _orders() -> Sequence[str]:
+    from .recipe.choices import order_choices
+
+    return order_choices()
+
+
+def _inits() -> Sequence[str]:
+    from .recipe.choices import INITS
+
+    return INITS
+
+
+def _presets() -> Sequence[str]:
+    from .calib_data import PRESETS
+
+    return tuple(PRESETS)
+
+
+def _save_formats() -> Sequence[str]:
+    from .io.save import SAVE_FORMATS
+
+    return SAVE_FORMATS
+
+
+def _check_report_path(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[str]:
+    """A report path's suffix must name a registered format: checked before any work."""
+    if value is not None:
+        from .report import check_report_path
+
+        try:
+            check_report_path(value)
+        except DsRewriteError as exc:
+            raise CliError.of(exc) from exc
+    return value
+
+
 def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--init", type=click.Choice(["svd", "random"]), default=None,
+    fn = click.option("--init", type=_RegistryChoice(_inits), default=None,
                       help="Override the recipe's init.")(fn)
-    fn = click.option("--order", type=_OrderChoice(), default=None,
+    fn = click.option("--order", type=_RegistryChoice(_orders), default=None,
                       help="Override the recipe's order: a replacement kind, or auto.")(fn)
     fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
                       help="Override the recipe's depth multiplier (or energy threshold).")(fn)
@@ -158,25 +215,11 @@ def _inputs(loaded: Any, input_shape: Optional[Sequence[int]], example_inputs: O
     return example_inputs_for(loaded.model, input_shape=input_shape, path=example_inputs)
 
 
-def _make_plan(loaded: Any, recipe: str, x: Any, input_shape: Optional[Sequence[int]],
-               **overrides: Any) -> tuple[Any, Any]:
-    from .apply import check_rewritable
-    from .planner import NothingSelectedWarning, plan
-    from .recipe import load_recipe
+def _make_plan(loaded: Any, recipe: str, x: Any, input_shape: Optional[Sequence[int]], **overrides: Any) -> Any:
+    from .api import plan_rewrite
 
-    rec = load_recipe(recipe)
-    check_rewritable(loaded.model)
-    _progress("capturing the graph ...")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NothingSelectedWarning)
-        p = plan(loaded.model, rec, x, **({"input_shape": input_shape} if input_shape else {}), **overrides)
-    if not p.replaced:
-        raise UsageError(
-            f"recipe {rec.name!r} selects no conv of {loaded.source} ({len(p.entries)} candidates, all "
-            f"skipped). Hint: `dsrewrite plan {loaded.source_spec if hasattr(loaded, 'source_spec') else 'MODEL'} "
-            f"--recipe {recipe}` shows why each was skipped; `dsrewrite inspect` lists the convs."
-        )
-    return p, x
+    return plan_rewrite(loaded.model, recipe, x, input_shape=input_shape, source=loaded.source,
+                        source_spec=getattr(loaded, "source_spec", "MODEL"), progress=_progress, **overrides)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -197,15 +240,16 @@ def main(debug: bool) -> None:
 @_recipe_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: MODEL.ds.pt beside the input). A .plan.json is written beside it.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the report as JSON (.json) or Markdown (.md).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, callback=_check_report_path,
+              help="Write the report; its suffix picks the format: .json, .md (Markdown), .txt (the table), "
+                   ".png (plot), or one registered with dsrewrite.report.register_renderer.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG bar chart of per-layer MACs before/after.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration data: a folder of images/.npy arrays (recursive; png jpg jpeg bmp tif tiff webp) "
                    "or a tensor file (.pt, .npy, .npz). See docs/data.md.")
 @click.option("--calib-size", default=None, help="Resize calibration images to H,W (default: the input shape's).")
-@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default=None,
+@click.option("--calib-preset", type=_RegistryChoice(_presets), default=None,
               help="Normalisation of calibration images (default: imagenet for 3 channels, none otherwise; "
                    "overridden by --calib-mean/--calib-std).")
 @click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values), e.g. 0.485,0.456,0.406.")
@@ -217,7 +261,7 @@ def main(debug: bool) -> None:
 @click.option("--benchmark", is_flag=True, help="Measure latency before/after (interleaved, medians).")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--save-format", type=click.Choice(["torch", "safetensors"]), default=None,
+@click.option("--save-format", type=_RegistryChoice(_save_formats), default=None,
               help="torch: the full module (default); safetensors: the weights only, reloaded with --arch and "
                    "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -255,7 +299,7 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
 
         calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
                                       mean=calib_mean, std=calib_std, limit=calib_limit)
-    p, x = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    p = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
     from .api import rewrite_with_plan
 
     _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))
@@ -290,16 +334,16 @@ def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs:
              arch_args: tuple[str, ...], trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
              init: Optional[str], as_json: bool, **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
-    from .report import build_plan_report, render_table
+    from .report import build_plan_report, render_plan, render_table
 
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = _inputs(loaded, input_shape, example_inputs)
-    p, x = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    p = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
-        click.echo(p.table())
+        click.echo(render_plan(p))
         click.echo()
         click.echo(render_table(rep))
 
@@ -358,7 +402,7 @@ def recipes_show(name: str) -> None:
               help="Unlabeled data, all of it used and streamed: a folder of images/.npy arrays (recursive) or a "
                    "tensor file (.pt, .npy, .npz). See docs/data.md.")
 @click.option("--calib-size", default=None, help="Resize images to H,W (default: the input shape's).")
-@click.option("--calib-preset", type=click.Choice(["imagenet", "none"]), default=None,
+@click.option("--calib-preset", type=_RegistryChoice(_presets), default=None,
               help="Normalisation of images (default: imagenet for 3 channels, none otherwise).")
 @click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values).")
 @click.option("--calib-std", default=None, help="Per-channel std (1 or C values).")

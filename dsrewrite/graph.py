@@ -3,8 +3,9 @@
 A :class:`GraphView` says, for each node of a captured graph, what it is
 (a conv call site, an upsample, a concatenation, a pass-through that keeps its
 input tensor, or anything else) and where its main tensor input comes from.
-:func:`site_predicates` then derives, per conv module, the three predicates of
-:data:`dsrewrite.facts.PREDICATES`, OR-ed over the module's call sites:
+:func:`site_predicates` then evaluates, per conv module, every registered
+graph predicate (:mod:`dsrewrite.predicates`), OR-ed over the module's call sites.
+The built-ins:
 
 - ``after_concat``: the conv's input comes from a concatenation;
 - ``after_upsample``: the conv's input comes from an upsample, directly or
@@ -32,8 +33,10 @@ Example:
     >>> m = Tiny()
     >>> tracer = ConvLeafTracer()
     >>> preds = site_predicates(fx_view(tracer.trace(m), m))
-    >>> preds[id(m.b)], preds[id(m.a)]
+    >>> tuple(preds[id(m.b)].values()), tuple(preds[id(m.a)].values())
     ((True, True, True), (False, False, False))
+    >>> preds[id(m.b)]
+    {'after_concat': True, 'after_upsample': True, 'downstream_of_upsample': True}
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .predicates import predicates
+
 __all__ = [
     "ConvLeafTracer",
     "GraphView",
@@ -59,8 +64,8 @@ __all__ = [
     "normalise_module_path",
 ]
 
-#: (after_concat, after_upsample, downstream_of_upsample)
-Predicates = tuple[bool, bool, bool]
+#: Predicate name → value at one conv module, in registration order.
+Predicates = dict[str, bool]
 
 _FX_UPSAMPLE_FUNCS: frozenset[Callable[..., Any]] = frozenset(
     {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pixel_shuffle}
@@ -125,6 +130,28 @@ class GraphView:
     cat_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = field(default_factory=dict)
     passthrough: set[torch.fx.Node] = field(default_factory=set)
     data_input: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
+    _downstream: Optional[dict[torch.fx.Node, bool]] = field(default=None, repr=False, compare=False)
+
+    def source(self, node: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
+        """Walk back from ``node`` over pass-through nodes."""
+        seen = set()
+        while node is not None and node in self.passthrough and node not in seen:
+            seen.add(node)
+            node = self.data_input.get(node)
+        return node
+
+    def source_of(self, node: torch.fx.Node) -> Optional[torch.fx.Node]:
+        """Where the tensor a conv site ``node`` reads comes from, past pass-through nodes."""
+        return self.source(self.data_input.get(node))
+
+    def downstream_of_upsample(self, node: torch.fx.Node) -> bool:
+        """Whether some upsample lies on some path from the graph's inputs to ``node``."""
+        if self._downstream is None:
+            down: dict[torch.fx.Node, bool] = {}
+            for n in self.nodes:  # graph nodes are in topological order
+                down[n] = any(down.get(a, False) or a in self.upsample for a in _node_args((n.args, n.kwargs)))
+            self._downstream = down
+        return self._downstream.get(node, False)
 
 
 def _node_args(values: Any) -> Iterator[torch.fx.Node]:
@@ -300,31 +327,11 @@ def export_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
     return view
 
 
-def _source(view: GraphView, node: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
-    """Walk back from ``node`` over pass-through nodes."""
-    seen = set()
-    while node is not None and node in view.passthrough and node not in seen:
-        seen.add(node)
-        node = view.data_input.get(node)
-    return node
-
-
 def site_predicates(view: GraphView) -> dict[int, Predicates]:
-    """Per conv module (keyed by ``id(module)``), predicates OR-ed over its call sites."""
-    downstream: dict[torch.fx.Node, bool] = {}
-    for node in view.nodes:  # graph nodes are in topological order
-        downstream[node] = any(
-            downstream.get(a, False) or a in view.upsample for a in _node_args((node.args, node.kwargs))
-        )
+    """Per conv module (keyed by ``id(module)``), every registered predicate OR-ed over its call sites."""
+    registered = predicates()
     out: dict[int, Predicates] = {}
     for node, mod in view.conv_module.items():
-        src = _source(view, view.data_input.get(node))
-        concat = src is not None and src in view.cat_inputs
-        upsampled = src is not None and (
-            src in view.upsample
-            or (concat and any(_source(view, i) in view.upsample for i in view.cat_inputs[src]))
-        )
-        site = (concat, upsampled, downstream[node])
-        prev = out.get(id(mod), (False, False, False))
-        out[id(mod)] = (prev[0] or site[0], prev[1] or site[1], prev[2] or site[2])
+        prev = out.get(id(mod), {p.name: False for p in registered})
+        out[id(mod)] = {p.name: prev[p.name] or bool(p.holds(view, node)) for p in registered}
     return out

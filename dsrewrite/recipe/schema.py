@@ -1,4 +1,4 @@
-"""Recipe records: frozen, typed, validated once by :mod:`dsrewrite.recipe.load`.
+"""Recipe records: frozen, typed, validated once by :mod:`dsrewrite.recipe.validate`.
 
 A :class:`Recipe` says which convs to select (:class:`Selector`) and what to put
 in their place (:class:`ReplaceSpec`), with per-name :class:`Override` rules.
@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Any, Literal, Optional
 
-from ..kinds import auto_kinds, get_kind, kind_names
-from ..layers.dsconv import INITS, MID_ACTS, MID_NORMS
+from . import choices
+from .choices import (
+    AUTO,
+    AUTO_ORDERS,
+    INITS,
+    MID_ACT_NAMES,
+    MID_NORMS,
+    order_choices,
+    order_json_schema,
+    predicate_keys,
+)
+from .replace_keys import parse_replace_changes
 
 __all__ = [
     "ORDERS",
@@ -33,6 +43,7 @@ __all__ = [
     "MID_NORMS",
     "MID_ACT_NAMES",
     "PREDICATE_KEYS",
+    "predicate_keys",
     "Kernel",
     "kernel_str",
     "Range",
@@ -45,50 +56,6 @@ __all__ = [
     "Recipe",
 ]
 
-#: The ``order`` value that lets the planner choose among the kinds (per conv).
-AUTO = "auto"
-
-
-def order_choices() -> tuple[str, ...]:
-    """Accepted ``replace.order`` values: the registered kinds' names, then ``auto``.
-
-    Read from :mod:`dsrewrite.kinds` at each call (``ORDERS`` is the same, read on access).
-
-    Example:
-        >>> order_choices()
-        ('dw_pw', 'pw_dw', 'auto')
-    """
-    return (*kind_names(), AUTO)
-
-
-def order_json_schema() -> dict[str, Any]:
-    """The ``replace.order`` property of ``recipe.schema.json``, generated from the registry.
-
-    Example:
-        >>> order_json_schema()["enum"]
-        ['dw_pw', 'pw_dw', 'auto']
-    """
-    described = "; ".join(f"{n}: {get_kind(n).description}" for n in kind_names())
-    among = ", ".join(k.name for k in auto_kinds())
-    return {
-        "description": f"{described}; {AUTO}: chosen per conv among {among} (see auto_order).",
-        "enum": list(order_choices()),
-    }
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ORDERS":  # read on access: kinds may be registered after import
-        return order_choices()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-#: how ``order: auto`` decides per conv
-AUTO_ORDERS: tuple[str, ...] = ("macs", "error", "measured")
-#: Accepted ``replace.mid_act`` names (besides ``null``).
-MID_ACT_NAMES: tuple[str, ...] = tuple(MID_ACTS)
-#: Graph predicates a recipe may require, in the order they are checked.
-PREDICATE_KEYS: tuple[str, ...] = ("after_concat", "after_upsample", "downstream_of_upsample")
-
 Kernel = tuple[int, int]
 
 
@@ -100,6 +67,12 @@ def kernel_str(k: tuple[int, ...]) -> str:
         '3×1'
     """
     return "×".join(str(int(v)) for v in k)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ORDERS", "PREDICATE_KEYS"):  # read on access from the registries
+        return getattr(choices, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _num(v: float) -> str:
@@ -175,22 +148,68 @@ class NamePattern:
         return any(self._match_one(".".join(parts[:i])) for i in range(len(parts), 0, -1))
 
 
-@dataclass(frozen=True)
 class GraphPredicates:
-    """Required values of the graph predicates; ``None`` means "don't care".
+    """Required values of the graph predicates (:mod:`dsrewrite.predicates`); ``None`` means "don't care".
+
+    A frozen value: keyword arguments name registered predicates; each is readable as an
+    attribute (``None`` when not required).
 
     Example:
         >>> GraphPredicates(after_concat=True).required()
         (('after_concat', True),)
+        >>> GraphPredicates(after_concat=True).after_upsample is None
+        True
     """
 
-    after_concat: Optional[bool] = None
-    after_upsample: Optional[bool] = None
-    downstream_of_upsample: Optional[bool] = None
+    __slots__ = ("_values",)
+
+    def __init__(self, **values: Optional[bool]) -> None:
+        known = predicate_keys()
+        for key in values:
+            if key not in known:
+                raise TypeError(f"GraphPredicates() got an unexpected keyword argument {key!r} "
+                                f"(graph predicates: {', '.join(known)})")
+        object.__setattr__(self, "_values", tuple((k, v) for k, v in values.items() if v is not None))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            values = dict(object.__getattribute__(self, "_values"))
+            if name in values or name in predicate_keys():
+                return values.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def values(self) -> dict[str, bool]:
+        """The required values given (name → ``True``/``False``)."""
+        return dict(self._values)
 
     def required(self) -> tuple[tuple[str, bool], ...]:
-        """The ``(predicate, value)`` pairs that are not "don't care", in check order."""
-        return tuple((k, v) for k in PREDICATE_KEYS if (v := getattr(self, k)) is not None)
+        """The ``(predicate, value)`` pairs that are not "don't care", in check (registry) order."""
+        given = dict(self._values)
+        order = [*predicate_keys(), *(k for k in given if k not in predicate_keys())]
+        return tuple((k, given[k]) for k in order if k in given)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GraphPredicates) and dict(self._values) == dict(other._values)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._values))
+
+    def __repr__(self) -> str:
+        return f"GraphPredicates({', '.join(f'{k}={v!r}' for k, v in self.required())})"
+
+    def __reduce__(self) -> Any:
+        return (_graph_predicates, (dict(self._values),))
+
+
+def _graph_predicates(values: dict[str, bool]) -> GraphPredicates:
+    return GraphPredicates(**values)
 
 
 @dataclass(frozen=True)
@@ -346,8 +365,6 @@ class Recipe:
             >>> load_recipe("decoder_only").with_overrides(depth_multiplier=2, order="auto").replace.describe()
             'auto m=2 init=svd'
         """
-        from .load import parse_replace_changes  # validation lives with the loader
-
         changes = parse_replace_changes(
             {"depth_multiplier": depth_multiplier, "energy": energy, "order": order, "init": init},
             source=f"{self.source} (with overrides)",

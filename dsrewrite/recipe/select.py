@@ -3,7 +3,8 @@
 Checks run in a fixed order and the first failing one names the skip: conv
 type, transposed, plain forward, ran on the example input, groups, kernel size,
 channels, stride, dilation, region / include / exclude, output stride, graph
-predicates, then per-name overrides. ``select`` sees all facts of a model at
+predicates (the registered ones, :mod:`dsrewrite.predicates`, phrased as each says),
+then per-name overrides. ``select`` sees all facts of a model at
 once because the region fallback (``when_no_region_matches``) is a model-level
 decision: it applies when no conv of the model lies in any listed region.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..facts import ConvFact
+from ..predicates import get_predicate
 from .schema import GraphPredicates, Range, Recipe, ReplaceSpec, Selector, kernel_str
 
 __all__ = ["Selection", "select", "in_regions"]
@@ -57,19 +59,13 @@ def in_regions(region: str, regions: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(region, r) for r in regions)
 
 
-_PHRASES = {
-    "after_concat": ("after a concat", "after concat"),
-    "after_upsample": ("right after an upsample", "after upsample"),
-    "downstream_of_upsample": ("downstream of an upsample", "downstream of upsample"),
-}
-
-
 def _predicate_check(fact: ConvFact, preds: GraphPredicates, key_prefix: str) -> tuple[Optional[str], list[str]]:
     """(skip reason or None, phrases for the selected reason)."""
     said = []
     for key, want in preds.required():
-        have = getattr(fact, key)
-        long, short = _PHRASES[key]
+        have = fact.predicates.get(key)
+        predicate = get_predicate(key)
+        long, short = predicate.phrase, predicate.short
         setting = f"{key_prefix}.{key}: {str(want).lower()}"
         if have is None:
             return (f"{key} unknown: the graph could not be captured (name-only capture), "
