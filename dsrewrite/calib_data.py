@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -249,6 +250,12 @@ def _load_pt(p: Path) -> Any:
             return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # not the zip format: mmap is unavailable
             return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # names something beyond tensors and containers: never run
+        from .io.safe_load import unpickler_reason
+
+        raise UsageError(f"{str(p)!r} holds more than tensors, numbers and containers, and data files are read "
+                         f"weights-only ({unpickler_reason(str(exc))}). Hint: torch.save only tensors, tuples, "
+                         "lists and dicts of them.") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same bad input
         raise UsageError(f"{str(p)!r} is not a readable torch tensor file ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}). Hint: write it with torch.save.") from exc

@@ -16,6 +16,7 @@ import functools
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -424,7 +425,13 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     from .heal import heal as heal_fn
     from .io import atomic_save, check_output_path, load_model
 
-    check_output_path(Path(output), input_path=Path(rewritten), force=force)
+    inputs = [Path(rewritten)] + ([Path(model)] if Path(model).exists() else [])
+    outputs = [Path(output)] + ([Path(checkpoint)] if checkpoint and not resume else [])
+    for out in outputs:  # every output checked before any work: never an input, never clobbered silently
+        for inp in inputs:
+            check_output_path(out, input_path=inp, force=force)
+    if checkpoint and Path(checkpoint).resolve() == Path(output).resolve():
+        raise UsageError(f"--checkpoint {checkpoint} is also -o: the checkpoint and the healed model need two files.")
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = _inputs(loaded, input_shape, example_inputs)
     with _trust_warnings():

@@ -217,3 +217,37 @@ def test_enum_members_untouched_after_a_refused_file(setup: dict[str, Path]) -> 
 
         load_model(path)
     assert InterpolationMode.BILINEAR.value == "bilinear"
+
+
+def test_heal_never_overwrites_its_inputs_or_an_unnamed_checkpoint(setup: dict[str, Path]) -> None:
+    """Found in review: heal's --checkpoint overwrote any file, and -o --force overwrote MODEL."""
+    good, data, root = setup["good"], setup["data"], setup["root"]
+    precious = root / "precious.txt"
+    precious.write_text("keep me")
+    student = root / "student.pt"
+    student.write_bytes(good.read_bytes())
+    base = ["heal", good, "--rewritten", student, "--data", data, "--input-shape", "1,3,8,8", "--steps", "1"]
+    cases = {
+        "checkpoint clobbers a file": base + ["-o", root / "h.pt", "--checkpoint", precious],
+        "checkpoint is the student": base + ["-o", root / "h.pt", "--checkpoint", student, "--force"],
+        "output is the teacher": base + ["-o", good, "--force"],
+    }
+    before = {p: p.read_bytes() for p in (good, student, precious)}
+    for label, args in cases.items():
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert_clean_cli_error(label, r, ())
+        assert {p: p.read_bytes() for p in before} == before, f"{label}: an input changed"
+    assert not (root / "h.pt").exists()
+
+
+def test_calibration_and_example_input_files_with_a_payload(setup: dict[str, Path]) -> None:
+    """Data files are read weights-only: a payload is refused by name, without advice to load it unsafely."""
+    marker = setup["marker"]
+    evil = hp.write_case([hp.Call(hp.Ref("posix", "system"), (f"touch {marker}",))], setup["root"] / "calib.pt")
+    for flag in ("--calib", "--example-inputs"):
+        shape = ["--input-shape", "1,3,8,8"] if flag == "--calib" else []
+        r = CliRunner().invoke(main, ["apply", str(setup["good"]), "--recipe", "all_3x3", *shape,
+                                      flag, str(evil), "-o", str(setup["out"] / "x.pt")])
+        assert_clean_cli_error(flag, r, ("posix.system", "weights-only"))
+        assert "will likely succeed" not in r.stderr, r.stderr
+        assert not marker.exists()

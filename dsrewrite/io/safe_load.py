@@ -55,7 +55,7 @@ from ..errors import ModelLoadError, UnsafePickleError
 from .allowlist import TRUST_HINT, Admitted, admit, is_reviewed_function
 from .pickle_scan import NotTorchFile, file_pickles, merge_scans, scan_pickle
 
-__all__ = ["safe_torch_load", "audit_loaded", "TRUST_HINT"]
+__all__ = ["safe_torch_load", "audit_loaded", "unpickler_reason", "TRUST_HINT"]
 
 _COMPILED = "torch._dynamo.eval_frame.OptimizedModule"
 #: torch's own allowed callables that a torch.save pickle only ever calls with no arguments.
@@ -285,15 +285,27 @@ def audit_loaded(obj: Any) -> Any:
     return _walk(obj, {})
 
 
-def _unpickler_reason(text: str) -> str:
-    """The one informative line of torch's weights-only error (it wraps it in several paragraphs)."""
+def unpickler_reason(text: str) -> str:
+    """The one informative line of torch's weights-only error (it wraps it in paragraphs of advice, including
+    advice to load the file unsafely, which dsrewrite never repeats).
+
+    Example:
+        >>> unpickler_reason("Weights only load failed. ... WeightsUnpickler error: Unsupported global: GLOBAL posix.system")
+        'Unsupported global: GLOBAL posix.system'
+        >>> unpickler_reason("Weights only load failed. Re-running ...\\n\\nTrying to load GLOBAL os.system.\\n\\nCheck ...")
+        'Trying to load GLOBAL os.system'
+    """
     marker = "WeightsUnpickler error:"
     if marker in text:
         rest = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
         if rest:
             return rest[0].rstrip(".")
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0].rstrip(".") if lines else "unknown reason"
+    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)",
+              "In PyTorch 2.6")
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    keep = [p for p in paras if not p.startswith(boiler)]
+    first = (keep or paras or ["unknown reason"])[0]
+    return first.splitlines()[0].rstrip(".")
 
 
 def safe_torch_load(
@@ -387,7 +399,7 @@ def safe_torch_load(
         with torch.serialization.safe_globals(safe):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(str(exc))
+        reason = unpickler_reason(str(exc))
         if "persistent_load of storage" in reason and _fmt == "legacy":
             raise ModelLoadError(
                 f"{source} is a whole module saved in torch's legacy format (_use_new_zipfile_serialization=False), "
