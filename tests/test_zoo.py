@@ -324,8 +324,14 @@ def test_zoo_covers_what_the_issue_asks():
 # --------------------------------------------------------------------------- the whole zoo
 
 
+#: Models whose whole pickle the safe loader refuses by design (docs/zoo.md explains each).
+RELOAD_REFUSED = {"timm/fasternet_t0": "stores a bound method as its instance attribute `forward`"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [m.name for m in zoo.zoo()])
+@pytest.mark.parametrize("name", [
+    pytest.param(m.name, marks=pytest.mark.xfail(reason=RELOAD_REFUSED[m.name], strict=True))
+    if m.name in RELOAD_REFUSED else m.name for m in zoo.zoo()])
 def test_full_zoo_model(name):
     r = zoo.sweep_model(_spec(name), timeout=900)
     assert r.status in ("ok", "excluded"), _show(r)
