@@ -20,10 +20,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .apply import apply_plan, check_rewritable
 from .errors import UnsupportedModelError
-from .planner import RecipeLike, plan as make_plan
-from .plan_types import Plan
+from .planning.apply import apply_checked
+from .planning.planner import RecipeLike, plan_checked
+from .planning.types import Plan
+from .runtime.preflight import Preflight, example_input, preflight, unwrap_for_rewrite
 
 __all__ = [
     "rewrite",
@@ -35,40 +36,7 @@ __all__ = [
     "UnsupportedModelError",
 ]
 
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _PREFIX = "module."
-
-
-def unwrap_for_rewrite(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Optional[nn.Module]]:
-    """Strip ``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers: ``(inner, outermost or None)``.
-
-    The rewrite works on the inner model, so plan names carry no ``module.`` prefix
-    and fit a fresh, unwrapped instance of the architecture. A DDP wrapper cannot
-    be rewritten in place: its gradient hooks are bound to the old parameters.
-
-    Raises:
-        UnsupportedModelError: ``inplace=True`` on a ``DistributedDataParallel``.
-
-    Example:
-        >>> inner, wrapper = unwrap_for_rewrite(nn.DataParallel(nn.Conv2d(3, 8, 3)))
-        >>> type(inner).__name__, type(wrapper).__name__
-        ('Conv2d', 'DataParallel')
-    """
-    from .io.load import is_compiled
-
-    outer: Optional[nn.Module] = model if isinstance(model, _WRAPPERS) or is_compiled(model) else None
-    while isinstance(model, _WRAPPERS) or is_compiled(model):
-        if is_compiled(model):
-            model = model._orig_mod  # torch.compile: the result comes back uncompiled (compile it again)
-            continue
-        if inplace and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise UnsupportedModelError(
-                "cannot rewrite a DistributedDataParallel in place: its gradient hooks are bound to the old "
-                "parameters. Rewrite model.module (or pass inplace=False) and wrap the result in a new DDP."
-            )
-        model = model.module
-    return model, outer
-
 
 def _rewrap(outer: Optional[nn.Module], rewritten: nn.Module, inplace: bool) -> nn.Module:
     """The wrapper class back around the rewritten model (DataParallel), or the bare model (DDP)."""
@@ -100,20 +68,6 @@ def _unprefixed(plan: Plan, inner: nn.Module) -> Plan:
     return dataclasses.replace(plan, entries=entries)
 
 Inputs = Union[Tensor, Sequence[Tensor]]
-
-
-def example_input(model: nn.Module, input_shape: Sequence[int] = (1, 3, 224, 224), *, seed: int = 0) -> Tensor:
-    """A seeded standard-normal input on the model's device and floating dtype.
-
-    Example:
-        >>> example_input(nn.Conv2d(3, 8, 3), (1, 3, 8, 8)).shape
-        torch.Size([1, 3, 8, 8])
-    """
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(int(s) for s in input_shape), generator=g).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -157,15 +111,31 @@ def rewrite_with_plan(
         >>> type(res.model[1]).__name__
         'DepthwiseSeparableConv2d'
     """
-    from .calibrate import check_options
+    return _carry_out(preflight(model, inplace=inplace), plan, example_inputs, calibration=calibration,
+                      calibration_options=calibration_options, inplace=inplace, with_report=with_report,
+                      benchmark=benchmark)
+
+
+def _carry_out(
+    pf: Preflight,
+    plan: Plan,
+    example_inputs: Inputs,
+    *,
+    calibration: Optional[Iterable[Any]],
+    calibration_options: Optional[Mapping[str, Any]],
+    inplace: bool,
+    with_report: bool,
+    benchmark: bool,
+) -> RewriteResult:
+    """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`."""
+    from .refit.calibrate import check_options
 
     calib_options = check_options(calibration_options)
-    inner, outer = unwrap_for_rewrite(model, inplace=inplace)
-    check_rewritable(inner)
+    inner, outer = pf.model, pf.wrapper
     plan = _unprefixed(plan, inner)
     calib_batches = None
     if calibration is not None:  # user batches -> model inputs, once, for calibrate and the report
-        from .batches import input_spec, iter_inputs
+        from .refit.batches import input_spec, iter_inputs
 
         spec = input_spec(inner, example_inputs, input_key=calib_options.pop("input_key", None),
                           input_fn=calib_options.pop("input_fn", None), where="calibration")
@@ -173,10 +143,10 @@ def rewrite_with_plan(
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
     original = copy.deepcopy(inner) if needs_original else inner
-    rewritten = apply_plan(inner, plan, inplace=inplace)
+    rewritten = apply_checked(inner, plan, inplace=inplace)
     calib_result = None
     if calib_batches:
-        from .calibrate import calibrate
+        from .refit.calibrate import calibrate
 
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
                                  example_inputs=example_inputs, **calib_options)
@@ -209,12 +179,12 @@ def _run(
     with_report: bool,
     benchmark: bool,
 ) -> RewriteResult:
-    inner, _ = unwrap_for_rewrite(model, inplace=inplace)
-    check_rewritable(inner)
-    x = example_inputs if example_inputs is not None else example_input(inner, input_shape)
-    p = make_plan(inner, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
-    return rewrite_with_plan(model, p, x, calibration=calibration, calibration_options=calibration_options,
-                             inplace=inplace, with_report=with_report, benchmark=benchmark)
+    pf = preflight(model, inplace=inplace)  # once: unwrap, check, device/dtype, passed down from here
+    x = example_inputs if example_inputs is not None else example_input(pf.model, input_shape)
+    p = plan_checked(pf.model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order,
+                     init=init)
+    return _carry_out(pf, p, x, calibration=calibration, calibration_options=calibration_options,
+                      inplace=inplace, with_report=with_report, benchmark=benchmark)
 
 
 def rewrite(

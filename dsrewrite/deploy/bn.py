@@ -1,4 +1,8 @@
-"""Inference forms of a (rewritten) model: BN folding, channels_last, ONNX export with a parity check.
+"""BatchNorm folding: every eval-mode BN that directly follows a conv, folded into that conv.
+
+The other inference forms live beside it: :mod:`dsrewrite.deploy.prepare` (channels_last,
+``prepare_for_deployment``), :mod:`dsrewrite.deploy.onnx` (export with a parity check) and
+:mod:`dsrewrite.deploy.hoist`.
 
 * :func:`fold_batchnorm` folds every eval-mode ``BatchNorm2d`` that directly follows a
   conv into that conv (a plain ``nn.Conv2d``, the last stage of a
@@ -44,15 +48,14 @@ Example:
     True
 """
 
+
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.fx
@@ -60,56 +63,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .errors import OutputError, RewriteError, UsageError
-from .kinds import Stages, kind_of
-from .macs import evaluating
+from ..kinds import Stages, kind_of
+from ..runtime.modules import join as _join
+from ..runtime.modules import set_submodule as _set_submodule
+from .parity import DeployInputError
 
-__all__ = [
-    "FoldPair",
-    "OnnxResult",
-    "DeployInputError",
-    "ParityError",
-    "OnnxExportError",
-    "DEFAULT_OPSET",
-    "parity_tolerance",
-    "find_conv_bn_pairs",
-    "fold_batchnorm",
-    "to_channels_last",
-    "prepare_for_deployment",
-    "export_onnx",
-    "tune_glibc_malloc",
-    "GLIBC_TUNABLES",
-]
-
-#: The environment setting equivalent to :func:`tune_glibc_malloc` (read by glibc at process start):
-#: ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824``.
-GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
-
-#: Opset used by :func:`export_onnx` unless told otherwise.
-DEFAULT_OPSET = 17
-
-#: ``(rtol, atol)`` per dtype: a parity check passes when
-#: ``max|a − b| ≤ atol + rtol · max|reference|``.
-_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-9, 1e-12),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-2, 1e-3),
-    torch.bfloat16: (5e-2, 1e-2),
-}
-
-Inputs = Union[Tensor, Sequence[Tensor]]
-
-
-class DeployInputError(UsageError):
-    """The model or input cannot be put into an inference form as asked (e.g. a BN in training mode)."""
-
-
-class ParityError(RewriteError):
-    """A deployment form's outputs differ from the original's by more than the stated tolerance."""
-
-
-class OnnxExportError(RewriteError):
-    """``torch.onnx.export`` failed with every exporter tried, or ONNX Runtime cannot run the file."""
+__all__ = ["FoldPair", "find_conv_bn_pairs", "fold_batchnorm"]
 
 
 @dataclass(frozen=True)
@@ -120,91 +79,6 @@ class FoldPair:
     conv: str
     bn: str
     via: str
-
-
-@dataclass(frozen=True)
-class OnnxResult:
-    """What :func:`export_onnx` wrote and how close ONNX Runtime came to eager.
-
-    ``opset`` is the one the file declares. ``max_abs_diff``/``tolerance`` are ``None``
-    when the check was not run; the check
-    passes when ``max_abs_diff ≤ tolerance = atol + rtol · max|eager output|``.
-    """
-
-    path: str
-    opset: int
-    exporter: str
-    checked: bool
-    max_abs_diff: Optional[float]
-    tolerance: Optional[float]
-    max_abs_output: Optional[float]
-    provider: Optional[str]
-
-    def __str__(self) -> str:
-        if not self.checked:
-            return f"ONNX {self.path} (opset {self.opset}, {self.exporter} exporter): not checked"
-        return (
-            f"ONNX {self.path} (opset {self.opset}, {self.exporter} exporter): max |ORT − eager| = "
-            f"{self.max_abs_diff:.3g} ≤ tolerance {self.tolerance:.3g} ({self.provider})"
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------
-def parity_tolerance(reference: Tensor, *, rtol: Optional[float] = None, atol: Optional[float] = None) -> float:
-    """The absolute tolerance ``atol + rtol · max|reference|`` for ``reference``'s dtype.
-
-    Defaults (rtol, atol): float32 (1e-4, 1e-5), float64 (1e-9, 1e-12), float16 (1e-2, 1e-3),
-    bfloat16 (5e-2, 1e-2).
-
-    Example:
-        >>> parity_tolerance(torch.tensor([2.0, -10.0]))
-        0.00101
-    """
-    d_rtol, d_atol = _TOLERANCES.get(reference.dtype, _TOLERANCES[torch.float32])
-    rtol = d_rtol if rtol is None else rtol
-    atol = d_atol if atol is None else atol
-    scale = reference.detach().abs().max().item() if reference.numel() else 0.0
-    return float(atol + rtol * scale)
-
-
-def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
-    if isinstance(inputs, Tensor):
-        return (inputs,)
-    if isinstance(inputs, (tuple, list)) and all(isinstance(t, Tensor) for t in inputs):
-        return tuple(inputs)
-    raise DeployInputError(
-        f"example_input must be a tensor or a tuple/list of tensors, got {type(inputs).__name__}. "
-        "Hint: pass e.g. torch.randn(1, 3, 512, 512)."
-    )
-
-
-def _flat_outputs(out: Any, where: str) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat_outputs(o, where)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat_outputs(out[k], where)]
-    raise DeployInputError(
-        f"{where} returned a {type(out).__name__}; only tensors, tuples/lists and dicts of tensors "
-        "can be compared. Hint: wrap the model so that it returns tensors."
-    )
-
-
-def _max_abs_diff(got: list[Tensor], ref: list[Tensor], where: str) -> tuple[float, float]:
-    if len(got) != len(ref):
-        raise ParityError(f"{where}: {len(got)} outputs against {len(ref)} in the reference.")
-    diff, scale = 0.0, 0.0
-    for i, (g, r) in enumerate(zip(got, ref)):
-        if tuple(g.shape) != tuple(r.shape):
-            raise ParityError(f"{where}: output {i} has shape {tuple(g.shape)}, the reference {tuple(r.shape)}.")
-        g64, r64 = g.detach().cpu().double(), r.detach().cpu().double()
-        if g64.numel():
-            diff = max(diff, (g64 - r64).abs().max().item())
-            scale = max(scale, r64.abs().max().item())
-    return diff, scale
 
 
 # --------------------------------------------------------------------------------------
@@ -244,11 +118,6 @@ def _is_bn(m: nn.Module) -> bool:
 
 def _plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
-def _join(prefix: str, name: str) -> str:
-    """Qualified name of ``name`` under ``prefix`` (either may be empty); also used by ``hoist``."""
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _trace(module: nn.Module) -> Optional[torch.fx.Graph]:
@@ -350,12 +219,6 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
             )
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at qualified ``name`` (one attribute; callers skip shared modules); also used by ``hoist``."""
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-
-
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold every eval-mode BatchNorm2d that directly follows a conv into it; BN → ``nn.Identity``.
 
@@ -391,229 +254,3 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if p.via == "mid_norm":
             target.get_submodule(p.bn.rpartition(".")[0]).mid_norm_kind = None
     return target
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with its 4-d parameters and buffers in ``torch.channels_last``.
-
-    Feed it ``x.to(memory_format=torch.channels_last)``: convs then keep NHWC end to end.
-
-    Example:
-        >>> m = to_channels_last(nn.Conv2d(3, 8, 3))
-        >>> m.weight.is_contiguous(memory_format=torch.channels_last)
-        True
-    """
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-
-def prepare_for_deployment(
-    model: nn.Module,
-    example_input: Inputs,
-    *,
-    channels_last: bool = True,
-    fold_bn: bool = True,
-    hoist: bool = True,
-    check: bool = True,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
-) -> nn.Module:
-    """The recommended inference form: an eval-mode copy, BN folded, pointwise stages hoisted, channels_last.
-
-    ``hoist`` applies :func:`dsrewrite.hoist.hoist_pointwise`: the pointwise stage of each
-    ``pw_dw`` block fed by a nearest/bilinear upsample (optionally through a skip
-    concatenation) runs before the upsample, at the low resolution, and the concatenation
-    disappears (exact up to rounding; see docs/latency.md). The modules it rewrites become
-    ``torch.fx.GraphModule`` children: keep the undeployed model for fine-tuning and saving.
-
-    With ``check=True`` the result is run on ``example_input`` against the original (in
-    eval mode, without changing its flags) and :class:`ParityError` is raised when
-    ``max|new − original| > atol + rtol · max|original|`` (dtype defaults in
-    :func:`parity_tolerance`). Inputs to a channels_last model should be channels_last too.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        >>> x = torch.randn(1, 3, 16, 16)
-        >>> dep = prepare_for_deployment(net, x)
-        >>> dep.training, net.training, dep[0].weight.is_contiguous(memory_format=torch.channels_last)
-        (False, True, True)
-    """
-    args = _as_tuple(example_input)
-    deployed = copy.deepcopy(model).eval()
-    if fold_bn:
-        deployed = fold_batchnorm(deployed, inplace=True)
-    if hoist:
-        from .hoist import hoist_pointwise  # hoist imports this module
-
-        deployed = hoist_pointwise(deployed, args, inplace=True).model
-    if channels_last:
-        deployed = deployed.to(memory_format=torch.channels_last)
-    if check:
-        with torch.no_grad(), evaluating(model):
-            ref = _flat_outputs(model(*args), "the original model")
-            fed = tuple(a.to(memory_format=torch.channels_last) if channels_last and a.dim() == 4 else a for a in args)
-            got = _flat_outputs(deployed(*fed), "the deployed model")
-        diff, _ = _max_abs_diff(got, ref, "prepare_for_deployment")
-        tol = max(parity_tolerance(r, rtol=rtol, atol=atol) for r in ref)
-        if not diff <= tol:
-            raise ParityError(
-                f"the deployment form (fold_bn={fold_bn}, hoist={hoist}, channels_last={channels_last}) differs from the "
-                f"original by max |Δ| = {diff:.3g} > tolerance {tol:.3g} on the example input. "
-                "Hint: check for BN modules shared or called twice; pass check=False to skip."
-            )
-    return deployed
-
-
-def tune_glibc_malloc(*, trim_threshold: int = 1 << 30) -> bool:
-    """Make glibc's malloc keep large freed blocks for reuse (process-wide; opt-in; see docs/latency.md).
-
-    By default glibc serves every block of ≥ 32 MiB (one fp32 activation of 32 channels at
-    512×512) with a fresh ``mmap`` and unmaps it on free, so each forward pass page-faults
-    in new zeroed pages; the memory-bound depthwise convs (and in NCHW their large scratch
-    buffers) pay this on every call. This calls ``mallopt(M_MMAP_MAX, 0)`` (no mmap for large
-    blocks) and ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` (keep up to that much free heap
-    top), the run-time form of :data:`GLIBC_TUNABLES`. The cost: freed memory is returned to
-    the kernel less eagerly. Returns ``False`` (and changes nothing) where the C library is
-    not glibc; it does not affect an allocator preloaded in glibc's place (jemalloc, tcmalloc).
-
-    Example:
-        >>> tune_glibc_malloc() in (True, False)
-        True
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if not isinstance(trim_threshold, int) or trim_threshold < 0:
-        raise DeployInputError(f"trim_threshold must be an int >= 0 (bytes), got {trim_threshold!r}.")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
-    ok_mmap = libc.mallopt(m_mmap_max, 0)
-    ok_trim = libc.mallopt(m_trim_threshold, ctypes.c_int(min(trim_threshold, 2**31 - 1)))
-    return bool(ok_mmap and ok_trim)
-
-
-# --------------------------------------------------------------------------------------
-# ONNX
-# --------------------------------------------------------------------------------------
-def _export_file(model: nn.Module, args: tuple[Tensor, ...], path: str, opset: int, exporter: str) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(model, args, path, opset_version=opset, dynamo=False, do_constant_folding=True)
-        else:
-            program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, verbose=False)
-            program.save(path, external_data=False)  # type: ignore[union-attr]
-
-
-def _file_opset(path: str, asked: int) -> int:
-    """The default-domain opset the file declares (the dynamo exporter may raise the one asked for)."""
-    try:
-        import onnx
-
-        proto = onnx.load(path, load_external_data=False)
-    except Exception:  # onnx missing or unreadable: ONNX Runtime's check reports real problems
-        return asked
-    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), asked)
-
-
-def _run_ort(path: str, args: tuple[Tensor, ...]) -> tuple[list[Tensor], str]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.detach().cpu().contiguous().numpy() for i, a in zip(session.get_inputs(), args)}
-    return [torch.from_numpy(o) for o in session.run(None, feeds)], session.get_providers()[0]
-
-
-def export_onnx(
-    model: nn.Module,
-    example_input: Inputs,
-    path: Union[str, os.PathLike],
-    *,
-    opset: int = DEFAULT_OPSET,
-    check: bool = True,
-    exporter: str = "auto",
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
-) -> OnnxResult:
-    """Export ``model`` (in eval mode) to ONNX at ``path``, atomically, and check it with ONNX Runtime.
-
-    ``exporter``: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``, deprecated but
-    present in torch 2.15), ``"dynamo"`` (``dynamo=True``, the default of ``torch.onnx.export``
-    since torch 2.9) or ``"auto"``: TorchScript first (on smp's Unet it exported in 0.5 s against
-    4 s, and the dynamo exporter writes opset ≥ 18 then converts down), dynamo if it fails. With ``check=True`` ONNX Runtime's CPU
-    provider runs the exported file on ``example_input`` and the file is kept only if
-    ``max|ORT − eager| ≤ atol + rtol · max|eager|`` (float32 defaults: rtol 1e-4,
-    atol 1e-5, see :func:`parity_tolerance`). The file is written to a temporary file
-    beside ``path`` and moved into place with ``os.replace`` (an existing file is replaced).
-    The caller's model and its train/eval flags are not changed.
-
-    Raises:
-        OutputError: ``path``'s folder does not exist.
-        OnnxExportError: no exporter managed, or ONNX Runtime cannot load the file.
-        ParityError: ONNX Runtime's output is further from eager than the tolerance.
-
-    Example:
-        >>> import tempfile, os
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     res = export_onnx(net, torch.randn(1, 3, 16, 16), os.path.join(d, "net.onnx"))
-        ...     res.checked, res.max_abs_diff <= res.tolerance, os.path.exists(res.path)
-        (True, True, True)
-    """
-    if exporter not in ("auto", "torchscript", "dynamo"):
-        raise DeployInputError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}.")
-    args = _as_tuple(example_input)
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise OutputError(f"cannot write ONNX file {path!r}: folder {folder!r} does not exist. Hint: create it first.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        errors: list[str] = []
-        used = None
-        with torch.no_grad(), evaluating(model):
-            for name in (("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
-                try:
-                    _export_file(model, args, tmp, opset, name)
-                    used = name
-                    break
-                except Exception as exc:  # report every exporter's failure together
-                    errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            if used is None:
-                raise OnnxExportError(
-                    f"torch.onnx.export failed for {type(model).__name__} at opset {opset}: " + "; ".join(errors)
-                    + ". Hint: try another opset= or exporter=."
-                )
-            ref = _flat_outputs(model(*args), "the model") if check else []
-        opset_used = _file_opset(tmp, opset)
-        result = OnnxResult(path, opset_used, used, False, None, None, None, None)
-        if check:
-            try:
-                got, provider = _run_ort(tmp, args)
-            except ImportError as exc:
-                raise OnnxExportError(f"onnxruntime is not installed ({exc}). Hint: pip install onnxruntime.") from exc
-            except Exception as exc:
-                raise OnnxExportError(
-                    f"ONNX Runtime cannot run the exported {type(model).__name__}: {type(exc).__name__}: {exc}"
-                ) from exc
-            diff, scale = _max_abs_diff(got, ref, f"ONNX export of {type(model).__name__}")
-            tol = max(parity_tolerance(r, rtol=rtol, atol=atol) for r in ref)
-            if not diff <= tol:
-                raise ParityError(
-                    f"ONNX Runtime's output for {type(model).__name__} ({used} exporter, opset {opset}) differs "
-                    f"from eager by max |Δ| = {diff:.3g} > tolerance {tol:.3g} (max |eager| = {scale:.3g}); "
-                    f"{path!r} was not written. Hint: try exporter='dynamo' or another opset, or check=False."
-                )
-            result = OnnxResult(path, opset_used, used, True, diff, tol, scale, provider)
-        os.replace(tmp, path)
-        return result
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -56,38 +56,35 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .deploy import _join, _set_submodule, parity_tolerance
-from .errors import UsageError
-from .kinds import Stages, kind_of
-from .layers import DepthwiseSeparableConv2d
-from .macs import evaluating, run_model
+from ..errors import UsageError
+from ..kinds import Stages, kind_of
+from ..layers import DepthwiseSeparableConv2d
+from ..runtime.modules import join as _join
+from ..runtime.modules import set_submodule as _set_submodule
+from ..runtime.run import evaluating, flatten_outputs, run_model
+from ..runtime.tolerance import parity_tolerance
+from .hoist_match import (
+    HOIST_MODES,
+    Match,
+    find_matches,
+    first_line,
+    has_hooks,
+    match_owner,
+    match_problem,
+    node_shape,
+    trace_module,
+)
 
 __all__ = ["HOIST_MODES", "HoistRecord", "HoistResult", "HoistInputError", "hoist_pointwise"]
-
-#: Interpolation modes the pointwise stage is hoisted across.
-HOIST_MODES: tuple[str, ...] = ("nearest", "bilinear")
-
-#: Interpolation functions recognised, with the mode they fix (``None``: read ``mode=``).
-_UPSAMPLE_FUNCS: dict[Callable[..., Any], Optional[str]] = {
-    F.interpolate: None,
-    F.upsample: None,
-    F.upsample_nearest: "nearest",
-    F.upsample_bilinear: "bilinear",
-}
-_CAT_FUNCS = frozenset({torch.cat, torch.concat, torch.concatenate})
-
 
 class HoistInputError(UsageError):
     """``hoist_pointwise`` was called with something that is not a model."""
@@ -137,257 +134,6 @@ class HoistResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------
-# Tracing
-# --------------------------------------------------------------------------------------
-class _Tracer(torch.fx.Tracer):
-    """Convs, separable blocks and already-rewritten modules stay leaves; nodes remember
-    the module whose forward created them (``meta['hoist_scope']``)."""
-
-    def __init__(self, leaf_ids: set[int]) -> None:
-        super().__init__()
-        self._leaf_ids = leaf_ids
-        self._scopes = [""]
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (nn.Conv2d, DepthwiseSeparableConv2d)) or id(m) in self._leaf_ids:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        self._scopes.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self._scopes.pop()
-
-    def create_node(self, *args: Any, **kwargs: Any) -> Node:
-        node = super().create_node(*args, **kwargs)
-        node.meta["hoist_scope"] = self._scopes[-1]
-        return node
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _trace(module: nn.Module, leaf_ids: set[int], concrete: dict[str, Any]) -> torch.fx.Graph:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = _Tracer(leaf_ids).trace(module, concrete_args=concrete or None)
-    # fx renames a placeholder fixed by concrete_args (``skip`` → ``skip_1``): restore the
-    # parameter names so that keyword calls keep working.
-    params = list(inspect.signature(module.forward).parameters)
-    for node, name in zip([n for n in graph.nodes if n.op == "placeholder"], params):
-        node.target = name
-    return graph
-
-
-# --------------------------------------------------------------------------------------
-# Finding the pattern
-# --------------------------------------------------------------------------------------
-@dataclass
-class _Up:
-    node: Node
-    source: Any
-    desc: str
-    problem: str
-
-
-@dataclass
-class _Part:
-    node: Any  # the tensor the pointwise sees (a concat input, or the conv input)
-    chain: list[Node]  # identities between the upsample and ``node``, nearest to ``node`` first
-    up: Optional[_Up]
-
-
-@dataclass
-class _Match:
-    conv_node: Node
-    conv: nn.Module
-    cat: Optional[Node]
-    post: list[Node]  # identities between the concat/upsample and the conv, nearest to the conv first
-    parts: list[_Part] = field(default_factory=list)
-
-
-def _as_upsample(node: Any, root: nn.Module) -> Optional[_Up]:
-    if not isinstance(node, Node):
-        return None
-    if node.op == "call_function" and node.target in _UPSAMPLE_FUNCS:
-        name = node.target.__name__  # type: ignore[union-attr]
-        try:
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
-        except TypeError as exc:
-            return _Up(node, None, name, f"{name} arguments not understood ({exc})")
-        mode = _UPSAMPLE_FUNCS[node.target] or bound.arguments.get("mode", "nearest")  # type: ignore[index]
-        source = bound.arguments.get("input")
-    elif node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.Upsample):
-        mod = root.get_submodule(str(node.target))
-        name, mode = f"{type(mod).__name__} {node.target!r}", mod.mode
-        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if type(mod).forward is not nn.Upsample.forward or _has_hooks(mod):
-            return _Up(node, source, name, f"{name} has its own forward or hooks")
-    else:
-        return None
-    desc = f"{name}(mode={mode!r})"
-    problem = ""
-    if mode not in HOIST_MODES:
-        problem = (
-            f"{desc}: only modes {list(HOIST_MODES)} are hoisted across (per-channel, constant-preserving "
-            "interpolations); the block stays as it is"
-        )
-    elif not isinstance(source, Node):
-        problem = f"{desc}: its input is not a traced tensor"
-    return _Up(node, source, desc, problem)
-
-
-def _is_identity(node: Any, root: nn.Module) -> bool:
-    if not (isinstance(node, Node) and node.op == "call_module"):
-        return False
-    mod = root.get_submodule(str(node.target))
-    return (
-        isinstance(mod, nn.Identity) and type(mod).forward is nn.Identity.forward and not _has_hooks(mod)
-        and len(node.args) == 1 and not node.kwargs
-    )
-
-
-def _walk_back(node: Any, root: nn.Module) -> tuple[Any, list[Node]]:
-    chain: list[Node] = []
-    while _is_identity(node, root):
-        chain.append(node)
-        node = node.args[0]
-    return node, chain
-
-
-def _cat_args(node: Node) -> tuple[Any, Any]:
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
-    return tensors, dim
-
-
-def _find_matches(graph: torch.fx.Graph, root: nn.Module) -> list[_Match]:
-    matches = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(root.get_submodule(str(node.target)), DepthwiseSeparableConv2d):
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            continue
-        src, post = _walk_back(node.args[0], root)
-        match = _Match(node, root.get_submodule(str(node.target)), None, post)
-        up = _as_upsample(src, root)
-        if up is not None:
-            match.parts = [_Part(src, [], up)]
-        elif isinstance(src, Node) and src.op == "call_function" and src.target in _CAT_FUNCS:
-            tensors, _ = _cat_args(src)
-            if not isinstance(tensors, (list, tuple)):
-                continue
-            match.cat = src
-            for t in tensors:
-                s, chain = _walk_back(t, root)
-                match.parts.append(_Part(t, chain, _as_upsample(s, root)))
-            if not any(p.up for p in match.parts):
-                continue
-        else:
-            continue
-        matches.append(match)
-    return matches
-
-
-def _scope(node: Node) -> str:
-    if node.op == "call_module":
-        return str(node.target).rpartition(".")[0]
-    return str(node.meta.get("hoist_scope", ""))
-
-
-def _owner(match: _Match) -> str:
-    """The innermost module path (relative to the traced module) whose forward holds the whole match."""
-    nodes = [match.conv_node, *match.post, *([match.cat] if match.cat else [])]
-    for p in match.parts:
-        nodes += p.chain + ([p.up.node] if p.up else [])
-    paths = [_scope(n).split(".") if _scope(n) else [] for n in nodes]
-    common: list[str] = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
-
-
-def _shape(node: Any) -> Optional[tuple[int, ...]]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def _problem(match: _Match, root: nn.Module, calls: Counter, held: Counter) -> str:
-    """Why ``match`` cannot be hoisted, or ``""``."""
-    ds, target = match.conv, str(match.conv_node.target)
-    kind = kind_of(ds)
-    stages = kind.stages(ds) if kind is not None else None
-    if kind is None or stages is None:
-        return f"block {target!r} is a {type(ds).__qualname__} with its own forward"
-    if kind.hoist_refusal is not None:
-        return f"block {target!r} has order {kind.name!r}: {kind.hoist_refusal}"
-    pw = ds.get_submodule(stages.first)
-    if _has_hooks(ds) or _has_hooks(pw):
-        return f"block {target!r} or its pointwise stage has hooks, which the rewrite would bypass"
-    if type(pw) is not nn.Conv2d or pw.groups != 1:
-        return (
-            f"the pointwise stage of {target!r} is a {type(pw).__name__} with groups={getattr(pw, 'groups', '?')}; "
-            "only plain groups=1 convs are split"
-        )
-    if tuple(pw.kernel_size) != (1, 1) or tuple(pw.stride) != (1, 1) or pw.padding not in ((0, 0), "valid"):
-        return f"the pointwise stage of {target!r} is not a 1×1, stride-1, unpadded conv"
-    if calls[target] != 1 or held[id(ds)] != 1 or held[id(pw)] != 1:
-        return f"block {target!r} is shared (called {calls[target]}×, held under {held[id(ds)]} names)"
-    chain = list(match.post)
-    if match.cat is not None:
-        tensors, dim = _cat_args(match.cat)
-        shape = _shape(match.cat)
-        ndim = len(shape) if shape else 4
-        if not isinstance(dim, int) or dim % ndim != 1:
-            return f"the concatenation before {target!r} is on dim={dim!r}, not the channel dim 1"
-        if len(tensors) != len(set(tensors)):
-            return f"the concatenation before {target!r} repeats an input"
-        chain.append(match.cat)
-    for p in match.parts:
-        chain += p.chain
-        if p.up is not None:
-            if p.up.problem:
-                return p.up.problem
-            chain.append(p.up.node)
-    for n in chain:
-        if len(n.users) != 1:
-            others = sorted(u.name for u in n.users)
-            return (
-                f"intermediate {n.name!r} before {target!r} has {len(n.users)} users ({others}); "
-                "it must feed only the block"
-            )
-    channels = 0
-    for p in match.parts:
-        shape = _shape(p.node)
-        if shape is None or len(shape) != 4:
-            return f"no 4-d shape recorded for {getattr(p.node, 'name', p.node)!r} on the example input"
-        channels += shape[1]
-        if p.up is not None:
-            low = _shape(p.up.source)
-            if low is None or len(low) != 4 or low[1] != shape[1]:
-                return f"no 4-d shape recorded for the input of {p.up.desc}"
-            if shape[2] * shape[3] <= low[2] * low[3]:
-                return (
-                    f"{p.up.desc} does not enlarge ({low[2]}×{low[3]} → {shape[2]}×{shape[3]}): "
-                    "hoisting saves nothing"
-                )
-    if channels != pw.in_channels:
-        return f"the inputs of {target!r} have {channels} channels, its pointwise stage expects {pw.in_channels}"
-    return ""
-
-
-# --------------------------------------------------------------------------------------
 # Rewriting
 # --------------------------------------------------------------------------------------
 def _split_pointwise(pw: nn.Conv2d, start: int, stop: int, bias: bool) -> nn.Conv2d:
@@ -412,7 +158,7 @@ def _stages(block: nn.Module) -> Stages:
     return stages
 
 
-def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Module], name: str,
+def _rewrite(graph: torch.fx.Graph, match: Match, new_modules: dict[str, nn.Module], name: str,
              conv: str) -> HoistRecord:
     """Replace ``match`` in ``graph``; new pointwise modules go into ``new_modules``."""
     ds, target = match.conv, str(match.conv_node.target)
@@ -423,7 +169,7 @@ def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Mod
     outs, start, hoisted, other, saved, descs = [], 0, 0, 0, 0, []
     with graph.inserting_before(match.conv_node):
         for i, p in enumerate(match.parts):
-            shape = _shape(p.node)
+            shape = node_shape(p.node)
             c = shape[1]  # type: ignore[index]
             part = f"{target}.{stages.first}" if single else f"{target}.{stages.first}_part{i}"
             new_modules[part] = _split_pointwise(pw, start, start + c, bias=i == bias_at)
@@ -432,7 +178,7 @@ def _rewrite(graph: torch.fx.Graph, match: _Match, new_modules: dict[str, nn.Mod
                 outs.append(graph.create_node("call_module", part, (p.node,)))
                 other += c
                 continue
-            low = _shape(p.up.source)
+            low = node_shape(p.up.source)
             mixed = graph.create_node("call_module", part, (p.up.source,))
             up = p.up.node
             args = tuple(mixed if a is p.up.source else a for a in up.args)
@@ -508,13 +254,7 @@ def _observe(model: nn.Module, modules: dict[str, nn.Module], example_inputs: An
 
 
 def _flat(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
-    return []
+    return [t for _, t in flatten_outputs(out)]
 
 
 def _mismatch(original: nn.Module, new: nn.Module, call: tuple) -> str:
@@ -557,7 +297,7 @@ def _module_problem(name: str, module: nn.Module, calls_seen: list[tuple], held:
     where = f"module {name!r}" if name else "the root module"
     if held[id(module)] != 1:
         return f"{where} is held under {held[id(module)]} names (shared): rewriting it for one would change the others"
-    if _has_hooks(module):
+    if has_hooks(module):
         return f"{where} has hooks, which a GraphModule in its place would not run"
     if len(calls_seen) != 1:
         return f"{where} ran {len(calls_seen)} times on the example input; only modules called once are rewritten"
@@ -578,12 +318,12 @@ def _examine(name: str, module: nn.Module, calls_seen: list[tuple], held: Counte
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             concrete = {k: None for k, v in bound.arguments.items() if v is None}
-        graph = _trace(module, leaf_ids, concrete)
+        graph = trace_module(module, leaf_ids, concrete)
     except Exception as exc:  # a module that does not trace is only reported
-        return _Examined(None, [HoistRecord(name, "", False, f"does not trace: {_first_line(exc)}")])
+        return _Examined(None, [HoistRecord(name, "", False, f"does not trace: {first_line(exc)}")])
     traced_ids.add(id(module))
     below = traced_ids - {id(module)}
-    matches = [m for m in _find_matches(graph, module) if id(module.get_submodule(_owner(m))) not in below]
+    matches = [m for m in find_matches(graph, module) if id(module.get_submodule(match_owner(m))) not in below]
     if not matches:
         return _Examined(None, [])
     convs = [_join(name, str(m.conv_node.target)) for m in matches]
@@ -595,7 +335,7 @@ def _examine(name: str, module: nn.Module, calls_seen: list[tuple], held: Counte
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     records, new_modules = [], {}
     for m, conv in zip(matches, convs):
-        reason = _problem(m, module, calls, held)
+        reason = match_problem(m, module, calls, held)
         done = HoistRecord(name, conv, False, reason) if reason else _rewrite(graph, m, new_modules, name, conv)
         records.append(done)
     if not any(r.hoisted for r in records):
@@ -625,7 +365,7 @@ def _hooks_lost(name: str, module: nn.Module, graph: torch.fx.Graph) -> str:
     leaves = [module.get_submodule(str(n.target)) for n in graph.nodes if n.op == "call_module"]
     kept = {id(m) for leaf in leaves for m in leaf.modules()}
     for sub, m in module.named_modules():
-        if id(m) not in kept and _has_hooks(m):
+        if id(m) not in kept and has_hooks(m):
             return (
                 f"module {_join(name, sub)!r} has hooks, which a GraphModule in place of "
                 f"{name or 'the root'!r} would not run"

@@ -33,8 +33,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import RewriteError
-from .macs import describe_inputs, evaluating, run_model
+from ..errors import RewriteError
+from ..runtime.run import describe_inputs, evaluating, flatten_outputs, run_model
 
 __all__ = ["Fidelity", "OutputFidelity", "FidelityError", "flatten_outputs", "compare_outputs"]
 
@@ -72,32 +72,6 @@ class Fidelity:
         for o in d["outputs"]:
             o["shape"] = list(o["shape"])
         return d
-
-
-def flatten_outputs(out: Any, path: str = "") -> list[tuple[str, Tensor]]:
-    """``[(path, tensor), ...]`` for every tensor leaf: sequences by position, dicts by sorted key.
-
-    Non-tensor leaves (``None``, numbers, strings) are left out.
-
-    Example:
-        >>> [p for p, _ in flatten_outputs({"out": torch.zeros(1), "aux": (torch.zeros(1), None)})]
-        ['aux[0]', 'out']
-    """
-    if isinstance(out, Tensor):
-        return [(path, out)]
-    if isinstance(out, Mapping):
-        leaves: list[tuple[str, Tensor]] = []
-        for k in sorted(out, key=str):
-            leaves += flatten_outputs(out[k], f"{path}.{k}" if path else str(k))
-        return leaves
-    if isinstance(out, (tuple, list)):
-        leaves = []
-        for i, v in enumerate(out):
-            leaves += flatten_outputs(v, f"{path}[{i}]")
-        return leaves
-    if hasattr(out, "__dataclass_fields__"):  # e.g. HuggingFace-style output records
-        return flatten_outputs({k: getattr(out, k) for k in out.__dataclass_fields__}, path)
-    return []
 
 
 class _Acc:

@@ -29,8 +29,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import InputShapeError, UsageError
-from .macs import call_model, evaluating, run_model
+from ..errors import InputShapeError, UsageError
+from ..runtime.run import call_model, evaluating, run_model
 
 __all__ = ["LatencyComparison", "compare_latency"]
 

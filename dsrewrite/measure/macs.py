@@ -41,13 +41,14 @@ import contextlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import InputShapeError, PlanError, did_you_mean
+from ..errors import PlanError, did_you_mean
+from ..runtime.run import evaluating, run_model
 
 __all__ = [
     "ModuleCost",
@@ -65,10 +66,6 @@ __all__ = [
     "region_costs",
     "flop_counter_check",
     "measure",
-    "evaluating",
-    "call_model",
-    "run_model",
-    "describe_inputs",
 ]
 
 #: Region name for modules and parameters that sit directly on the model's root.
@@ -79,82 +76,6 @@ NOT_COUNTED = (
     "not counted: BatchNorm, activations, element-wise add/mul, cat, interpolate/upsample, "
     "pooling, softmax, and convs/matmuls called functionally outside conv/linear modules"
 )
-
-
-# --------------------------------------------------------------------------------------
-# Running a model without changing it
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and restore every submodule's train flag on exit.
-
-    Example:
-        >>> m = nn.Sequential(nn.Dropout(), nn.Linear(2, 2)).train()
-        >>> m[1].eval()  # doctest: +ELLIPSIS
-        Linear(...)
-        >>> with evaluating(m):
-        ...     m.training
-        False
-        >>> m.training, m[1].training
-        (True, False)
-    """
-    flags = [(mod, mod.training) for model in models for mod in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on ``inputs``: a tensor, a tuple/list of positional args, or a dict of kwargs.
-
-    Example:
-        >>> call_model(nn.Identity(), (torch.ones(1),))
-        tensor([1.])
-    """
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def describe_inputs(inputs: Any) -> str:
-    """Shapes of ``inputs`` for messages, e.g. ``'(1, 3, 64, 64)'``.
-
-    Example:
-        >>> describe_inputs((torch.zeros(1, 3), torch.zeros(2)))
-        '(1, 3), (2,)'
-    """
-    if isinstance(inputs, Tensor):
-        return str(tuple(inputs.shape))
-    if isinstance(inputs, Mapping):
-        return ", ".join(f"{k}={describe_inputs(v)}" for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        return ", ".join(describe_inputs(v) for v in inputs)
-    return type(inputs).__name__
-
-
-def run_model(model: nn.Module, inputs: Any) -> Any:
-    """:func:`call_model`, raising :class:`InputShapeError` (naming the input's shapes) when the model fails.
-
-    Example:
-        >>> run_model(nn.Linear(3, 2), torch.zeros(1, 4))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        dsrewrite.errors.InputShapeError: model Linear failed to run on example input (1, 4): RuntimeError: ...mat1 and mat2 shapes cannot be multiplied (1x4 and 3x2). Hint: pass an input of the shape, dtype and device the model expects (e.g. --input-shape 1,3,224,224).
-    """
-    try:
-        return call_model(model, inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise InputShapeError(
-            f"model {type(model).__name__} failed to run on example input {describe_inputs(inputs)}: "
-            f"{type(exc).__name__}: {exc}. Hint: pass an input of the shape, dtype and device "
-            "the model expects (e.g. --input-shape 1,3,224,224)."
-        ) from exc
 
 
 # --------------------------------------------------------------------------------------

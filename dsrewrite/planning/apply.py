@@ -8,7 +8,7 @@ is changed, so a failing plan leaves the model as it was.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from dsrewrite.plan_types import LayerConfig, Plan, PlanEntry
+    >>> from dsrewrite.planning.types import LayerConfig, Plan, PlanEntry
     >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
     >>> p = Plan((PlanEntry("1", "replace", "test", LayerConfig()),), recipe="x", capture="fx")
     >>> out = apply_plan(net, p)
@@ -23,92 +23,13 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError, did_you_mean
-from .kinds import get_kind, kind_names
-from .plan_types import Plan
+from ..errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError, did_you_mean
+from ..kinds import get_kind, kind_names
+from ..runtime.modules import set_submodule
+from ..runtime.preflight import check_rewritable
+from .types import Plan
 
-__all__ = ["apply_plan", "set_submodule", "module_aliases", "check_rewritable", "UnsupportedModelError"]
-
-
-def _quantized_conv_types() -> tuple[type, ...]:
-    try:
-        from torch.ao.nn.quantized.modules.conv import _ConvNd as QuantizedConvNd
-    except ImportError:  # pragma: no cover - torch without torch.ao
-        return ()
-    return (QuantizedConvNd,)
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def check_rewritable(model: nn.Module, *, needs_weights: bool = True) -> None:
-    """Refuse, with one clear message, a model dsrewrite cannot rewrite as a whole.
-
-    * quantized convs (``torch.ao.nn.quantized`` static or dynamic ``Conv*``): their
-      weights are packed int8, not a float kernel to factorise;
-    * with ``needs_weights`` (SVD initialisation, planning, the report): parameters
-      or buffers on the meta device, which hold no values.
-
-    Quantized non-conv modules (a dynamically quantized ``Linear``) are fine: they are
-    left as they are.
-
-    Raises:
-        UnsupportedModelError: (a :class:`~dsrewrite.errors.UsageError`, CLI exit 2).
-
-    Example:
-        >>> check_rewritable(nn.Conv2d(3, 8, 3))
-        >>> check_rewritable(nn.Conv2d(3, 8, 3, device="meta"))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        dsrewrite.errors.UnsupportedModelError: Conv2d has tensors on the meta device ('weight', 'bias'): ...
-    """
-    qtypes = _quantized_conv_types()
-    quantized = [(n or "(root)", type(m)) for n, m in model.named_modules() if qtypes and isinstance(m, qtypes)]
-    if quantized:
-        cls = quantized[0][1]
-        raise UnsupportedModelError(
-            f"{type(model).__name__} holds {len(quantized)} quantized conv(s) ({_few([n for n, _ in quantized])}, "
-            f"a {cls.__module__}.{cls.__qualname__}): their weights are packed integers, not a float kernel "
-            "to factorise. Rewrite the float model before quantizing it, then quantize the result."
-        )
-    if needs_weights:
-        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-        if meta:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has tensors on the meta device ({_few(meta, 2)}): they hold no values, so "
-                "there is nothing to factorise (SVD), run or report on. Load the weights first "
-                "(model.to_empty(device='cpu') then load_state_dict). For a structure-only rewrite, e.g. to "
-                "load a saved rewrite's weights, use apply_plan(model, plan, init='random')."
-            )
-
-
-def module_aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Map ``id(module)`` to every ``(parent, attribute)`` pair that holds it (shared modules too)."""
-    out: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is not None:
-                pairs = out.setdefault(id(child), [])
-                if not any(p is parent and a == attr for p, a in pairs):
-                    pairs.append((parent, attr))
-    return out
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` (and every alias of the same object) by ``new``.
-
-    Example:
-        >>> net = nn.Sequential(nn.Identity())
-        >>> set_submodule(net, "0", nn.ReLU()); net
-        Sequential(
-          (0): ReLU()
-        )
-    """
-    old = model.get_submodule(name)
-    for parent, attr in module_aliases(model).get(id(old), []):
-        setattr(parent, attr, new)
+__all__ = ["apply_plan"]
 
 
 def _copy_without_replaced_weights(model: nn.Module, plan: Plan) -> nn.Module:
@@ -147,6 +68,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Opt
             initialised by SVD names a conv on the meta device.
     """
     check_rewritable(model, needs_weights=False)
+    return apply_checked(model, plan, inplace=inplace, init=init)
+
+
+def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Optional[str] = None) -> nn.Module:
+    """:func:`apply_plan` for a model :func:`~dsrewrite.runtime.preflight.preflight` has already checked."""
     modules = dict(model.named_modules())
     for e in plan.replaced:
         if e.name not in modules:

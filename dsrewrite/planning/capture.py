@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,10 +39,11 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
-from .errors import InputShapeError, UsageError
-from .facts import PREDICATES, Capture, ConvFact
-from .graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
-from .macs import evaluating
+from ..errors import InputShapeError, UsageError
+from ..facts import PREDICATES, Capture, ConvFact
+from ..graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
+from ..runtime.run import evaluating
+from ..runtime.tracer import timm_fx_extras
 
 __all__ = ["capture", "timm_fx_extras", "conv_base_class", "is_plain_conv"]
 
@@ -92,32 +92,6 @@ def is_plain_conv(module: _ConvNd) -> bool:
     if hasattr(base, "_conv_forward"):
         same = same and getattr(cls, "_conv_forward") is getattr(base, "_conv_forward")
     return same
-
-
-def timm_fx_extras(model: nn.Module) -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
-    """timm's registered fx leaf modules and autowrap functions, when the model uses timm.
-
-    Returns two empty tuples when timm is neither imported yet nor used by the model
-    (timm is then not imported at all); once timm is imported, its registered extras.
-
-    Example:
-        >>> from timm.layers import Conv2dSame
-        >>> leaves, funcs = timm_fx_extras(nn.Conv2d(3, 3, 3))
-        >>> Conv2dSame in leaves and len(funcs) > 0
-        True
-    """
-    if "timm" not in sys.modules and not any(
-        type(m).__module__.startswith("timm.") for m in model.modules()
-    ):
-        return (), ()
-    try:
-        import timm  # noqa: F401  (importing timm.models registers every leaf)
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:
-        return (), ()
-    leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type))
-    funcs = tuple(f for f in get_notrace_functions() if callable(f))
-    return leaves, funcs
 
 
 # --------------------------------------------------------------------------- inputs

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .capture import capture
-from .facts import Capture, ConvFact
-from .kinds import auto_kinds, get_kind
-from .measure import ratio_key, time_dense_vs_separable, time_orders
-from .plan_types import LayerConfig, Plan, PlanEntry
-from .recipe import Recipe, load_recipe, select
-from .recipe.schema import AUTO, LatencySpec
+from ..facts import Capture, ConvFact
+from ..kinds import auto_kinds, get_kind
+from ..measure.timing import ratio_key, time_dense_vs_separable, time_orders
+from .types import LayerConfig, Plan, PlanEntry
+from ..recipe import Recipe, load_recipe, select
+from ..recipe.schema import AUTO, LatencySpec
+from ..runtime.preflight import preflight  # DataParallel/DDP: plan the inner model (names without 'module.')
 
 __all__ = ["plan", "plan_from_capture", "resolve_config", "separable_macs", "NothingSelectedWarning"]
 
@@ -277,10 +278,22 @@ def plan(
         '2'
     """
     rec = load_recipe(recipe)
-    from .api import unwrap_for_rewrite  # DataParallel/DDP: plan the inner model (names without 'module.')
-    from .apply import check_rewritable
+    inner = preflight(model, needs_weights=False).model
+    return plan_checked(inner, rec, example_inputs, input_shape=input_shape, depth_multiplier=depth_multiplier,
+                        order=order, init=init)
 
-    model, _ = unwrap_for_rewrite(model)
-    check_rewritable(model, needs_weights=False)
+
+def plan_checked(
+    model: nn.Module,
+    recipe: RecipeLike = "decoder_only",
+    example_inputs: Union[Tensor, Sequence[Tensor], None] = None,
+    *,
+    input_shape: Sequence[int] = (1, 3, 224, 224),
+    depth_multiplier: Optional[int] = None,
+    order: Optional[str] = None,
+    init: Optional[str] = None,
+) -> Plan:
+    """:func:`plan` for a model :func:`~dsrewrite.runtime.preflight.preflight` has already unwrapped and checked."""
+    rec = load_recipe(recipe)
     cap = capture(model, example_inputs, input_shape=tuple(input_shape))
     return plan_from_capture(model, rec, cap, depth_multiplier=depth_multiplier, order=order, init=init)

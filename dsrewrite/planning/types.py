@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
-from .errors import PlanError
+from ..errors import PlanError
 
 __all__ = ["LayerConfig", "PlanEntry", "Plan", "PLAN_FORMAT_VERSION"]
 

@@ -33,8 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import timm_fx_extras
-from .graph import ConvLeafTracer
+from ..runtime.tracer import timm_fx_extras
+from ..graph import ConvLeafTracer
 
 __all__ = ["FollowingReLU", "following_relus"]
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optiona
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError, did_you_mean
+from ..errors import UsageError, did_you_mean
 
 __all__ = ["BatchError", "InputSpec", "input_spec", "model_inputs", "iter_inputs", "batch_size_of",
            "positional_count", "to_device", "check_iterable"]
@@ -191,7 +191,7 @@ def model_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
         >>> model_inputs(("a.png",), 3, input_spec(nn.Identity()))
         Traceback (most recent call last):
         ...
-        dsrewrite.batches.BatchError: calibration batch 3 is a tuple of 1: (str); the model takes 1 positional input and the batch's first element must be it (a tensor). Hint: pass input_key=<key of the input in a dict batch> or input_fn=<function: batch -> model inputs>; from the CLI, torch.save each batch's model inputs (a tensor, or a tuple for several inputs). See docs/data.md.
+        dsrewrite.refit.batches.BatchError: calibration batch 3 is a tuple of 1: (str); the model takes 1 positional input and the batch's first element must be it (a tensor). Hint: pass input_key=<key of the input in a dict batch> or input_fn=<function: batch -> model inputs>; from the CLI, torch.save each batch's model inputs (a tensor, or a tuple for several inputs). See docs/data.md.
     """
     where, n = spec.where, spec.positional
     found = _describe(batch)
@@ -258,7 +258,7 @@ def check_iterable(batches: Any, where: str) -> None:
         >>> check_iterable(torch.zeros(2, 3), "heal")
         Traceback (most recent call last):
         ...
-        dsrewrite.batches.BatchError: heal data must be an iterable of batches (a list of tensors, a DataLoader), got Tensor(2, 3). Hint: wrap one tensor batch in a list: [x].
+        dsrewrite.refit.batches.BatchError: heal data must be an iterable of batches (a list of tensors, a DataLoader), got Tensor(2, 3). Hint: wrap one tensor batch in a list: [x].
     """
     if isinstance(batches, (Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
         raise BatchError(

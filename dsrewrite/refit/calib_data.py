@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UsageError, did_you_mean
+from ..errors import UsageError, did_you_mean
 
 __all__ = ["open_calibration", "CalibrationData", "ImageFolderDataset", "example_inputs_for", "PRESETS",
            "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
@@ -406,7 +406,7 @@ def example_inputs_for(
         >>> tuple(x.shape), shape
         ((1, 3, 8, 8), (1, 3, 8, 8))
     """
-    from .api import example_input
+    from ..runtime.preflight import example_input
     from .batches import to_device
 
     if path is None:

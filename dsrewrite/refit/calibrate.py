@@ -56,29 +56,21 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .activation import FollowingReLU, following_relus
+from ..errors import CalibrationError, did_you_mean
+from ..kinds import kind_of
+from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
+from ..runtime.run import call_model, evaluating, flatten_outputs
+from .activation import following_relus
 from .batches import batch_size_of, input_spec, iter_inputs, to_device
-from .errors import CalibrationError, UsageError, did_you_mean
-from .fidelity import flatten_outputs
-from .kinds import LAYOUT_MEMBERS, kind_of, missing_members
-from .layers.dsconv import DepthwiseSeparableConv2d
-from .lstsq import (
-    GramStats,
-    block_error,
-    gather_patches,
-    gram_matrix,
-    quadratic_error,
-    ridge_solve,
-    sample_positions,
-)
-from .macs import call_model, evaluating
-from .relu_fit import cross_product, fit_through_relu, predict, relu_error
+from .layer_fit import LayerFit
+from .lstsq import GramStats, sample_positions
+from .replay import CallTracer, Key, Stop, StructureChanged
+from .results import CalibrationResult, CalibrationUsageError, LayerCalibration
 
 _ACTIVATION_MODES = ("auto", "none")
 #: Memory for the features kept per layer for the fit through the activation (float32; when
@@ -95,105 +87,6 @@ __all__ = [
 ]
 
 
-class CalibrationUsageError(UsageError):
-    """Bad calibration input: no batches, unknown or mismatched layer names, bad options."""
-
-
-@dataclass(frozen=True)
-class LayerCalibration:
-    """What calibration did to one layer.
-
-    Errors are relative L2 (``‖block(x) − conv_orig(x_orig)‖ / ‖conv_orig(x_orig)‖``) over
-    the sampled calibration positions, ``x`` coming from the rewritten model with the
-    earlier layers already calibrated. ``steps`` lists the accepted refits in order
-    (``"last"``: the last stage and bias; ``"first"``: the first stage; ``"relu"``: the refit
-    through the following activation, see :meth:`_Layer.refit_through_relu`); ``method`` is
-    ``"last_stage"``, ``"alternating"`` or ``"skipped"``.
-
-    ``activation`` names the (BatchNorm +) ReLU that follows the conv when calibration
-    fitted through it (``""`` otherwise); ``act_error_before``/``act_error_after`` are then
-    the relative L2 error of that activation's output (what the next layer sees) on the
-    stored positions. For such layers it is the ACTIVATION error that calibration never
-    increases; the conv-output error ``rel_error_after`` may rise, since errors on
-    pre-activations the ReLU zeroes do not count.
-    """
-
-    name: str
-    order: str
-    depth_multiplier: int
-    method: str
-    rel_error_before: float
-    rel_error_after: float
-    positions: int
-    steps: tuple[str, ...] = ()
-    note: str = ""
-    activation: str = ""
-    act_error_before: Optional[float] = None
-    act_error_after: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class CalibrationResult:
-    """Per-layer results plus the whole model's output error before and after (relative L2).
-
-    ``output_rel_error_*`` compare all output tensors of the rewritten model with the
-    original's over every calibration batch (``None`` with ``measure_output=False``).
-    """
-
-    layers: tuple[LayerCalibration, ...]
-    output_rel_error_before: Optional[float]
-    output_rel_error_after: Optional[float]
-    images: int
-    batches: int
-    seconds: float
-    replay_cache: bool
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    def table(self) -> str:
-        """A plain-text table, one row per layer.
-
-        Example:
-            >>> r = CalibrationResult((LayerCalibration("a", "dw_pw", 1, "last_stage", 0.5, 0.25, 10, ("last",)),),
-            ...                       0.4, 0.2, 2, 1, 0.1, True)
-            >>> print(r.table())  # doctest: +NORMALIZE_WHITESPACE
-            layer  order  m  method      rel err before  rel err after  steps  note
-            a      dw_pw  1  last_stage  0.5000          0.2500         last
-            model output rel err: 0.4000 -> 0.2000 (2 images, 1 batches, 0.1 s)
-        """
-        acts = any(l.activation for l in self.layers)
-        head = ("layer", "order", "m", "method", "rel err before", "rel err after") + (
-            ("act err before", "act err after") if acts else ()) + ("steps", "note")
-
-        def act_cols(l: LayerCalibration) -> tuple[str, ...]:
-            if not acts:
-                return ()
-            if l.act_error_before is None or l.act_error_after is None:
-                return ("", "")
-            return (f"{l.act_error_before:.4f}", f"{l.act_error_after:.4f}")
-
-        rows = [head] + [
-            (l.name, l.order, str(l.depth_multiplier), l.method, f"{l.rel_error_before:.4f}",
-             f"{l.rel_error_after:.4f}") + act_cols(l) + (",".join(l.steps), l.note)
-            for l in self.layers
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-
-        def fmt(v: Optional[float]) -> str:
-            return "n/a" if v is None else f"{v:.4f}"
-
-        lines.append(
-            f"model output rel err: {fmt(self.output_rel_error_before)} -> {fmt(self.output_rel_error_after)} "
-            f"({self.images} images, {self.batches} batches, {self.seconds:.1f} s)"
-        )
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
 def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """Check the keys of extra :func:`calibrate` keyword arguments (values are checked by ``calibrate``).
 
@@ -203,7 +96,7 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         >>> check_options({"activaton": "none"})
         Traceback (most recent call last):
         ...
-        dsrewrite.calibrate.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
     """
     opts = dict(options or {})
     valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
@@ -228,400 +121,6 @@ def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
     """
     convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
     return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and n in convs]
-
-
-# ----------------------------------------------------------------------------------------
-# Replay cache: module calls are keyed by (qualified name, call index within one forward)
-# ----------------------------------------------------------------------------------------
-Key = tuple[str, int]
-
-
-class _Stop(BaseException):
-    """Raised from a hook to end a forward pass early (BaseException: user code rarely catches it)."""
-
-
-class _StructureChanged(BaseException):
-    """A module call not seen in the probe run: the replay cache cannot be trusted."""
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_clone(v) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, _clone(v)) for k, v in value.items())
-    return value
-
-
-@dataclass
-class _Call:
-    start: int
-    end: int = -1
-    parent: Optional[Key] = None
-
-
-class _Tracer:
-    """Hooks on every submodule of a model: records the call tree, replays and captures outputs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.named = [(n, m) for n, m in model.named_modules() if n]
-        self.calls: dict[Key, _Call] = {}
-        self.sequence: list[Key] = []
-        self.probing = False
-        self.replay: dict[Key, Any] = {}
-        self.capture: set[Key] = set()
-        self.captured: dict[Key, Any] = {}
-        self.skip_counts: dict[Key, Counter] = {}
-        self.patched: dict[str, tuple[nn.Module, bool, Any]] = {}
-        self.handles: list[Any] = []
-        self._reset()
-        for name, mod in self.named:
-            self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
-            self.handles.append(mod.register_forward_hook(self._post(name)))
-
-    def _reset(self) -> None:
-        self.counters: Counter = Counter()
-        self.stack: list[Key] = []
-        self.event = 0
-        self.seen: list[Key] = []
-
-    def begin(self, *, probe: bool = False, replay: Optional[dict[Key, Any]] = None,
-              capture: Optional[set[Key]] = None) -> None:
-        self._reset()
-        self.probing = probe
-        if probe:
-            self.calls, self.sequence = {}, []
-        self.replay = replay or {}
-        self.capture = capture or set()
-        self.captured = {}
-
-    def _pre(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            key = (name, self.counters[name])
-            self.counters[name] += 1
-            parent = self.stack[-1] if self.stack else None
-            if self.probing:
-                self.calls[key] = _Call(start=self.event, parent=parent)
-                self.sequence.append(key)
-            elif self.calls and key not in self.calls:
-                raise _StructureChanged(key)
-            self.seen.append(key)
-            self.event += 1
-            self.stack.append(key)
-
-        return hook
-
-    def _post(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            key = self.stack.pop() if self.stack else (name, -1)
-            if self.probing and key in self.calls:
-                self.calls[key].end = self.event
-            self.event += 1
-            if key in self.replay:
-                self.counters.update(self.skip_counts.get(key, {}))
-                if key in self.capture:
-                    self.captured[key] = self.replay[key]
-            elif key in self.capture:
-                self.captured[key] = _clone(output)
-
-        return hook
-
-    # --- cache sets from the probe ---------------------------------------------------
-    def before(self, key: Key) -> set[Key]:
-        """Maximal calls that end before ``key`` starts (their outputs cannot depend on it).
-
-        Calls of in-place modules (``inplace=True``, e.g. ``ReLU(inplace=True)``) are never
-        replayed: code may rely on their side effect rather than their return value.
-        """
-        t = self.calls[key].start
-        mods = dict(self.named)
-        out = set()
-        for k, c in self.calls.items():
-            if 0 <= c.end < t and (c.parent is None or self.calls[c.parent].end >= t or self.calls[c.parent].end < 0):
-                if not getattr(mods[k[0]], "inplace", False):
-                    out.add(k)
-        return out
-
-    def prepare_replay(self, keys: Iterable[Key]) -> None:
-        """Count the calls nested in each replayable call and wrap those modules' forwards."""
-        mods = dict(self.named)
-        for key in keys:
-            c = self.calls[key]
-            if key not in self.skip_counts:
-                self.skip_counts[key] = Counter(
-                    k[0] for k, d in self.calls.items() if c.start < d.start and 0 <= d.end < c.end
-                )
-            name = key[0]
-            if name in self.patched:
-                continue
-            mod = mods[name]
-            had = "forward" in mod.__dict__
-            orig = mod.__dict__.get("forward", None)
-            bound = mod.forward
-
-            def wrapper(*args: Any, _name: str = name, _bound: Any = bound, **kwargs: Any) -> Any:
-                top = self.stack[-1] if self.stack else None
-                if top is not None and top[0] == _name and top in self.replay:
-                    return _clone(self.replay[top])
-                return _bound(*args, **kwargs)
-
-            mod.forward = wrapper  # type: ignore[method-assign]
-            self.patched[name] = (mod, had, orig)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        for mod, had, orig in self.patched.values():
-            if had:
-                mod.forward = orig  # type: ignore[method-assign]
-            else:
-                del mod.__dict__["forward"]
-        self.patched = {}
-
-
-# ----------------------------------------------------------------------------------------
-# One layer: what to capture and how to refit
-# ----------------------------------------------------------------------------------------
-class _Layer:
-    """One replaced layer; its kind's :class:`~dsrewrite.kinds.LstsqLayout` holds the stage-specific maths."""
-
-    def __init__(self, name: str, index: int, block: nn.Module, conv: nn.Conv2d) -> None:
-        self.name, self.index, self.block, self.conv = name, index, block, conv
-        kind = kind_of(block)
-        assert kind is not None  # _resolve keeps only registered kinds' blocks
-        self.kind = kind.name
-        self.lay = kind.layout(block)
-        missing = missing_members(self.lay, LAYOUT_MEMBERS)
-        if missing:  # a kind's programming error, reported as such
-            raise TypeError(f"kind {kind.name!r}: layout() returned a {type(self.lay).__name__} that lacks "
-                            f"{', '.join(missing)} (see dsrewrite.kinds.LstsqLayout)")
-        kh, kw = conv.kernel_size
-        self.k = kh * kw
-        self.m = int(block.depth_multiplier)
-        self.c_in, self.c_out = conv.in_channels, conv.out_channels
-        self.positions: list[Optional[Tensor]] = []  # per batch, (P, 3)
-        self.targets: list[Optional[Tensor]] = []  # per batch, (P, C_out)
-        self.calls_orig = 0
-        self.skip: str = ""
-        self.joint = False
-        self.stats = GramStats()
-        self.act: Optional[FollowingReLU] = None  # the (BN +) ReLU that follows the original conv
-        self.samples: list[Tensor] = []  # stored features (float32) for the fit through the activation
-        self.sample_targets: list[Tensor] = []
-        self.start: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
-
-    def keep_samples(self, feats: Tensor, y: Tensor, batches: int, budget_bytes: int) -> None:
-        """Keep one batch's features, or an evenly strided subset of them within ``budget_bytes`` per layer."""
-        per_pos = max(1, feats[0].numel()) * 4
-        quota = max(1, budget_bytes // per_pos // max(1, batches))
-        step = max(1, math.ceil(feats.shape[0] / quota))
-        self.samples.append(feats[::step].to(torch.float32))
-        self.sample_targets.append(y[::step].to(torch.float32))
-
-    def can_joint(self, alternate: int, max_joint_dim: int) -> bool:
-        d = self.lay.joint_dim
-        return self.lay.linear and alternate > 0 and d is not None and d <= max_joint_dim
-
-    @property
-    def last(self) -> nn.Module:
-        return self.lay.last_stage
-
-    def features(self, x: Optional[Tensor], z: Optional[Tensor], pos: Tensor) -> Tensor:
-        """Features at ``pos``: input patches (joint) or the last stage's input (last-stage only)."""
-        if self.joint:
-            c = self.conv
-            assert x is not None  # internal invariant
-            p = gather_patches(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
-            return p.reshape(p.shape[0], -1)
-        assert z is not None  # internal invariant
-        return self.lay.last_features(z, pos)
-
-    # --- weights in the lstsq layouts ------------------------------------------------
-    def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(first-stage, last-stage, bias) in the kind's lstsq layouts, float64."""
-        return self.lay.current()
-
-    def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
-        self.lay.write(first, last, bias)
-
-    def dense(self, first: Tensor, last: Tensor) -> Tensor:
-        return self.lay.dense(first, last)
-
-    # --- refits ------------------------------------------------------------------------
-    def _alternate(self, err: Callable[..., float], start: tuple[Tensor, Tensor, Optional[Tensor]], e: float,
-                   alternate: int, has_bias: bool, ridge: float,
-                   rel: Callable[[float], float]) -> tuple[Tensor, Tensor, Optional[Tensor], float, list[str], str]:
-        """Last stage, then ``alternate`` rounds of (first, last); each step kept only if it lowers ``err``."""
-        first, last, bias = start
-        st, steps, note = self.stats, [], ""
-        for step in ["last"] + ["first", "last"] * alternate:
-            if step == "last":
-                l_new, b_new = self.lay.refit_last(st, first, bias=has_bias, ridge=ridge)
-                cand = (first, l_new, b_new)
-            else:
-                cand = (self.lay.refit_first(st, last, bias, ridge=ridge), last, bias)
-            e_new = err(*cand)
-            if not e_new < e:
-                if not steps:
-                    note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
-                break
-            first, last, bias = cand
-            e = e_new
-            steps.append(step)
-        return first, last, bias, e, steps, note
-
-    def pack_last(self, last: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """Last stage and bias in the ``ridge_solve`` layout of the kind's last-stage features."""
-        return self.lay.pack_last(last, bias)
-
-    def unpack_last(self, w: Tensor, has_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
-        """Inverse of :meth:`pack_last` (the bias is ``None`` when the block has none)."""
-        return self.lay.unpack_last(w, has_bias)
-
-    def last_features(self, feats: Tensor, first: Tensor) -> Tensor:
-        """The last stage's input features at stored positions (joint layers store input patches)."""
-        return self.lay.last_features_from_patches(feats, first) if self.joint else feats
-
-    def linear_error(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> float:
-        """Squared conv-output error of (first, last, bias) from the Gram statistics."""
-        st = self.stats
-        if self.joint:
-            return block_error(st, self.dense(first, last), bias)
-        assert st.gram is not None and st.cross is not None  # internal invariant
-        return quadratic_error(st.gram, st.cross, st.yy, self.pack_last(last, bias))
-
-    def _relu_problem(self, feats: Tensor, first0: Tensor, ridge: float) -> tuple[
-            Callable[[tuple[Tensor, Tensor, Optional[Tensor]]], Tensor],
-            Callable[[Tensor, tuple[Tensor, Tensor, Optional[Tensor]]], tuple[Tensor, Tensor, Optional[Tensor]]]]:
-        """``(predict, solve)`` for :func:`~dsrewrite.relu_fit.fit_through_relu` on the stored positions.
-
-        ``solve`` is one round of the linear refits on a target ``zy`` instead of ``y``.
-        Joint layers whose kind says ``relu_refits_first`` (pw_dw: its first stage, the 1×1
-        projection, is where the channels mix) refit both stages (first, then last and bias)
-        on the stored input patches; every other layer refits its last stage and bias on
-        fixed last-stage features (for dw_pw that stage is where the channels mix). The
-        Gram matrix is the layer's own when every sampled position was kept, else the
-        stored subset's.
-        """
-        has_bias = self.current()[2] is not None
-        if self.joint and self.lay.relu_refits_first:
-            st = self.stats
-            assert st.gram is not None  # internal invariant
-            n = int(feats.shape[0])
-            gram = st.gram if n == st.count else gram_matrix(feats)
-
-            def predict_joint(cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> Tensor:
-                first, last, bias = cand
-                out = (feats @ self.dense(first, last).reshape(self.c_out, -1).to(feats).T).to(torch.float64)
-                return out if bias is None else out + bias.to(out)
-
-            def solve_joint(zy: Tensor, cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> tuple[
-                    Tensor, Tensor, Optional[Tensor]]:
-                _, last, bias = cand
-                tz = GramStats()
-                tz.gram, tz.cross, tz.count = gram, cross_product(feats, zy).to(torch.float64), n
-                first = self.lay.refit_first(tz, last, bias, ridge=ridge)
-                last, new_bias = self.lay.refit_last(tz, first, bias=has_bias, ridge=ridge)
-                return first, last, new_bias
-
-            return predict_joint, solve_joint
-        lf = self.last_features(feats, first0).to(torch.float32)
-        grams: list[Tensor] = []  # built on the first solve: scoring a start needs no Gram matrix
-
-        def predict_last(cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> Tensor:
-            _, last, bias = cand
-            return predict(lf, self.pack_last(last, bias).to(lf)).to(torch.float64)
-
-        def solve_last(zy: Tensor, cand: tuple[Tensor, Tensor, Optional[Tensor]]) -> tuple[
-                Tensor, Tensor, Optional[Tensor]]:
-            if not grams:
-                grams.append(self.stats.gram if not self.joint and lf.shape[0] == self.stats.count  # type: ignore[arg-type]
-                             else gram_matrix(lf))
-            w = ridge_solve(grams[0], cross_product(lf, zy).to(torch.float64), ridge, bias=has_bias)
-            return (cand[0], *self.unpack_last(w, has_bias))
-
-        return predict_last, solve_last
-
-    def refit_through_relu(self, rec: LayerCalibration, ridge: float) -> LayerCalibration:
-        """Refit through the following (BN +) ReLU; never raises the activation's error.
-
-        The auxiliary-variable loop of :func:`dsrewrite.relu_fit.fit_through_relu`, whose
-        ``W`` step is one round of the same linear refits as the linear calibration (joint
-        layers whose kind says ``relu_refits_first``, e.g. pw_dw: first stage, then last stage
-        and bias; others: last stage and bias), on
-        the stored positions. It starts from whichever of the initial and the linearly
-        calibrated weights has the lower activation error, so the activation error after
-        is at most the one before.
-        """
-        act = self.act
-        if act is None or not self.samples or self.start is None:
-            return rec
-        feats = torch.cat(self.samples)
-        y = torch.cat(self.sample_targets).to(torch.float64)
-        a, c = act.scale.to(y.device), act.shift.to(y.device)
-        yy = float((torch.relu(a * y + c) ** 2).sum())
-        yy = yy if yy > 0 else 1.0
-        cands = [self.start, self.current()]
-        problems = [self._relu_problem(feats, cand[0], ridge) for cand in cands]
-        errs = [relu_error(problem[0](cand), y, a, c) for problem, cand in zip(problems, cands)]
-        pick = int(errs[1] < errs[0])
-        begin = cands[pick]
-        pred, solve = problems[pick]
-        best, e_start, e_best = fit_through_relu(y, a, c, begin, predict=pred, solve=solve)
-        steps = list(rec.steps)
-        if e_best < e_start:
-            steps.append("relu")
-        e_lin = self.linear_error(*best)
-        self.write(*best)
-        yy_lin = self.stats.yy if self.stats.yy > 0 else 1.0
-        return replace(rec, rel_error_after=math.sqrt(max(e_lin, 0.0) / yy_lin), steps=tuple(steps),
-                       activation=act.via, act_error_before=math.sqrt(errs[0] / yy),
-                       act_error_after=math.sqrt(e_best / yy))
-
-    def refit(self, ridge: float, alternate: int) -> LayerCalibration:
-        first, last, bias = self.current()
-        self.start = (first, last, bias)
-        has_bias = bias is not None
-        st = self.stats
-        assert st.gram is not None and st.cross is not None  # internal invariant
-        yy = st.yy if st.yy > 0 else 1.0
-
-        def rel(e: float) -> float:
-            return math.sqrt(max(e, 0.0) / yy)
-
-        steps: list[str] = []
-        note = ""
-        if self.joint:
-            err = lambda f, l, b: block_error(st, self.dense(f, l), b)  # noqa: E731
-            e0 = err(first, last, bias)
-            first, last, bias, e, steps, note = self._alternate(err, (first, last, bias), e0, alternate,
-                                                                 has_bias, ridge, rel)
-            method = "alternating"
-        else:
-            e0 = e = quadratic_error(st.gram, st.cross, st.yy, self.pack_last(last, bias))
-            w = ridge_solve(st.gram, st.cross, ridge, bias=has_bias)
-            e_new = quadratic_error(st.gram, st.cross, st.yy, w)
-            if e_new < e:
-                e = e_new
-                steps.append("last")
-                last, bias = self.unpack_last(w, has_bias)
-            else:
-                note = f"refit rejected: rel error would go {rel(e):.4g} -> {rel(e_new):.4g}; kept the old weights"
-            method = "last_stage"
-            if alternate > 0:
-                why = ("the block is not linear (mid_norm/mid_act)" if not self.lay.linear
-                       else f"kind {self.kind} has no joint refit" if self.lay.joint_dim is None
-                       else f"joint size {self.lay.joint_dim} > max_joint_dim")
-                note = (note + "; " if note else "") + f"first stage kept: {why}"
-        if steps:
-            self.write(first, last, bias)
-        return LayerCalibration(self.name, self.kind, self.m, method, rel(e0), rel(e), st.count,
-                                tuple(steps), note)
 
 
 # ----------------------------------------------------------------------------------------
@@ -748,7 +247,7 @@ def calibrate(
     if not data:
         raise CalibrationUsageError("calibrate: `batches` is empty. Hint: pass at least one batch of example inputs.")
     resolved = _resolve(original, rewritten, names)
-    layers = [_Layer(n, i, b, c) for i, (n, b, c) in enumerate(resolved)]
+    layers = [LayerFit(n, i, b, c) for i, (n, b, c) in enumerate(resolved)]
     images = sum(batch_size_of(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
@@ -764,7 +263,7 @@ def calibrate(
             for l in layers:
                 l.act = found.get(l.name)
         ref_outputs = _original_pass(original, data, layers, per_image, seed, measure_output)
-        tracer = _Tracer(rewritten)
+        tracer = CallTracer(rewritten)
         try:
             result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
                                        max_joint_dim, measure_output, replay_cache, notes, say)
@@ -776,7 +275,7 @@ def calibrate(
     return CalibrationResult(tuple(done), out_before, out_after, images, len(data), seconds, cache_on, tuple(notes))
 
 
-def _original_pass(original: nn.Module, data: list[Any], layers: list[_Layer], per_image: int, seed: int,
+def _original_pass(original: nn.Module, data: list[Any], layers: list[LayerFit], per_image: int, seed: int,
                    keep_outputs: bool) -> list[Any]:
     """Targets (original conv outputs at sampled positions) for every layer and batch; model outputs."""
     by_conv = {id(l.conv): l for l in layers}
@@ -841,7 +340,7 @@ class _RelErr:
 
 
 def _calibrate_layers(
-    rewritten: nn.Module, data: list[Any], layers: list[_Layer], tracer: _Tracer, ref_outputs: list[Any],
+    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
     ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
     notes: list[str], say: Callable[[str], None],
 ) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
@@ -885,7 +384,7 @@ def _calibrate_layers(
             tracer.begin(capture=capture if cache_on else None)
             try:
                 out = call_model(rewritten, data[b])
-            except _StructureChanged:
+            except StructureChanged:
                 cache_on = False
                 tracer.calls = {}
                 tracer.begin()
@@ -911,7 +410,7 @@ def _calibrate_layers(
         t_layer = time.perf_counter()
         try:
             cache = _layer_pass(rewritten, data, layer, tracer, cache, capture, cache_on, probe_seq)
-        except _StructureChanged:
+        except StructureChanged:
             cache_on = False
             tracer.calls = {}
             notes.append("module call structure changed during calibration: switched the replay cache off")
@@ -947,12 +446,12 @@ def _calibrate_layers(
     return out_before, out_after, done, cache_on
 
 
-def _layer_pass(rewritten: nn.Module, data: list[Any], layer: _Layer, tracer: _Tracer,
+def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: CallTracer,
                 cache: list[dict[Key, Any]], capture: set[Key], cache_on: bool,
                 probe_seq: list[Key]) -> list[dict[Key, Any]]:
     """Run every batch up to ``layer`` (replaying ``cache``), accumulate its statistics; return the new cache.
 
-    Without anything to replay, the calls seen must follow the probe run (else ``_StructureChanged``).
+    Without anything to replay, the calls seen must follow the probe run (else ``StructureChanged``).
     """
     state: dict[str, Any] = {}
     target = layer.block if layer.joint else layer.last
@@ -962,7 +461,7 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: _Layer, tracer: _T
             state["x"], state["z"] = args[0], None
         else:
             state["x"], state["z"] = None, args[0]
-        raise _Stop
+        raise Stop
 
     new_cache: list[dict[Key, Any]] = []
     handle = target.register_forward_pre_hook(grab)
@@ -973,10 +472,10 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: _Layer, tracer: _T
             state.clear()
             try:
                 call_model(rewritten, batch)
-            except _Stop:
+            except Stop:
                 pass
             if cache_on and not cache[b] and tracer.seen != probe_seq[: len(tracer.seen)]:
-                raise _StructureChanged(layer.name)
+                raise StructureChanged(layer.name)
             new_cache.append(tracer.captured)
             cache[b] = {}
             if "x" not in state or pos is None or y is None:

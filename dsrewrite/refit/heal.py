@@ -15,9 +15,9 @@ student is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA):
 each process takes every ``world_size``-th batch of ``data`` and the gradients are
 averaged, so 2 processes with batches of ``B`` match 1 process with batches of ``2B``.
 
-    torchrun --nproc_per_node=2 --standalone -m dsrewrite.heal --model M --rewritten R --data D -o OUT
+    torchrun --nproc_per_node=2 --standalone -m dsrewrite heal M --rewritten R --data D -o OUT
 
-(``python -m dsrewrite.heal`` runs the ``dsrewrite heal`` command; a script that
+(``python -m dsrewrite heal`` runs the ``dsrewrite heal`` command; a script that
 calls :func:`heal` under ``torchrun`` works the same way.)
 
 Example:
@@ -50,11 +50,11 @@ from torch import Tensor, nn
 
 from .batches import batch_size_of, check_iterable, input_spec, model_inputs, to_device
 from .calibrate import CalibrationUsageError, replaced_names
-from .errors import CalibrationError, did_you_mean
-from .fidelity import flatten_outputs
-from .kinds import kind_of
-from .layers.dsconv import DepthwiseSeparableConv2d
-from .macs import call_model
+from ..errors import CalibrationError, did_you_mean
+from ..runtime.files import atomic_save
+from ..runtime.run import call_model, flatten_outputs
+from ..kinds import kind_of
+from ..layers.dsconv import DepthwiseSeparableConv2d
 
 __all__ = ["heal", "HealResult", "init_distributed", "TRAINABLE", "SCHEDULES", "OUTPUT_LOSSES", "CHECKPOINT_FORMAT"]
 
@@ -151,13 +151,7 @@ def _output_loss(out: Any, ref: Any, kind: str) -> Tensor:
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save(payload, path)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -443,8 +437,3 @@ def heal(
     result.seconds = time.perf_counter() - t0
     return result
 
-
-if __name__ == "__main__":  # pragma: no cover - the `dsrewrite heal` command, torchrun-friendly
-    from .cli import heal as _heal_command
-
-    _heal_command()

@@ -1,0 +1,26 @@
+"""Moved to :mod:`dsrewrite.refit.heal`; this path re-exports it for one minor version."""
+
+from __future__ import annotations
+
+from .refit.heal import (
+    heal,
+    HealResult,
+    init_distributed,
+    TRAINABLE,
+    SCHEDULES,
+    OUTPUT_LOSSES,
+    CHECKPOINT_FORMAT,
+)
+from ._shim import make_callable
+
+make_callable(__name__, heal)  # dsrewrite.heal(...) keeps calling the function
+
+__all__ = [
+    "heal",
+    "HealResult",
+    "init_distributed",
+    "TRAINABLE",
+    "SCHEDULES",
+    "OUTPUT_LOSSES",
+    "CHECKPOINT_FORMAT",
+]
