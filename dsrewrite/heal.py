@@ -24,3 +24,7 @@ __all__ = [
     "OUTPUT_LOSSES",
     "CHECKPOINT_FORMAT",
 ]
+
+if __name__ == "__main__":  # pragma: no cover - the old torchrun line, refused with the new one
+    raise SystemExit("`python -m dsrewrite.heal` moved: run `python -m dsrewrite heal ...` "
+                     "(torchrun --nproc_per_node=N --standalone -m dsrewrite heal MODEL --rewritten R --data D -o OUT).")
