@@ -17,24 +17,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError  # noqa: F401  (dsrewrite.api.UnsupportedModelError, old path)
 from .planning.apply import apply_checked
 from .planning.planner import RecipeLike, plan_checked
 from .planning.types import Plan
-from .runtime.preflight import Preflight, example_input, preflight, unwrap_for_rewrite
+from .runtime.preflight import Preflight, example_input, preflight
+from .runtime.preflight import unwrap_for_rewrite  # noqa: F401  (dsrewrite.api.unwrap_for_rewrite, old path)
 
-__all__ = [
-    "rewrite",
-    "rewrite_and_report",
-    "rewrite_with_plan",
-    "RewriteResult",
-    "example_input",
-    "unwrap_for_rewrite",
-    "UnsupportedModelError",
-]
+__all__ = ["rewrite", "rewrite_and_report", "rewrite_with_plan", "RewriteResult"]
 
 _PREFIX = "module."
 

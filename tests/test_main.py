@@ -67,6 +67,7 @@ def torchrun_heal(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"dir": d, "run": r}
 
 
+@pytest.mark.slow  # two processes plus an apply: about a minute on 2 cores
 def test_torchrun_heal_writes_a_healed_model(torchrun_heal: dict) -> None:
     d, r = torchrun_heal["dir"], torchrun_heal["run"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -82,6 +83,7 @@ def test_torchrun_heal_writes_a_healed_model(torchrun_heal: dict) -> None:
     assert "distillation loss" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="dsrewrite/cli.py's heal command writes the output from every rank; "
                                        "the rank-0 guard lands with the CLI change (registries)")
 def test_torchrun_heal_writes_the_output_once(torchrun_heal: dict) -> None:

@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import ModelLoadError, UnsafePickleError, did_you_mean
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_load import safe_torch_load
-from ..runtime.preflight import is_compiled, unwrap_parallel
+from ..runtime.preflight import unwrap_parallel
 
 __all__ = [
     "LoadedModel",
@@ -54,8 +54,6 @@ __all__ = [
     "extract_state_dict",
     "load_state_dict_checked",
     "fit_state_dict",
-    "unwrap_parallel",
-    "is_compiled",
     "WRAPPER_PREFIXES",
     "ARCH_EXAMPLES",
     "STATE_DICT_KEYS",

@@ -151,7 +151,8 @@ def load_rewrite(fresh_model: Optional[nn.Module], plan_path: PathLike, weights_
         7
     """
     from ..planning.apply import apply_plan
-    from .load import extract_state_dict, fit_state_dict, read_torch_file, unwrap_parallel
+    from ..runtime.preflight import unwrap_parallel
+    from .load import extract_state_dict, fit_state_dict, read_torch_file
 
     plan_path = Path(plan_path)
     try:

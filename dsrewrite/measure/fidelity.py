@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import RewriteError
 from ..runtime.run import describe_inputs, evaluating, flatten_outputs, run_model
 
-__all__ = ["Fidelity", "OutputFidelity", "FidelityError", "flatten_outputs", "compare_outputs"]
+__all__ = ["Fidelity", "OutputFidelity", "FidelityError", "compare_outputs"]
 
 
 class FidelityError(RewriteError):

@@ -45,7 +45,7 @@ from ..graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view,
 from ..runtime.run import evaluating
 from ..runtime.tracer import timm_fx_extras
 
-__all__ = ["capture", "timm_fx_extras", "conv_base_class", "is_plain_conv"]
+__all__ = ["capture", "conv_base_class", "is_plain_conv"]
 
 _TORCH_CONVS: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,

@@ -406,7 +406,7 @@ def example_inputs_for(
         >>> tuple(x.shape), shape
         ((1, 3, 8, 8), (1, 3, 8, 8))
     """
-    from ..runtime.preflight import example_input
+    from ..runtime.preflight import device_dtype, example_input
     from .batches import to_device
 
     if path is None:
@@ -420,9 +420,7 @@ def example_inputs_for(
     obj = _read_example(p)
     if isinstance(obj, Mapping):
         obj = _as_positional(model, dict(obj), p)
-    par = next(iter(model.parameters()), None)
-    dev = par.device if par is not None and par.device.type != "meta" else torch.device("cpu")
-    dtype = par.dtype if par is not None and par.is_floating_point() else torch.float32
+    dev, dtype = device_dtype(model)
 
     def cast(o: Any) -> Any:
         if isinstance(o, Tensor):

@@ -77,14 +77,7 @@ _ACTIVATION_MODES = ("auto", "none")
 #: a layer's positions need more, an evenly strided subset is kept).
 _ACT_SAMPLE_BYTES = 256 << 20
 
-__all__ = [
-    "calibrate",
-    "CalibrationResult",
-    "LayerCalibration",
-    "CalibrationUsageError",
-    "replaced_names",
-    "check_options",
-]
+__all__ = ["calibrate", "check_options", "replaced_names"]
 
 
 def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
