@@ -66,6 +66,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ..kinds import Stages, kind_of
 from ..runtime.modules import join as _join
 from ..runtime.modules import set_submodule as _set_submodule
+from ..runtime.tracer import LeafTracer
 from .parity import DeployInputError
 
 __all__ = ["FoldPair", "find_conv_bn_pairs", "fold_batchnorm"]
@@ -124,7 +125,7 @@ def _trace(module: nn.Module) -> Optional[torch.fx.Graph]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.fx.Tracer().trace(module)
+            return LeafTracer().trace(module)
     except Exception:  # any failure to trace only means "search the children instead"
         return None
 

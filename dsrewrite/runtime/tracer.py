@@ -14,17 +14,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LeafTracer", "timm_fx_extras", "CAT_FUNCS", "INTERPOLATE_FUNCS", "UPSAMPLE_MODULES"]
+__all__ = ["LeafTracer", "timm_fx_extras", "CAT_FUNCS"]
 
 #: The concatenations a graph reader treats as a skip join.
 CAT_FUNCS = frozenset({torch.cat, torch.concat, torch.concatenate})
-#: Functional resampling calls.
-INTERPOLATE_FUNCS = frozenset({F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear})
-#: Resampling modules.
-UPSAMPLE_MODULES: tuple[type, ...] = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 
 
 class LeafTracer(torch.fx.Tracer):
