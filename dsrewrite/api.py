@@ -31,6 +31,7 @@ __all__ = ["rewrite", "rewrite_and_report", "rewrite_with_plan", "RewriteResult"
 
 _PREFIX = "module."
 
+
 def _rewrap(outer: Optional[nn.Module], rewritten: nn.Module, inplace: bool) -> nn.Module:
     """The wrapper class back around the rewritten model (DataParallel), or the bare model (DDP)."""
     if outer is None:
@@ -104,9 +105,11 @@ def rewrite_with_plan(
         >>> type(res.model[1]).__name__
         'DepthwiseSeparableConv2d'
     """
+    from .refit.calibrate import check_options
+
+    calib_options = check_options(calibration_options)  # the options first, then the model, as before
     return _carry_out(preflight(model, inplace=inplace), plan, example_inputs, calibration=calibration,
-                      calibration_options=calibration_options, inplace=inplace, with_report=with_report,
-                      benchmark=benchmark)
+                      calib_options=calib_options, inplace=inplace, with_report=with_report, benchmark=benchmark)
 
 
 def _carry_out(
@@ -115,15 +118,13 @@ def _carry_out(
     example_inputs: Inputs,
     *,
     calibration: Optional[Iterable[Any]],
-    calibration_options: Optional[Mapping[str, Any]],
+    calib_options: dict[str, Any],
     inplace: bool,
     with_report: bool,
     benchmark: bool,
 ) -> RewriteResult:
-    """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`."""
-    from .refit.calibrate import check_options
-
-    calib_options = check_options(calibration_options)
+    """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`,
+    with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`)."""
     inner, outer = pf.model, pf.wrapper
     plan = _unprefixed(plan, inner)
     calib_batches = None
@@ -176,7 +177,9 @@ def _run(
     x = example_inputs if example_inputs is not None else example_input(pf.model, input_shape)
     p = plan_checked(pf.model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order,
                      init=init)
-    return _carry_out(pf, p, x, calibration=calibration, calibration_options=calibration_options,
+    from .refit.calibrate import check_options
+
+    return _carry_out(pf, p, x, calibration=calibration, calib_options=check_options(calibration_options),
                       inplace=inplace, with_report=with_report, benchmark=benchmark)
 
 
