@@ -1,4 +1,4 @@
-"""What the old module paths (``dsrewrite.calibrate``, ``dsrewrite.heal``, ...) share: a callable module.
+"""What the old module paths ``dsrewrite.calibrate``, ``heal`` and ``capture`` share: a callable module.
 
 ``dsrewrite.calibrate`` is both a documented function (``dsrewrite.calibrate(...)``) and,
 for one minor version, the old path of the module that held it. Importing the module

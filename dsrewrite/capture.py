@@ -8,6 +8,9 @@ from .planning.capture import (
     conv_base_class,
     is_plain_conv,
 )
+from ._shim import make_callable
+
+make_callable(__name__, capture)  # dsrewrite.capture(...) keeps calling the function
 
 __all__ = [
     "capture",
