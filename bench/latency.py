@@ -14,7 +14,7 @@ Models (random weights, nothing downloaded): smp ``Unet("resnet18")`` (the embed
 * ``compile``   (only when asked for) ``torch.compile`` (inductor, weight freezing) of the
                 ``deploy`` form; compiling takes minutes on 2 cores.
 
-Every comparison is ``dsrewrite.latency.compare_latency``: original and rewritten called
+Every comparison is ``dsrewrite.measure.latency.compare_latency``: original and rewritten called
 alternately, the reported ratio is the median of the per-round ratios rewritten/original
 (< 1: the rewrite is faster); ``q1``/``q3`` are the quartiles of those ratios (the noise).
 Extras on ``Unet decoder_only`` at the largest size: the per-layer order choice

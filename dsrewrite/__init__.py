@@ -1,6 +1,8 @@
 """dsrewrite: swap dense k×k convolutions in a trained PyTorch model for depthwise-separable ones.
 
-The data flow: capture → facts → recipe → plan → apply → report → save.
+The data flow: capture → facts → recipe → plan → apply → report → save. The whole
+documented workflow is importable from here; the heavy parts load on first use, so
+``import dsrewrite`` stays light.
 
 Example:
     >>> import torch
@@ -12,31 +14,91 @@ Example:
     ('DepthwiseSeparableConv2d', 32, 'Conv2d')
 """
 
-from .api import RewriteResult, example_input, rewrite, rewrite_and_report, rewrite_with_plan
-from .apply import apply_plan
-from .errors import DsRewriteError, UnsupportedModelError
-from .layers import DepthwiseSeparableConv2d
-from .planner import plan
-from .plan_types import LayerConfig, Plan, PlanEntry
-from .recipe import builtin_recipes, load_recipe
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    CalibrationError,
+    CaptureError,
+    DsRewriteError,
+    InputShapeError,
+    ModelLoadError,
+    OutputError,
+    PlanError,
+    RecipeError,
+    RewriteError,
+    UnsafePickleError,
+    UnsupportedConvError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    # rewrite
+    "rewrite": "dsrewrite.api",
+    "rewrite_and_report": "dsrewrite.api",
+    "rewrite_with_plan": "dsrewrite.api",
+    "RewriteResult": "dsrewrite.api",
+    "example_input": "dsrewrite.runtime.preflight",
+    # recipe → plan → apply
+    "load_recipe": "dsrewrite.recipe",
+    "builtin_recipes": "dsrewrite.recipe",
+    "capture": "dsrewrite.planning.capture",
+    "plan": "dsrewrite.planning.planner",
+    "apply_plan": "dsrewrite.planning.apply",
+    "LayerConfig": "dsrewrite.planning.types",
+    "Plan": "dsrewrite.planning.types",
+    "PlanEntry": "dsrewrite.planning.types",
+    "DepthwiseSeparableConv2d": "dsrewrite.kinds.separable",
+    # refit
+    "calibrate": "dsrewrite.refit.calibrate",
+    "CalibrationResult": "dsrewrite.refit.results",
+    "heal": "dsrewrite.refit.heal",
+    "HealResult": "dsrewrite.refit.heal",
+    # report
+    "build_report": "dsrewrite.report",
+    # deploy
+    "prepare_for_deployment": "dsrewrite.deploy.prepare",
+    "export_onnx": "dsrewrite.deploy.onnx",
+    "fold_batchnorm": "dsrewrite.deploy.bn",
+    "hoist_pointwise": "dsrewrite.deploy.hoist",
+    # io
+    "load_model": "dsrewrite.io.load",
+    "save_rewrite": "dsrewrite.io.save",
+    "load_rewrite": "dsrewrite.io.save",
+}
+
 __all__ = [
-    "DepthwiseSeparableConv2d",
-    "DsRewriteError",
-    "UnsupportedModelError",
-    "LayerConfig",
-    "Plan",
-    "PlanEntry",
-    "RewriteResult",
     "__version__",
-    "apply_plan",
-    "builtin_recipes",
-    "example_input",
-    "load_recipe",
-    "plan",
-    "rewrite",
-    "rewrite_and_report",
-    "rewrite_with_plan",
+    *_LAZY,
+    "DsRewriteError",
+    "UsageError",
+    "RecipeError",
+    "ModelLoadError",
+    "UnsafePickleError",
+    "OutputError",
+    "InputShapeError",
+    "UnsupportedModelError",
+    "UnsupportedConvError",
+    "CaptureError",
+    "PlanError",
+    "RewriteError",
+    "CalibrationError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first access (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dsrewrite' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

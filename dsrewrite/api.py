@@ -18,59 +18,20 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
-from .apply import apply_plan, check_rewritable
-from .errors import UnsupportedModelError, UsageError
-from .planner import NothingSelectedWarning, RecipeLike, plan as make_plan
-from .plan_types import Plan
+from .errors import UnsupportedModelError, UsageError  # noqa: F401  (dsrewrite.api.UnsupportedModelError, old path)
+from .planning.apply import apply_checked, check_rewritable
+from .planning.planner import NothingSelectedWarning, RecipeLike, plan as make_plan, plan_checked
+from .planning.types import Plan
 from .recipe import load_recipe
+from .runtime.preflight import Preflight, example_input, preflight
+from .runtime.preflight import unwrap_for_rewrite  # noqa: F401  (dsrewrite.api.unwrap_for_rewrite, old path)
 
-__all__ = [
-    "rewrite",
-    "rewrite_and_report",
-    "rewrite_with_plan",
-    "plan_rewrite",
-    "RewriteResult",
-    "example_input",
-    "unwrap_for_rewrite",
-    "UnsupportedModelError",
-]
+__all__ = ["rewrite", "rewrite_and_report", "rewrite_with_plan", "plan_rewrite", "RewriteResult"]
 
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _PREFIX = "module."
-
-
-def unwrap_for_rewrite(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Optional[nn.Module]]:
-    """Strip ``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers: ``(inner, outermost or None)``.
-
-    The rewrite works on the inner model, so plan names carry no ``module.`` prefix
-    and fit a fresh, unwrapped instance of the architecture. A DDP wrapper cannot
-    be rewritten in place: its gradient hooks are bound to the old parameters.
-
-    Raises:
-        UnsupportedModelError: ``inplace=True`` on a ``DistributedDataParallel``.
-
-    Example:
-        >>> inner, wrapper = unwrap_for_rewrite(nn.DataParallel(nn.Conv2d(3, 8, 3)))
-        >>> type(inner).__name__, type(wrapper).__name__
-        ('Conv2d', 'DataParallel')
-    """
-    from .io.load import is_compiled
-
-    outer: Optional[nn.Module] = model if isinstance(model, _WRAPPERS) or is_compiled(model) else None
-    while isinstance(model, _WRAPPERS) or is_compiled(model):
-        if is_compiled(model):
-            model = model._orig_mod  # torch.compile: the result comes back uncompiled (compile it again)
-            continue
-        if inplace and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise UnsupportedModelError(
-                "cannot rewrite a DistributedDataParallel in place: its gradient hooks are bound to the old "
-                "parameters. Rewrite model.module (or pass inplace=False) and wrap the result in a new DDP."
-            )
-        model = model.module
-    return model, outer
 
 
 def _rewrap(outer: Optional[nn.Module], rewritten: nn.Module, inplace: bool) -> nn.Module:
@@ -103,20 +64,6 @@ def _unprefixed(plan: Plan, inner: nn.Module) -> Plan:
     return dataclasses.replace(plan, entries=entries)
 
 Inputs = Union[Tensor, Sequence[Tensor]]
-
-
-def example_input(model: nn.Module, input_shape: Sequence[int] = (1, 3, 224, 224), *, seed: int = 0) -> Tensor:
-    """A seeded standard-normal input on the model's device and floating dtype.
-
-    Example:
-        >>> example_input(nn.Conv2d(3, 8, 3), (1, 3, 8, 8)).shape
-        torch.Size([1, 3, 8, 8])
-    """
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(int(s) for s in input_shape), generator=g).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -160,15 +107,31 @@ def rewrite_with_plan(
         >>> type(res.model[1]).__name__
         'DepthwiseSeparableConv2d'
     """
-    from .calibrate import check_options
+    from .refit.calibrate import check_options
 
-    calib_options = check_options(calibration_options)
-    inner, outer = unwrap_for_rewrite(model, inplace=inplace)
-    check_rewritable(inner)
+    calib_options = check_options(calibration_options)  # the options first, then the model, as before
+    return _carry_out(preflight(model, inplace=inplace), plan, example_inputs, calibration=calibration,
+                      calib_options=calib_options, inplace=inplace, with_report=with_report, benchmark=benchmark)
+
+
+def _carry_out(
+    pf: Preflight,
+    plan: Plan,
+    example_inputs: Inputs,
+    *,
+    calibration: Optional[Iterable[Any]],
+    calib_options: dict[str, Any],
+    inplace: bool,
+    with_report: bool,
+    benchmark: bool,
+) -> RewriteResult:
+    """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`,
+    with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`)."""
+    inner, outer = pf.model, pf.wrapper
     plan = _unprefixed(plan, inner)
     calib_batches = None
     if calibration is not None:  # user batches -> model inputs, once, for calibrate and the report
-        from .batches import input_spec, iter_inputs
+        from .refit.batches import input_spec, iter_inputs
 
         spec = input_spec(inner, example_inputs, input_key=calib_options.pop("input_key", None),
                           input_fn=calib_options.pop("input_fn", None), where="calibration")
@@ -176,10 +139,10 @@ def rewrite_with_plan(
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
     original = copy.deepcopy(inner) if needs_original else inner
-    rewritten = apply_plan(inner, plan, inplace=inplace)
+    rewritten = apply_checked(inner, plan, inplace=inplace)
     calib_result = None
     if calib_batches:
-        from .calibrate import calibrate
+        from .refit.calibrate import calibrate
 
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
                                  example_inputs=example_inputs, **calib_options)
@@ -212,12 +175,14 @@ def _run(
     with_report: bool,
     benchmark: bool,
 ) -> RewriteResult:
-    inner, _ = unwrap_for_rewrite(model, inplace=inplace)
-    check_rewritable(inner)
-    x = example_inputs if example_inputs is not None else example_input(inner, input_shape)
-    p = make_plan(inner, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order, init=init)
-    return rewrite_with_plan(model, p, x, calibration=calibration, calibration_options=calibration_options,
-                             inplace=inplace, with_report=with_report, benchmark=benchmark)
+    pf = preflight(model, inplace=inplace)  # once: unwrap, check, device/dtype, passed down from here
+    x = example_inputs if example_inputs is not None else example_input(pf.model, input_shape)
+    p = plan_checked(pf.model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order,
+                     init=init)
+    from .refit.calibrate import check_options
+
+    return _carry_out(pf, p, x, calibration=calibration, calib_options=check_options(calibration_options),
+                      inplace=inplace, with_report=with_report, benchmark=benchmark)
 
 
 def plan_rewrite(

@@ -14,7 +14,7 @@ from dsrewrite.errors import InputShapeError
 from dsrewrite.facts import PREDICATES
 
 # ``dsrewrite.capture`` the attribute is the function (re-exported by the package); the module is here:
-capmod = importlib.import_module("dsrewrite.capture")
+capmod = importlib.import_module("dsrewrite.planning.capture")
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 timm = pytest.importorskip("timm")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsrewrite import deploy
+from dsrewrite.deploy import bn as deploy_bn, onnx as deploy_onnx
 from dsrewrite.deploy import (
     DeployInputError,
     OnnxResult,
@@ -137,7 +137,7 @@ def test_untraceable_parent_falls_back_to_sequential_children() -> None:
             return self.body(-x)
 
     net = DataDependent().eval()
-    assert deploy._trace(net) is None
+    assert deploy_bn._trace(net) is None
     assert [(p.conv, p.bn, p.via) for p in find_conv_bn_pairs(net)] == [("body.0", "body.1", "sequential")]
 
 
@@ -329,13 +329,13 @@ def test_onnx_parity_on_rewritten_model(small_rewritten: nn.Module, tmp_path) ->
 
 def test_onnx_parity_failure_raises_and_writes_nothing(small_rewritten: nn.Module, tmp_path, monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
-    real = deploy._run_ort
+    real = deploy_onnx._run_ort
 
     def off_by_a_bit(path, args):
         outs, provider = real(path, args)
         return [o + 1e-2 * o.abs().max() for o in outs], provider
 
-    monkeypatch.setattr(deploy, "_run_ort", off_by_a_bit)
+    monkeypatch.setattr(deploy_onnx, "_run_ort", off_by_a_bit)
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ParityError, match=r"max \|Δ\| = .* > tolerance .*was not written"):
         export_onnx(small_rewritten, x, tmp_path / "bad.onnx")

@@ -336,7 +336,7 @@ def test_several_upsampled_inputs_and_a_pointwise_bias() -> None:
 
 def test_a_rewrite_that_would_change_the_output_is_declined(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-module check on the example input is the safety net: a wrong split is caught."""
-    import dsrewrite.hoist as hoist
+    import dsrewrite.deploy.hoist as hoist
 
     real = hoist._split_pointwise
 

@@ -45,6 +45,7 @@ from torch import nn
 from ..errors import ModelLoadError, TrustedPickleWarning, UnsafePickleError, did_you_mean
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_load import safe_torch_load
+from ..runtime.preflight import unwrap_parallel
 
 __all__ = [
     "LoadedModel",
@@ -54,8 +55,6 @@ __all__ = [
     "extract_state_dict",
     "load_state_dict_checked",
     "fit_state_dict",
-    "unwrap_parallel",
-    "is_compiled",
     "WRAPPER_PREFIXES",
     "ARCH_EXAMPLES",
     "STATE_DICT_KEYS",
@@ -90,38 +89,6 @@ class LoadedModel:
     source_spec: str = ""
     path: Optional[Path] = None
     arch: Optional[ArchSpec] = None
-
-
-def unwrap_parallel(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Strip ``nn.DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers; say what was stripped.
-
-    Example:
-        >>> m, notes = unwrap_parallel(nn.DataParallel(nn.Linear(2, 2)))
-        >>> type(m).__name__, notes
-        ('Linear', ['unwrapped nn.DataParallel'])
-    """
-    notes = []
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            notes.append(f"unwrapped nn.{type(model).__name__}")
-            model = model.module
-        elif is_compiled(model):
-            notes.append("unwrapped torch.compile")
-            model = model._orig_mod
-        else:
-            return model, notes
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """A ``torch.compile`` wrapper (``torch._dynamo.eval_frame.OptimizedModule``), without importing dynamo.
-
-    Example:
-        >>> is_compiled(nn.Linear(2, 2))
-        False"""
-    t = type(model)
-    return t.__name__ == "OptimizedModule" and t.__module__ == "torch._dynamo.eval_frame" and \
-        isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 # ----------------------------------------------------------------------------- arch specs
@@ -437,13 +404,13 @@ def _fit_rewritten(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
 
     Re-raises the plain fit's error when there is no sidecar or the weights do not fit either way.
     """
-    from .save import plan_path_for
+    from .paths import plan_path_for
 
     plan_file = plan_path_for(path)
     if not plan_file.is_file():
         fit_state_dict(model, sd, source=str(path), arch=arch)  # raises the plain error
-    from ..apply import apply_plan
-    from ..plan_types import Plan
+    from ..planning.apply import apply_plan
+    from ..planning.types import Plan
 
     plan = Plan.from_json(plan_file.read_text(encoding="utf-8"), source=str(plan_file))
     rewritten = apply_plan(model, plan, inplace=False, init="random")

@@ -25,24 +25,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
-import pickle
-import re
-import shutil
-import secrets
-import stat
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError, OutputError, did_you_mean
-from ..plan_types import Plan
+from ..planning.types import Plan
+from ..runtime.files import PathLike, atomic_save, atomic_write_all, atomic_write_bytes
+from .paths import check_output_path, default_output_path, plan_path_for
 
 if TYPE_CHECKING:
-    from .arch import ArchSpec
+    from .arch_spec import ArchSpec
 
 __all__ = [
     "atomic_write_bytes",
@@ -54,278 +49,8 @@ __all__ = [
     "load_rewrite",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 #: What :func:`save_rewrite` can write: the full module (torch.save) or the weights as safetensors.
 SAVE_FORMATS: tuple[str, ...] = ("torch", "safetensors")
-
-
-def _create_temp(path: Path) -> tuple[int, Path]:
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            # mode 0o666 minus the umask, like open(path, "wb") would give
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside {path}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - best effort
-        pass
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Optional[Path]) -> None:
-    if path is not None:
-        try:
-            path.unlink()
-        except OSError:
-            pass
-
-
-def _write_failed(path: Path, exc: BaseException) -> OutputError:
-    """One line that names the real cause: a full disk, another OS error, or an object pickle cannot save."""
-    kept = f"Nothing was written there{' (the previous file is unchanged)' if path.exists() else ''}"
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or (
-        isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
-        and _low_space(path))
-    if full:
-        why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
-        return OutputError(f"could not write {path}: the disk is full{why}. {kept}; free space or choose another -o.")
-    if isinstance(exc, OSError):
-        return OutputError(f"could not write {path}: {exc.strerror or exc}. {kept}; choose another -o.")
-    if isinstance(exc, (pickle.PicklingError, AttributeError, TypeError)):
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return OutputError(
-            f"could not write {path}: the model holds an object that pickle cannot save ({type(exc).__name__}: "
-            f"{first}), e.g. a lambda or a local function. {kept}; remove it, or write the weights with "
-            "--save-format safetensors (a .safetensors output) and reload them with the plan."
-        )
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return OutputError(f"could not write {path}: {type(exc).__name__}: {first}. {kept}.")
-
-
-def _low_space(path: Path) -> bool:
-    try:
-        return shutil.disk_usage(path.parent).free < 64 * 2**20
-    except OSError:
-        return False
-
-
-def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], temps: list[Path]) -> Path:
-    """Write one temp file beside ``path`` (flushed, fsync'ed, with ``path``'s mode if it exists)."""
-    fd, tmp = _create_temp(path)
-    temps.append(tmp)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-    return tmp
-
-
-def _backup(path: Path) -> Optional[Path]:
-    """A hard link to the current ``path`` (to restore it if a later file of the set fails), or None."""
-    if not path.exists():
-        return None
-    for _ in range(100):
-        bak = path.parent / f".{path.name}.{secrets.token_hex(4)}.bak"
-        try:
-            os.link(path, bak)
-            return bak
-        except FileExistsError:
-            continue
-        except OSError:  # pragma: no cover - file systems without hard links: no rollback possible
-            return None
-    return None  # pragma: no cover
-
-
-def _atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]]) -> list[Path]:
-    """Write several files all-or-nothing: every temp file first, then ``os.replace`` them in order.
-
-    A failure while writing removes every temp file and changes nothing. A failure
-    while replacing (rare: the temp files are complete by then) puts back the
-    files already replaced, from hard-link backups, or removes them if they are new.
-    """
-    paths = [Path(p) for p, _ in items]
-    temps: list[Path] = []
-    current = paths[0]
-    try:
-        for path, (_, write) in zip(paths, items):
-            current = path
-            _write_temp(path, write, temps)
-    except BaseException as exc:
-        for tmp in temps:
-            _unlink_quietly(tmp)
-        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
-            raise _write_failed(current, exc) from exc
-        raise
-    done: list[tuple[Path, Optional[Path]]] = []  # (replaced path, backup of its previous content)
-    backups: list[Path] = []
-    try:
-        for i, (path, tmp) in enumerate(zip(paths, temps)):
-            current = path
-            bak = _backup(path) if i < len(paths) - 1 else None
-            if bak is not None:
-                backups.append(bak)
-            os.replace(tmp, path)
-            done.append((path, bak))
-    except BaseException as exc:
-        for path, bak in reversed(done):
-            try:
-                if bak is not None:
-                    os.replace(bak, path)
-                else:
-                    path.unlink()
-            except OSError:  # pragma: no cover - best effort
-                pass
-        for leftover in temps + backups:
-            if leftover.exists():
-                _unlink_quietly(leftover)
-        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
-            others = [str(p) for p in paths if p != current]
-            err = _write_failed(current, exc)
-            if others:
-                err = OutputError(f"{err} {', '.join(others)} left as before.")
-            raise err from exc
-        raise
-    for bak in backups:
-        _unlink_quietly(bak)
-    for directory in {p.parent for p in paths}:
-        _fsync_dir(directory)
-    return paths
-
-
-def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    return _atomic_write_all([(Path(path), write)])[0]
-
-
-def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``); return the path.
-
-    Raises:
-        OutputError: the write failed; no partial file is left and a previous file is unchanged.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "x.json"
-        >>> atomic_write_bytes(b"{}", p).read_text()
-        '{}'
-    """
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj, path)`` atomically; return the path.
-
-    Raises:
-        OutputError: the save failed; no partial file is left and a previous file is unchanged.
-
-    Example:
-        >>> import tempfile
-        >>> p = atomic_save({"w": torch.ones(2)}, Path(tempfile.mkdtemp()) / "sd.pt")
-        >>> torch.load(p, weights_only=True)["w"]
-        tensor([1., 1.])
-    """
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None, force: bool = False) -> Path:
-    """Refuse an output path that cannot or must not be written; return it as a ``Path``.
-
-    Refused, each with an :class:`~dsrewrite.errors.OutputError`: the input file
-    itself (symlinks and hard links resolved; even with ``force``), a directory,
-    an existing file without ``force``, a missing parent directory, and a
-    directory where no file can be created (probed by creating and removing a
-    temporary file, so it is right for root and read-only mounts too).
-
-    Example:
-        >>> import tempfile
-        >>> d = Path(tempfile.mkdtemp()); (d / "m.pt").write_bytes(b"x") and None
-        >>> check_output_path(d / "m.pt", input_path=d / "m.pt", force=True)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        dsrewrite.errors.OutputError: output ... is the input model file; it is never overwritten: choose another -o.
-        >>> check_output_path(d / "new.pt").name
-        'new.pt'
-    """
-    out = Path(output)
-    if input_path is not None and _same_file(out, Path(input_path)):
-        raise OutputError(f"output {out} is the input model file; it is never overwritten: choose another -o.")
-    if out.is_dir():
-        raise OutputError(f"output {out} is a directory; pass a file path to -o (e.g. {out / 'model.ds.pt'}).")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"output {out} already exists: pass --force to overwrite it, or choose another -o.")
-    parent = out.absolute().parent
-    if not parent.exists():
-        raise OutputError(f"output directory {parent} does not exist: create it, or choose another -o.")
-    if not parent.is_dir():
-        raise OutputError(f"output {out}: {parent} is not a directory; choose another -o.")
-    try:
-        fd, tmp = _create_temp(parent / out.name)
-        os.close(fd)
-        tmp.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"output directory {parent} is not writable ({type(exc).__name__}: {exc.strerror or exc}): "
-            "choose another -o."
-        ) from exc
-    return out
-
-
-_KEEP_SUFFIXES = (".pt", ".pth")
-
-
-def default_output_path(input_spec: PathLike) -> Path:
-    """Where ``apply`` writes by default: ``model.pt`` → ``model.ds.pt`` beside it; specs → ``./<name>.ds.pt``.
-
-    A spec that is not an existing file and looks like ``demo`` or an arch spec
-    (``timm:resnet18``) is sanitised into a file name in the current directory.
-
-    Example:
-        >>> default_output_path("runs/unet.pth")
-        PosixPath('runs/unet.ds.pth')
-        >>> default_output_path("demo")
-        PosixPath('demo.ds.pt')
-    """
-    text = os.fspath(input_spec)
-    p = Path(text)
-    is_file_like = isinstance(input_spec, os.PathLike) or p.exists() or "/" in text or os.sep in text \
-        or (p.suffix in _KEEP_SUFFIXES + (".bin", ".ckpt", ".safetensors", ".tar", ".pkl") and ":" not in text)
-    if is_file_like:
-        suffix = p.suffix if p.suffix in _KEEP_SUFFIXES else ".pt"
-        stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-        return p.with_name(f"{stem}.ds{suffix}")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "model"
-    return Path(f"{name}.ds.pt")
-
-
-def plan_path_for(weights_path: PathLike) -> Path:
-    """The plan sidecar of a rewritten model file: ``out.pt`` → ``out.plan.json``.
-
-    Example:
-        >>> plan_path_for("runs/unet.ds.pt")
-        PosixPath('runs/unet.ds.plan.json')
-    """
-    return Path(weights_path).with_suffix(".plan.json")
 
 
 def save_rewrite(
@@ -380,7 +105,7 @@ def save_rewrite(
         write_weights: Callable[[IO[bytes]], Any] = lambda f: f.write(blob)  # noqa: E731
     else:
         write_weights = lambda f: torch.save(model, f)  # noqa: E731
-    _atomic_write_all([(weights, write_weights), (plan_file, lambda f: f.write(data))])
+    atomic_write_all([(weights, write_weights), (plan_file, lambda f: f.write(data))])
     return weights, plan_file
 
 
@@ -425,8 +150,9 @@ def load_rewrite(fresh_model: Optional[nn.Module], plan_path: PathLike, weights_
         >>> load_rewrite(None, p, w).fc.out_features  # rebuilt from the plan's arch and arch_args
         7
     """
-    from ..apply import apply_plan
-    from .load import extract_state_dict, fit_state_dict, read_torch_file, unwrap_parallel
+    from ..planning.apply import apply_plan
+    from ..runtime.preflight import unwrap_parallel
+    from .load import extract_state_dict, fit_state_dict, read_torch_file
 
     plan_path = Path(plan_path)
     try:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..facts import ConvFact
 from ..factorize import PER_INPUT
-from ..lstsq import GramStats, dense_dwpw, refit_dwpw_pointwise, refit_dwpw_spatial
+from ..refit.lstsq import GramStats, dense_dwpw, refit_dwpw_pointwise, refit_dwpw_spatial
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, kernel_area

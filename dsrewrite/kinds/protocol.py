@@ -42,8 +42,8 @@ from typing import Any, Optional, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from ..facts import ConvFact
-from ..lstsq import GramStats
-from ..plan_types import LayerConfig
+from ..refit.lstsq import GramStats
+from ..planning.types import LayerConfig
 
 __all__ = ["ReplacementKind", "LstsqLayout", "Stages", "KIND_MEMBERS", "LAYOUT_MEMBERS", "missing_members"]
 

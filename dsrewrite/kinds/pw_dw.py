@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..facts import ConvFact
 from ..factorize import PER_OUTPUT
-from ..lstsq import GramStats, dense_pwdw, gather_patches, refit_pwdw_pointwise, refit_pwdw_spatial
+from ..refit.lstsq import GramStats, dense_pwdw, gather_patches, refit_pwdw_pointwise, refit_pwdw_spatial
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, kernel_area

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..facts import ConvFact
 from ..factorize import SliceLayout, rank_for_energy, relative_weight_error
-from ..plan_types import LayerConfig
+from ..planning.types import LayerConfig
 from .protocol import LstsqLayout, Stages
 from .separable import DepthwiseSeparableConv2d, check_convertible
 

@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .kinds import get_kind
+from ..kinds import get_kind
 from .latency import compare_latency
-from .plan_types import LayerConfig
+from ..planning.types import LayerConfig
 
 __all__ = ["time_dense_vs_separable", "time_orders", "ratio_key"]
 

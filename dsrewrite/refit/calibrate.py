@@ -1,0 +1,482 @@
+"""Closed-form, label-free calibration of a rewritten model against its original.
+
+SVD gives the best separable kernel in WEIGHT space; on a trained network what
+matters is the OUTPUT. :func:`calibrate` refits each replaced
+:class:`~dsrewrite.layers.DepthwiseSeparableConv2d` by regularised least squares
+so that its output matches the original conv's output on real activations:
+
+* layers are visited in execution order; a layer's INPUTS come from the rewritten
+  model with every earlier layer already calibrated and its TARGETS from the
+  original model's conv on the same batch ("asymmetric" reconstruction: each layer
+  also corrects the error that reaches it, so errors do not pile up);
+* only statistics are kept (Gram matrices ``Σ f̃f̃ᵀ``, ``Σ f̃yᵀ`` over at most
+  ``max_positions`` sampled output positions per layer, float64; see
+  :mod:`dsrewrite.lstsq`): memory is bounded by the layer's channels, not the data;
+* the stage that runs LAST is always refit with the bias (dw_pw: the pointwise 1×1,
+  which mixes channels; pw_dw: the grouped k×k, which sums ``m`` projections per
+  output); its input is whatever reaches it, so blocks with ``mid_norm``/``mid_act``
+  work too. For LINEAR blocks whose joint size ``C_in·K`` (dw_pw: ``C_in·m·K``)
+  is at most ``max_joint_dim``, ``alternate`` further rounds refit the first stage
+  (dw_pw: the depthwise filters; pw_dw: the 1×1 projection, the channel-mixing
+  stage) and then the last again, each a linear least-squares problem on the
+  input-patch statistics;
+* every step is kept only if it lowers the layer's output error on the calibration
+  positions; otherwise the previous weights stay and the layer's note says so;
+* where the original conv feeds only a ReLU, or an eval BatchNorm2d and a ReLU
+  (``activation="auto"``, read from the fx graph by :mod:`dsrewrite.activation`), the
+  block is then fitted THROUGH that activation (:mod:`dsrewrite.relu_fit`): for such a
+  layer it is the activation's output error that never increases.
+
+The schedule is exact (layer ``l`` sees the final weights of layers ``< l``) yet
+costs about two passes of the data, not one per layer: the outputs of module calls
+that finish before the last refit layer starts are cached and replayed, and each
+pass stops right after the layer it calibrates. Module calls are identified by
+``(qualified name, call index)`` from a probe run; if the call structure changes
+between batches, the cache is switched off (slower, same result).
+
+Example:
+    >>> import copy, torch
+    >>> from torch import nn
+    >>> from dsrewrite.layers import DepthwiseSeparableConv2d
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    >>> light = copy.deepcopy(net)
+    >>> light[2] = DepthwiseSeparableConv2d.from_conv(net[2])
+    >>> data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    >>> res = calibrate(net, light, data)
+    >>> res.layers[0].rel_error_after < res.layers[0].rel_error_before
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError, did_you_mean
+from ..kinds import kind_of
+from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
+from ..runtime.run import call_model, evaluating, flatten_outputs
+from .activation import following_relus
+from .batches import batch_size_of, input_spec, iter_inputs, to_device
+from .layer_fit import LayerFit
+from .lstsq import GramStats, sample_positions
+from .replay import CallTracer, Key, Stop, StructureChanged
+from .results import CalibrationResult, CalibrationUsageError, LayerCalibration
+
+_ACTIVATION_MODES = ("auto", "none")
+#: Memory for the features kept per layer for the fit through the activation (float32; when
+#: a layer's positions need more, an evenly strided subset is kept).
+_ACT_SAMPLE_BYTES = 256 << 20
+
+__all__ = ["calibrate", "check_options", "replaced_names"]
+
+
+def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Check the keys of extra :func:`calibrate` keyword arguments (values are checked by ``calibrate``).
+
+    Example:
+        >>> check_options({"activation": "none"})
+        {'activation': 'none'}
+        >>> check_options({"activaton": "none"})
+        Traceback (most recent call last):
+        ...
+        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+    """
+    opts = dict(options or {})
+    valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("names", "example_inputs"))
+    for key in opts:
+        if key not in valid:
+            raise CalibrationUsageError(
+                f"calibration option {key!r} is not one of calibrate()'s{did_you_mean(key, valid)}. "
+                f"Valid options: {', '.join(valid)}."
+            )
+    return opts
+
+
+def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
+    """Qualified names of the separable blocks of ``rewritten`` that are ``nn.Conv2d`` in ``original``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+        >>> light = nn.Sequential(net[0], DepthwiseSeparableConv2d.from_conv(net[1]))
+        >>> replaced_names(net, light)
+        ['1']
+    """
+    convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and n in convs]
+
+
+# ----------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
+    blocks = {n: m for n, m in rewritten.named_modules() if kind_of(m) is not None}
+    convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    if names is None:
+        names = [n for n in blocks if n in convs]
+    out = []
+    for name in names:
+        if name not in blocks:
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is not a replacement block (a DepthwiseSeparableConv2d or "
+                f"another registered kind's) in the rewritten model"
+                f"{did_you_mean(name, blocks)}. Hint: pass the qualified names of the replaced layers "
+                f"(available: {sorted(blocks)[:8]}{' ...' if len(blocks) > 8 else ''})."
+            )
+        if name not in convs:
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is not an nn.Conv2d in the original model"
+                f"{did_you_mean(name, convs)}. Hint: the original must be the model before the rewrite."
+            )
+        b, c = blocks[name], convs[name]
+        mine = (b.in_channels, b.out_channels, tuple(b.kernel_size), tuple(b.stride), b.padding,
+                tuple(b.dilation), b.padding_mode)
+        theirs = (c.in_channels, c.out_channels, tuple(c.kernel_size), tuple(c.stride), c.padding,
+                  tuple(c.dilation), c.padding_mode)
+        if mine != theirs:
+            raise CalibrationUsageError(
+                f"layer {name!r}: the separable block (in, out, kernel, stride, padding, dilation, padding_mode) "
+                f"= {mine} does not "
+                f"match the original conv's {theirs}. Hint: calibrate a model against the one it was rewritten from."
+            )
+        out.append((name, b, c))
+    return out
+
+
+def calibrate(
+    original: nn.Module,
+    rewritten: nn.Module,
+    batches: Iterable[Any],
+    *,
+    names: Optional[Sequence[str]] = None,
+    max_positions: int = 16384,
+    ridge: float = 1e-3,
+    alternate: int = 3,
+    max_joint_dim: int = 2304,
+    measure_output: bool = True,
+    replay_cache: bool = True,
+    activation: str = "auto",
+    progress: bool = False,
+    seed: int = 0,
+    input_key: Optional[Any] = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    example_inputs: Any = None,
+) -> CalibrationResult:
+    """Refit the separable blocks of ``rewritten`` IN PLACE to reproduce ``original``'s conv outputs.
+
+    Args:
+        original: the model before the rewrite (the teacher; never modified).
+        rewritten: the rewritten model; its blocks named in ``names`` are refit in place.
+        batches: unlabeled batches as the user's DataLoader gives them (any iterable): tensors,
+            ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
+            maps; turned into model inputs by :func:`dsrewrite.batches.model_inputs`. Read once;
+            the model inputs (not the labels) are kept in memory on the model's device.
+        names: qualified names of the blocks to refit; default: every
+            ``DepthwiseSeparableConv2d`` of ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
+        max_positions: output positions sampled per layer over all batches (spread evenly).
+        ridge: relative ridge ``λ = ridge · mean(diag(G))`` (bias unpenalised).
+        alternate: rounds of (first stage, last stage) refits after the last-stage refit,
+            for linear blocks whose joint size is at most ``max_joint_dim``; 0: last stage only.
+        max_joint_dim: largest ``C_in·K`` (dw_pw: ``C_in·m·K``) refit jointly.
+        measure_output: also measure the model's output error before and after (one more pass).
+        replay_cache: replay cached module outputs instead of re-running every layer's prefix
+            (same result; turn off for models whose submodules have side effects in ``forward``).
+        activation: ``"auto"``: where the original conv feeds only a ReLU, or an eval-mode
+            ``BatchNorm2d`` then a ReLU (read from the ``torch.fx`` graph), refit the block once
+            more so that the ACTIVATION's output matches (auxiliary-variable method,
+            :mod:`dsrewrite.relu_fit`; joint pw_dw blocks: both stages, others: the last stage
+            and bias; the positions' features are kept for it, at most 256 MB per layer);
+            ``"none"``: fit every conv output linearly only.
+        progress: print one line per layer to stderr.
+        seed: seeds the sampling of positions.
+        input_key: key of the model input in dict batches.
+        input_fn: ``batch -> model inputs`` for any other batch structure.
+        example_inputs: the example inputs; their number of positional inputs says how a tuple
+            batch maps to a multi-input model (default: ``forward``'s parameters without default).
+
+    Both models run in eval mode under ``no_grad``; all train flags are restored.
+
+    Raises:
+        CalibrationUsageError: no batches, unknown names, or blocks that do not match the original.
+        BatchError: a batch cannot be mapped to model inputs (a ``UsageError``).
+
+    Example:
+        >>> import copy
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        >>> light = copy.deepcopy(net); light[2] = DepthwiseSeparableConv2d.from_conv(net[2], depth_multiplier=9)
+        >>> res = calibrate(net, light, [torch.randn(2, 3, 8, 8)])
+        >>> res.output_rel_error_after < 1e-5
+        True
+    """
+    t0 = time.perf_counter()
+    if activation not in _ACTIVATION_MODES:
+        raise CalibrationUsageError(
+            f"calibrate(activation={activation!r}): expected one of {list(_ACTIVATION_MODES)}"
+            f"{did_you_mean(str(activation), _ACTIVATION_MODES)}."
+        )
+    if max_positions < 1 or ridge < 0 or alternate < 0 or max_joint_dim < 0:
+        raise CalibrationUsageError(
+            f"calibrate: need max_positions >= 1, ridge >= 0, alternate >= 0, max_joint_dim >= 0; got "
+            f"max_positions={max_positions}, ridge={ridge}, alternate={alternate}, max_joint_dim={max_joint_dim}."
+        )
+    device = _device_of(rewritten)
+    spec = input_spec(original, example_inputs, input_key=input_key, input_fn=input_fn, where="calibration")
+    data = [to_device(x, device) for x in iter_inputs(batches, spec)]
+    if not data:
+        raise CalibrationUsageError("calibrate: `batches` is empty. Hint: pass at least one batch of example inputs.")
+    resolved = _resolve(original, rewritten, names)
+    layers = [LayerFit(n, i, b, c) for i, (n, b, c) in enumerate(resolved)]
+    images = sum(batch_size_of(b) for b in data)
+    per_image = max(1, math.ceil(max_positions / images))
+    notes: list[str] = []
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+    with evaluating(original, rewritten), torch.no_grad():
+        if activation == "auto" and layers:
+            found, why = following_relus(original, [l.name for l in layers])
+            notes += [why] if why else []
+            for l in layers:
+                l.act = found.get(l.name)
+        ref_outputs = _original_pass(original, data, layers, per_image, seed, measure_output)
+        tracer = CallTracer(rewritten)
+        try:
+            result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
+                                       max_joint_dim, measure_output, replay_cache, notes, say)
+        finally:
+            tracer.close()
+    out_before, out_after, done, cache_on = result
+    seconds = time.perf_counter() - t0
+    say(f"done in {seconds:.1f} s")
+    return CalibrationResult(tuple(done), out_before, out_after, images, len(data), seconds, cache_on, tuple(notes))
+
+
+def _original_pass(original: nn.Module, data: list[Any], layers: list[LayerFit], per_image: int, seed: int,
+                   keep_outputs: bool) -> list[Any]:
+    """Targets (original conv outputs at sampled positions) for every layer and batch; model outputs."""
+    by_conv = {id(l.conv): l for l in layers}
+    state = {"b": 0}
+    handles = []
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+        layer = by_conv[id(module)]
+        layer.calls_orig += 1
+        if layer.calls_orig > 1:
+            return
+        n, _, h, w = output.shape
+        g = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 7919 + state["b"])
+        pos = sample_positions((n, h, w), per_image * n, generator=g)
+        p = pos.to(output.device)
+        layer.positions.append(pos)
+        layer.targets.append(output[p[:, 0], :, p[:, 1], p[:, 2]].detach().clone())
+
+    for l in layers:
+        handles.append(l.conv.register_forward_hook(hook))
+    outputs = []
+    try:
+        for b, batch in enumerate(data):
+            state["b"] = b
+            for l in layers:
+                l.calls_orig = 0
+            out = call_model(original, batch)
+            if keep_outputs:
+                outputs.append([t.detach() for _, t in flatten_outputs(out)])
+            for l in layers:
+                if l.calls_orig == 0:
+                    l.skip = l.skip or "the original conv was not called on the calibration batches"
+                    l.positions.append(None)
+                    l.targets.append(None)
+                elif l.calls_orig > 1:
+                    l.skip = l.skip or f"the original conv is called {l.calls_orig} times per forward (shared)"
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+class _RelErr:
+    def __init__(self) -> None:
+        self.err = 0.0
+        self.ref = 0.0
+
+    def add(self, out: Any, ref: list[Tensor]) -> None:
+        leaves = [t for _, t in flatten_outputs(out)]
+        if len(leaves) != len(ref):
+            raise CalibrationError(
+                f"the rewritten model returns {len(leaves)} output tensors, the original {len(ref)}. "
+                "Hint: calibrate a model against the one it was rewritten from."
+            )
+        for a, r in zip(leaves, ref):
+            r64, a64 = r.to(torch.float64), a.detach().to(r.device, torch.float64)
+            self.err += float(((a64 - r64) ** 2).sum())
+            self.ref += float((r64 * r64).sum())
+
+    def value(self) -> float:
+        return math.sqrt(self.err / self.ref) if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
+
+
+def _calibrate_layers(
+    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
+    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
+    notes: list[str], say: Callable[[str], None],
+) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+    by_block = {id(l.block): l for l in layers}
+    calls: Counter = Counter()
+
+    def count_hook(module: nn.Module, args: Any, output: Any) -> None:
+        calls[by_block[id(module)].name] += 1
+
+    # 1. probe the call tree on the first batch (its output also counts for the "before" error)
+    handles = [l.block.register_forward_hook(count_hook) for l in layers]
+    before = _RelErr()
+    try:
+        tracer.begin(probe=True)
+        out = call_model(rewritten, data[0])
+        if measure_output:
+            before.add(out, ref_outputs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    probe_seq = list(tracer.sequence)
+    for l in layers:
+        l.joint = l.can_joint(alternate, max_joint_dim)
+        if l.skip:
+            continue
+        if calls[l.name] == 0:
+            l.skip = "the separable block was not called on the calibration batches"
+        elif calls[l.name] > 1:
+            l.skip = f"the separable block is called {calls[l.name]} times per forward (shared)"
+    order_idx = {k: i for i, k in enumerate(probe_seq)}
+    ordered = sorted((l for l in layers if not l.skip), key=lambda l: order_idx[(l.name, 0)])
+
+    # 2. the "before" pass over the other batches; captures the first layer's prefix on the way
+    cache_on = replay_cache
+    cache: list[dict[Key, Any]] = [{} for _ in data]
+    out_before = None
+    if measure_output:
+        capture = tracer.before((ordered[0].name, 0)) if ordered and cache_on else set()
+        tracer.prepare_replay(capture)
+        for b in range(1, len(data)):
+            tracer.begin(capture=capture if cache_on else None)
+            try:
+                out = call_model(rewritten, data[b])
+            except StructureChanged:
+                cache_on = False
+                tracer.calls = {}
+                tracer.begin()
+                out = call_model(rewritten, data[b])
+            before.add(out, ref_outputs[b])
+            cache[b] = tracer.captured if cache_on else {}
+            if cache_on and tracer.seen != probe_seq:
+                cache_on = False
+        out_before = before.value()
+    if replay_cache and not cache_on:
+        notes.append("module call structure differs between batches: ran without the replay cache "
+                     "(slower, same result)")
+    if not cache_on:
+        tracer.calls = {}
+        cache = [{} for _ in data]
+
+    # 3. layer by layer, in execution order
+    done: list[LayerCalibration] = []
+    for i, layer in enumerate(ordered):
+        capture = tracer.before((layer.name, 0)) if cache_on else set()
+        if cache_on:
+            tracer.prepare_replay(capture)
+        t_layer = time.perf_counter()
+        try:
+            cache = _layer_pass(rewritten, data, layer, tracer, cache, capture, cache_on, probe_seq)
+        except StructureChanged:
+            cache_on = False
+            tracer.calls = {}
+            notes.append("module call structure changed during calibration: switched the replay cache off")
+            layer.stats = GramStats()
+            layer.samples, layer.sample_targets = [], []
+            cache = _layer_pass(rewritten, data, layer, tracer, [{} for _ in data], set(), False, [])
+        if not layer.stats.ready:
+            rec = LayerCalibration(layer.name, layer.kind, layer.m, "skipped", math.nan, math.nan, 0,
+                                   (), "no calibration positions reached this layer")
+        else:
+            rec = layer.refit_through_relu(layer.refit(ridge, alternate), ridge)
+        layer.stats = GramStats()  # free the statistics
+        layer.samples, layer.sample_targets = [], []
+        done.append(rec)
+        say(f"{i + 1}/{len(ordered)} {layer.name}: rel err {rec.rel_error_before:.4f} -> {rec.rel_error_after:.4f} "
+            f"[{rec.method}{': ' + ','.join(rec.steps) if rec.steps else ''}] "
+            f"{'' if rec.act_error_after is None else f' act err {rec.act_error_before:.4f} -> {rec.act_error_after:.4f}'}"
+            f" ({time.perf_counter() - t_layer:.1f} s){' ' + rec.note if rec.note else ''}")
+    for l in layers:
+        if l.skip:
+            done.append(LayerCalibration(l.name, l.kind, l.m, "skipped", math.nan, math.nan, 0, (),
+                                         f"skipped: {l.skip}"))
+
+    # 4. the "after" pass (replays everything before the last refit layer)
+    out_after = None
+    if measure_output:
+        after = _RelErr()
+        for b, batch in enumerate(data):
+            tracer.begin(replay=cache[b] if cache_on else None)
+            after.add(call_model(rewritten, batch), ref_outputs[b])
+            cache[b] = {}
+        out_after = after.value()
+    return out_before, out_after, done, cache_on
+
+
+def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: CallTracer,
+                cache: list[dict[Key, Any]], capture: set[Key], cache_on: bool,
+                probe_seq: list[Key]) -> list[dict[Key, Any]]:
+    """Run every batch up to ``layer`` (replaying ``cache``), accumulate its statistics; return the new cache.
+
+    Without anything to replay, the calls seen must follow the probe run (else ``StructureChanged``).
+    """
+    state: dict[str, Any] = {}
+    target = layer.block if layer.joint else layer.last
+
+    def grab(module: nn.Module, args: Any) -> None:
+        if layer.joint:
+            state["x"], state["z"] = args[0], None
+        else:
+            state["x"], state["z"] = None, args[0]
+        raise Stop
+
+    new_cache: list[dict[Key, Any]] = []
+    handle = target.register_forward_pre_hook(grab)
+    try:
+        for b, batch in enumerate(data):
+            pos, y = layer.positions[b], layer.targets[b]
+            tracer.begin(replay=cache[b] if cache_on else None, capture=capture if cache_on else None)
+            state.clear()
+            try:
+                call_model(rewritten, batch)
+            except Stop:
+                pass
+            if cache_on and not cache[b] and tracer.seen != probe_seq[: len(tracer.seen)]:
+                raise StructureChanged(layer.name)
+            new_cache.append(tracer.captured)
+            cache[b] = {}
+            if "x" not in state or pos is None or y is None:
+                continue
+            feats = layer.features(state["x"], state["z"], pos)
+            layer.stats.add(feats, y)
+            if layer.act is not None:
+                layer.keep_samples(feats, y, len(data), _ACT_SAMPLE_BYTES)
+    finally:
+        handle.remove()
+    return new_cache
