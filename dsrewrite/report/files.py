@@ -1,4 +1,5 @@
-"""Writing report files: atomically (a temporary file in the same folder, then a rename; nothing left behind).
+"""Writing report files through the one atomic writer (:mod:`dsrewrite.runtime.files`): a temp file in the same
+folder, fsync, rename; nothing left behind on failure.
 
 Example:
     >>> import tempfile
@@ -10,26 +11,22 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 from ..errors import OutputError
+from ..runtime.files import atomic_write_bytes
 
 __all__ = ["write_atomic"]
 
 
 def write_atomic(path: Path, data: Union[str, bytes]) -> None:
+    """Write text (UTF-8) or bytes to ``path`` atomically.
+
+    Raises:
+        OutputError: the folder does not exist, or the write failed (the message names the cause).
+    """
     if not path.parent.is_dir():
         raise OutputError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist. "
                           "Hint: create it first or choose another path.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(data.encode("utf-8") if isinstance(data, str) else data, path)
