@@ -46,7 +46,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -364,32 +364,24 @@ def safe_torch_load(
         admitted: Admitted = admit(needed, allow_modules=allow_modules, allow_globals=allow_globals)
     except ModelLoadError as exc:
         raise type(exc)(f"{source}: {exc}") from exc.__cause__
-    for name in sorted(scan.called):
-        role = admitted.roles.get(name)
-        if role in ("module", "function"):
-            what = "the constructor of module class" if role == "module" else "function"
-            raise UnsafePickleError(
-                f"{source}: refused to call {what} {name!r} while loading: torch.save of a model "
-                f"only rebuilds modules without calling them. {TRUST_HINT}"
-            )
-    for name in sorted(scan.instantiated_with_args):
-        if admitted.roles.get(name) == "module":
-            raise UnsafePickleError(
-                f"{source}: refused to pass arguments to {name}.__new__ while loading: torch.save of a model "
-                f"rebuilds modules with no arguments. {TRUST_HINT}"
-            )
-    for name in sorted(scan.called_with_args):
-        if name in _EMPTY_CALLS or admitted.roles.get(name) == "mapping":
-            raise UnsafePickleError(
-                f"{source}: refused to call {name!r} with arguments while loading: a pickled mapping is rebuilt "
-                f"empty and then filled (building it from an object would call that object's methods). {TRUST_HINT}"
-            )
-    for name in sorted(scan.built):
-        if admitted.roles.get(name) == "enum":
-            raise UnsafePickleError(
-                f"{source}: refused to set state on a member of enum {name!r}: enum members are shared by the "
-                f"whole process. {TRUST_HINT}"
-            )
+    role = admitted.roles.get
+    refusals: tuple[tuple[frozenset[str], Callable[[str], bool], Callable[[str], str]], ...] = (
+        (scan.called, lambda n: role(n) in ("module", "function"),
+         lambda n: f"refused to call {'the constructor of module class' if role(n) == 'module' else 'function'} "
+                   f"{n!r} while loading: torch.save of a model only rebuilds modules without calling them"),
+        (scan.instantiated_with_args, lambda n: role(n) == "module",
+         lambda n: f"refused to pass arguments to {n}.__new__ while loading: torch.save of a model rebuilds "
+                   "modules with no arguments"),
+        (scan.called_with_args, lambda n: n in _EMPTY_CALLS or role(n) == "mapping",
+         lambda n: f"refused to call {n!r} with arguments while loading: a pickled mapping is rebuilt empty and "
+                   "then filled (building it from an object would call that object's methods)"),
+        (scan.built, lambda n: role(n) == "enum",
+         lambda n: f"refused to set state on a member of enum {n!r}: enum members are shared by the whole process"),
+    )
+    for names, refused, why in refusals:
+        for name in sorted(names):
+            if refused(name):
+                raise UnsafePickleError(f"{source}: {why(name)}. {TRUST_HINT}")
     recorder = _MappingRecorder()
     for name, obj in admitted.objects.items():
         safe.append((recorder.stand_in(obj), name) if admitted.roles[name] == "mapping" else (obj, name))

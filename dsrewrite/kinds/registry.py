@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..errors import did_you_mean
+from ..runtime.registry import Registry
 from .protocol import KIND_MEMBERS, ReplacementKind, missing_members
 
 __all__ = ["register_kind", "unregister_kind", "get_kind", "kind_names", "kinds", "kind_of", "auto_kinds",
@@ -29,7 +29,7 @@ __all__ = ["register_kind", "unregister_kind", "get_kind", "kind_names", "kinds"
 #: Names a kind may not take (``order: auto`` is the planner's choice among kinds).
 RESERVED_NAMES: tuple[str, ...] = ("auto",)
 
-_KINDS: dict[str, ReplacementKind] = {}
+_KINDS: Registry[ReplacementKind] = Registry("replacement kind", unregister="unregister_kind")
 
 
 def register_kind(kind: ReplacementKind) -> ReplacementKind:
@@ -59,38 +59,27 @@ def register_kind(kind: ReplacementKind) -> ReplacementKind:
         raise ValueError(
             f"{name!r} cannot name a replacement kind: use a Python identifier other than {RESERVED_NAMES}."
         )
-    if name in _KINDS:
-        raise ValueError(
-            f"a replacement kind named {name!r} is already registered ({type(_KINDS[name]).__name__}); "
-            f"unregister_kind({name!r}) first, or pick another name."
-        )
-    _KINDS[name] = kind
-    return kind
+    return _KINDS.add(name, kind)
 
 
 def unregister_kind(name: str) -> ReplacementKind:
     """Remove and return the kind called ``name`` (``KeyError`` if there is none)."""
-    get_kind(name)
-    return _KINDS.pop(name)
+    return _KINDS.remove(name)
 
 
 def get_kind(name: str) -> ReplacementKind:
     """The registered kind called ``name``; ``KeyError`` naming the registered ones otherwise."""
-    try:
-        return _KINDS[name]
-    except (KeyError, TypeError):
-        known = ", ".join(repr(k) for k in _KINDS)
-        raise KeyError(f"no replacement kind {name!r}; registered: {known}{did_you_mean(str(name), _KINDS)}") from None
+    return _KINDS.get(name)
 
 
 def kind_names() -> tuple[str, ...]:
     """Registered kind names, in registration order (the built-ins first)."""
-    return tuple(_KINDS)
+    return _KINDS.keys()
 
 
 def kinds() -> tuple[ReplacementKind, ...]:
     """Registered kinds, in registration order."""
-    return tuple(_KINDS.values())
+    return _KINDS.values()
 
 
 def auto_kinds() -> tuple[ReplacementKind, ...]:

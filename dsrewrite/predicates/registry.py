@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import keyword
 
-from ..errors import did_you_mean
+from ..runtime.registry import Registry
 from .protocol import PREDICATE_MEMBERS, GraphPredicate, missing_members
 
 __all__ = ["register_predicate", "unregister_predicate", "get_predicate", "predicate_names", "predicates",
@@ -32,7 +32,7 @@ RESERVED_NAMES: tuple[str, ...] = (
     "output_shape", "shared", "predicates", "to_dict", "required", "values",
 )
 
-_PREDICATES: dict[str, GraphPredicate] = {}
+_PREDICATES: Registry[GraphPredicate] = Registry("graph predicate", unregister="unregister_predicate")
 
 
 def register_predicate(predicate: GraphPredicate) -> GraphPredicate:
@@ -65,38 +65,24 @@ def register_predicate(predicate: GraphPredicate) -> GraphPredicate:
             f"{name!r} cannot name a graph predicate: use a Python identifier not starting with '_' "
             f"and not one of the other select keys or fact fields ({', '.join(RESERVED_NAMES)})."
         )
-    if name in _PREDICATES:
-        raise ValueError(
-            f"a graph predicate named {name!r} is already registered ({type(_PREDICATES[name]).__name__}); "
-            f"unregister_predicate({name!r}) first, or pick another name."
-        )
-    _PREDICATES[name] = predicate
-    return predicate
+    return _PREDICATES.add(name, predicate)
 
 
 def unregister_predicate(name: str) -> GraphPredicate:
     """Remove and return the predicate called ``name`` (``KeyError`` if there is none)."""
-    get_predicate(name)
-    return _PREDICATES.pop(name)
+    return _PREDICATES.remove(name)
 
 
 def get_predicate(name: str) -> GraphPredicate:
     """The registered predicate called ``name``; ``KeyError`` naming the registered ones otherwise."""
-    try:
-        return _PREDICATES[name]
-    except (KeyError, TypeError):
-        names = list(_PREDICATES)
-        raise KeyError(
-            f"no graph predicate {name!r}; registered: {', '.join(map(repr, names))}"
-            f"{did_you_mean(str(name), names)}"
-        ) from None
+    return _PREDICATES.get(name)
 
 
 def predicate_names() -> tuple[str, ...]:
     """The registered names, in registration (= check) order."""
-    return tuple(_PREDICATES)
+    return _PREDICATES.keys()
 
 
 def predicates() -> tuple[GraphPredicate, ...]:
     """The registered predicates, in registration (= check) order."""
-    return tuple(_PREDICATES.values())
+    return _PREDICATES.values()

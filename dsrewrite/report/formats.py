@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
 
 from ..errors import OutputError, did_you_mean
+from ..runtime.registry import Registry
 from .files import write_atomic
 from .markdown import render_markdown
 from .plot import render_png
@@ -49,7 +50,7 @@ class ReportRenderer(Protocol):
     def render(self, report: Report) -> Union[str, bytes]: ...
 
 
-_RENDERERS: dict[str, ReportRenderer] = {}
+_RENDERERS: Registry[ReportRenderer] = Registry("report renderer", key_word="for", unregister="unregister_renderer")
 
 
 def register_renderer(renderer: ReportRenderer) -> ReportRenderer:
@@ -73,39 +74,27 @@ def register_renderer(renderer: ReportRenderer) -> ReportRenderer:
     suffix = renderer.suffix
     if not isinstance(suffix, str) or not _SUFFIX.match(suffix):
         raise ValueError(f"{suffix!r} cannot be a report suffix: use a lower-case suffix with its dot, e.g. '.csv'.")
-    if suffix in _RENDERERS:
-        raise ValueError(
-            f"a report renderer for {suffix!r} is already registered ({type(_RENDERERS[suffix]).__name__}); "
-            f"unregister_renderer({suffix!r}) first, or pick another suffix."
-        )
-    _RENDERERS[suffix] = renderer
-    return renderer
+    return _RENDERERS.add(suffix, renderer)
 
 
 def unregister_renderer(suffix: str) -> ReportRenderer:
     """Remove and return the renderer for ``suffix`` (``KeyError`` if there is none)."""
-    get_renderer(suffix)
-    return _RENDERERS.pop(suffix)
+    return _RENDERERS.remove(suffix)
 
 
 def get_renderer(suffix: str) -> ReportRenderer:
     """The renderer for ``suffix``; ``KeyError`` naming the registered suffixes otherwise."""
-    try:
-        return _RENDERERS[suffix]
-    except (KeyError, TypeError):
-        names = list(_RENDERERS)
-        raise KeyError(f"no report renderer for {suffix!r}; registered: {', '.join(names)}"
-                       f"{did_you_mean(str(suffix), names)}") from None
+    return _RENDERERS.get(suffix)
 
 
 def renderer_suffixes() -> tuple[str, ...]:
     """The registered suffixes, in registration order."""
-    return tuple(_RENDERERS)
+    return _RENDERERS.keys()
 
 
 def renderers() -> tuple[ReportRenderer, ...]:
     """The registered renderers, in registration order."""
-    return tuple(_RENDERERS.values())
+    return _RENDERERS.values()
 
 
 def check_report_path(path: Union[str, "os.PathLike[str]"]) -> ReportRenderer:
@@ -120,7 +109,7 @@ def check_report_path(path: Union[str, "os.PathLike[str]"]) -> ReportRenderer:
         raise OutputError(
             f"report path {str(p)!r} has suffix {suffix or '(none)'!r}; use one of "
             f"{', '.join(f'{s} ({r.description})' for s, r in _RENDERERS.items())}"
-            f"{did_you_mean(suffix, list(_RENDERERS))}."
+            f"{did_you_mean(suffix, list(_RENDERERS.keys()))}."
         )
     return _RENDERERS[suffix]
 
