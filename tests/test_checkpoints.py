@@ -120,8 +120,13 @@ def test_prefix_that_does_not_fit_is_named(tmp_path: Path) -> None:
     assert "missing" in str(info.value)
     other = tmp_path / "other.pt"
     torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, other)
-    with pytest.raises(ModelLoadError, match="every key starts with 'backbone.'"):
+    with pytest.raises(ModelLoadError, match="Every key starts with 'backbone.', which is neither"):
         load_model(other, arch=ARCH)
+    lightning = tmp_path / "lightning.pt"  # found in review: a Lightning module holding `self.backbone`
+    torch.save({f"model.backbone.{k}": v for k, v in model.state_dict().items()}, lightning)
+    with pytest.raises(ModelLoadError, match="Every key starts with 'model.backbone.': 'model.' is a wrapper prefix "
+                                             "dsrewrite strips, but 'backbone.' is not a part of arch"):
+        load_model(lightning, arch=ARCH)
 
 
 def test_cli_reads_a_lightning_checkpoint(tmp_path: Path) -> None:

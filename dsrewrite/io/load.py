@@ -298,6 +298,19 @@ def _prefix_candidates(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[s
     return out
 
 
+def _common_prefix(keys: list[str]) -> str:
+    """The dotted components every key starts with (``"model.backbone."``), ``""`` if none."""
+    if not keys:
+        return ""
+    parts = [k.split(".")[:-1] for k in keys]
+    out: list[str] = []
+    for group in zip(*parts):
+        if len(set(group)) != 1:
+            break
+        out.append(group[0])
+    return "".join(p + "." for p in out)
+
+
 def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str) -> str:
     """Load ``sd`` into ``model`` (strict), stripping a wrapper prefix only if that makes it fit exactly.
 
@@ -327,15 +340,20 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: 
     if chosen is None:
         cands = _prefix_candidates(sd)
         best = max(cands, key=lambda c: (sum(k in own for k in c[1]), -c[2]))
-        seen = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
-        uniform = seen[0] if len(seen) == 1 else None
+        common = _common_prefix(list(sd))
+        wrapper = ""
+        while any(common[len(wrapper):].startswith(p) for p in WRAPPER_PREFIXES):
+            wrapper += next(p for p in WRAPPER_PREFIXES if common[len(wrapper):].startswith(p))
+        rest = common[len(wrapper):].split(".", 1)[0] + "." if common[len(wrapper):] else ""
         if best[0]:
             hint = (f"the keys carry prefix {best[0]!r}; with it stripped: {_describe_mismatch(own, best[1])}. "
                     "Check that --arch names the architecture (and head size) the checkpoint was saved from.")
-        elif uniform and uniform.rstrip(".") not in {k.split(".", 1)[0] for k in own}:
-            hint = (f"every key starts with {uniform!r}, which is not a known wrapper prefix "
-                    f"({', '.join(WRAPPER_PREFIXES)}) nor a part of the architecture. Check --arch, or "
-                    "re-save the state dict of the network itself.")
+        elif rest and rest.rstrip(".") not in {k.split(".", 1)[0] for k in own}:
+            why = (f"{wrapper!r} is a wrapper prefix dsrewrite strips, but {rest!r} is not a part of arch {arch!r}"
+                   if wrapper else f"which is neither a part of arch {arch!r} nor a wrapper prefix dsrewrite strips "
+                   f"({', '.join(WRAPPER_PREFIXES)})")
+            hint = (f"Every key starts with {wrapper + rest!r}{': ' if wrapper else ', '}{why}. Check --arch, or "
+                    f"re-save the state dict of the network itself (here: of the attribute {rest.rstrip('.')!r}).")
         else:
             hint = "Check that --arch names the architecture (and head size) the checkpoint was saved from."
         raise ModelLoadError(
