@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .predicates import predicates
+from .runtime.tracer import CAT_FUNCS, UPSAMPLE_FUNCS, LeafTracer
 
 __all__ = [
     "ConvLeafTracer",
@@ -67,11 +68,9 @@ __all__ = [
 #: Predicate name → value at one conv module, in registration order.
 Predicates = dict[str, bool]
 
-_FX_UPSAMPLE_FUNCS: frozenset[Callable[..., Any]] = frozenset(
-    {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pixel_shuffle}
-)
+_FX_UPSAMPLE_FUNCS: frozenset[Callable[..., Any]] = frozenset(UPSAMPLE_FUNCS)
 _FX_TRANSPOSED_FUNCS = frozenset({F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d})
-_FX_CAT_FUNCS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_FX_CAT_FUNCS = CAT_FUNCS
 _FX_PASS_FUNCS = frozenset(
     {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
      torch.clone, torch.reshape, torch.detach}
@@ -93,11 +92,11 @@ _ATEN_CONV = frozenset(
 )
 
 
-class ConvLeafTracer(torch.fx.Tracer):
-    """An fx tracer that keeps every conv module (any ``_ConvNd`` subclass) as a leaf.
+class ConvLeafTracer(LeafTracer):
+    """The runtime's leaf-keeping tracer with every conv module (any ``_ConvNd`` subclass) a leaf.
 
     ``leaf_types`` and ``autowrap_functions`` add more leaves (timm registers
-    its own; see :func:`dsrewrite.capture.timm_fx_extras`).
+    its own; see :func:`dsrewrite.runtime.tracer.timm_fx_extras`).
 
     Example:
         >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
@@ -106,13 +105,7 @@ class ConvLeafTracer(torch.fx.Tracer):
     """
 
     def __init__(self, leaf_types: Iterable[type] = (), autowrap_functions: Iterable[Callable[..., Any]] = ()):
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
-        self.leaf_types = tuple(leaf_types)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _ConvNd) or (self.leaf_types and isinstance(m, self.leaf_types)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        super().__init__(leaf_types=(_ConvNd, *leaf_types), autowrap_functions=autowrap_functions)
 
 
 @dataclass

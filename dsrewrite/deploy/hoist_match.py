@@ -19,7 +19,7 @@ from torch.fx import Node
 
 from ..kinds import kind_of
 from ..layers import DepthwiseSeparableConv2d
-from ..runtime.tracer import CAT_FUNCS, LeafTracer
+from ..runtime.tracer import CAT_FUNCS, UPSAMPLE_FUNCS, LeafTracer
 
 __all__ = ["HOIST_MODES", "Match", "find_matches", "first_line", "has_hooks", "match_owner", "match_problem",
            "node_shape", "trace_module"]
@@ -29,10 +29,7 @@ HOIST_MODES: tuple[str, ...] = ("nearest", "bilinear")
 
 #: Interpolation functions recognised, with the mode they fix (``None``: read ``mode=``).
 _UPSAMPLE_FUNCS: dict[Callable[..., Any], Optional[str]] = {
-    F.interpolate: None,
-    F.upsample: None,
-    F.upsample_nearest: "nearest",
-    F.upsample_bilinear: "bilinear",
+    f: mode for f, mode in UPSAMPLE_FUNCS.items() if f is not F.pixel_shuffle  # interpolations only
 }
 
 

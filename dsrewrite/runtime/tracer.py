@@ -10,16 +10,27 @@ Example:
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LeafTracer", "timm_fx_extras", "CAT_FUNCS"]
+__all__ = ["LeafTracer", "timm_fx_extras", "CAT_FUNCS", "UPSAMPLE_FUNCS"]
 
 #: The concatenations a graph reader treats as a skip join.
 CAT_FUNCS = frozenset({torch.cat, torch.concat, torch.concatenate})
+
+#: The functional upsamples a graph reader recognises, with the interpolation mode each fixes
+#: (``None``: read its ``mode=`` argument).
+UPSAMPLE_FUNCS: dict[Callable[..., Any], Optional[str]] = {
+    F.interpolate: None,
+    F.upsample: None,
+    F.upsample_nearest: "nearest",
+    F.upsample_bilinear: "bilinear",
+    F.pixel_shuffle: "pixel_shuffle",
+}
 
 
 class LeafTracer(torch.fx.Tracer):
