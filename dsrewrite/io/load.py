@@ -42,7 +42,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, TrustedPickleWarning, UnsafePickleError
+from ..errors import ModelLoadError, TrustedPickleWarning
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .safe_load import safe_torch_load
 from .state_dict import (  # noqa: F401  (re-exported: dsrewrite.io.load.X, old paths)
