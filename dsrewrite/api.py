@@ -136,6 +136,9 @@ def _carry_out(
         spec = input_spec(inner, example_inputs, input_key=calib_options.pop("input_key", None),
                           input_fn=calib_options.pop("input_fn", None), where="calibration")
         calib_batches = list(iter_inputs(calibration, spec))
+        if not calib_batches:
+            raise UsageError("calibration data gave no batch (an empty list or loader): pass a few batches of "
+                             "inputs, or calibration=None for no refit.")
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
     original = copy.deepcopy(inner) if needs_original else inner

@@ -262,3 +262,12 @@ def test_unpicklable_model_names_the_real_cause(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     w, _p = save_rewrite(model, Plan((), "all_3x3", "fx"), tmp_path / "o.safetensors", save_format="safetensors")
     assert w.is_file()
+
+
+def test_empty_calibration_is_refused_not_ignored() -> None:
+    """Found in review: rewrite(..., calibration=[]) refit nothing and said nothing."""
+    from dsrewrite.errors import UsageError
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.raises(UsageError, match="gave no batch"):
+        dsrewrite.rewrite(net, "all_3x3", example_inputs=_x((1, 3, 8, 8)), calibration=[])
