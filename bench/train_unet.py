@@ -8,7 +8,8 @@ channels) and a 3×3 segmentation head. Top-level children are ``encoder``,
 ``decoder`` and ``segmentation_head``, as in smp, so ``decoder_only`` selects the
 six decoder convs and ``all_3x3`` twelve convs (stem and head stay dense).
 
-Training: AdamW + one-cycle schedule, cross-entropy, on :func:`bench.shapes_data.make_shapes`
+The model and the data live in :mod:`dsrewrite.shapes` (the demo ships them). Training: AdamW + one-cycle
+schedule, cross-entropy, on :func:`dsrewrite.shapes.make_shapes`
 at 64×64. The trained weights are cached under ``bench/.cache/`` keyed by the
 configuration (delete the file to retrain).
 
@@ -27,97 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.shapes_data import NUM_CLASSES, confusion, make_shapes, miou
+from dsrewrite.shapes.data import make_shapes
+from dsrewrite.shapes.trained import evaluate_miou
+from dsrewrite.shapes.unet import ShapesUnet
 
-__all__ = ["ShapesUnet", "TRAIN_CONFIG", "CACHE_DIR", "train_or_load", "evaluate_miou", "data_splits"]
+__all__ = ["ShapesUnet", "TRAIN_CONFIG", "CACHE_DIR", "train", "train_or_load", "evaluate_miou", "data_splits"]
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+#: The calibration benchmark's model (docs/calibration.md); the shipped demo has its own (dsrewrite.shapes.TRAIN_CONFIG).
 TRAIN_CONFIG: dict[str, Any] = {
     "size": 64, "train_images": 4096, "test_images": 512, "steps": 600, "batch": 32, "lr": 3e-3,
     "weight_decay": 1e-4, "seed": 0, "widths": [16, 32, 64, 128], "decoder": [64, 32, 16], "version": 1,
 }
-
-
-def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class BasicBlock(nn.Module):
-    """ResNet BasicBlock with a 1×1 projection shortcut when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: Optional[nn.Module] = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += idt
-        return self.relu(out)
-
-
-class Encoder(nn.Module):
-    def __init__(self, widths: list[int]) -> None:
-        super().__init__()
-        self.stem = conv_bn_relu(3, widths[0])
-        self.layer1 = BasicBlock(widths[0], widths[1], 2)
-        self.layer2 = BasicBlock(widths[1], widths[2], 2)
-        self.layer3 = BasicBlock(widths[2], widths[3], 2)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        f1 = self.stem(x)
-        f2 = self.layer1(f1)
-        f3 = self.layer2(f2)
-        return [f1, f2, f3, self.layer3(f3)]
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, cin: int, skip: int, cout: int) -> None:
-        super().__init__()
-        self.conv1 = conv_bn_relu(cin + skip, cout)
-        self.conv2 = conv_bn_relu(cout, cout)
-
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, widths: list[int], channels: list[int]) -> None:
-        super().__init__()
-        ins = [widths[3]] + channels[:-1]
-        skips = [widths[2], widths[1], widths[0]]
-        self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, channels))
-
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        x = feats[-1]
-        for block, skip in zip(self.blocks, reversed(feats[:-1])):
-            x = block(x, skip)
-        return x
-
-
-class ShapesUnet(nn.Module):
-    """The benchmark U-Net; input ``(N, 3, H, W)`` with H, W divisible by 8; output logits ``(N, 4, H, W)``."""
-
-    def __init__(self, widths: Optional[list[int]] = None, decoder: Optional[list[int]] = None,
-                 num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        widths = widths or TRAIN_CONFIG["widths"]
-        decoder = decoder or TRAIN_CONFIG["decoder"]
-        self.encoder = Encoder(widths)
-        self.decoder = Decoder(widths, decoder)
-        self.segmentation_head = nn.Conv2d(decoder[-1], num_classes, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.segmentation_head(self.decoder(self.encoder(x)))
 
 
 def data_splits(config: dict[str, Any] = TRAIN_CONFIG) -> dict[str, tuple[Tensor, Tensor]]:
@@ -129,33 +51,18 @@ def data_splits(config: dict[str, Any] = TRAIN_CONFIG) -> dict[str, tuple[Tensor
     }
 
 
-@torch.no_grad()
-def evaluate_miou(model: nn.Module, x: Tensor, y: Tensor, batch: int = 64) -> float:
-    """mIoU of ``model`` (eval mode; flags restored) on images ``x`` with labels ``y``."""
-    was = model.training
-    model.eval()
-    conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
-    try:
-        for i in range(0, len(x), batch):
-            conf += confusion(model(x[i : i + batch]).argmax(1), y[i : i + batch])
-    finally:
-        model.train(was)
-    return miou(conf)
-
-
 def _key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_or_load(config: dict[str, Any] = TRAIN_CONFIG, *, log: bool = True,
-                  splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> tuple[ShapesUnet, dict[str, Any]]:
-    """The trained model (eval mode) and its training record; trains and caches on first use."""
-    path = CACHE_DIR / f"shapes_unet_{_key(config)}.pt"
+def train(config: dict[str, Any] = TRAIN_CONFIG, *, log: bool = True,
+          splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> tuple[ShapesUnet, dict[str, Any]]:
+    """Train from scratch (AdamW + one-cycle, cross-entropy); the model in eval mode and its record.
+
+    The model is built before the seed is set (as the calibration benchmark always did): seed the global
+    generator before calling this for a reproducible initialisation (bench/train_demo.py does).
+    """
     model = ShapesUnet(config["widths"], config["decoder"])
-    if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        return model.eval(), dict(ckpt["record"], cached=True)
     splits = splits or data_splits(config)
     xtr, ytr = splits["train"]
     xte, yte = splits["test"]
@@ -181,6 +88,19 @@ def train_or_load(config: dict[str, Any] = TRAIN_CONFIG, *, log: bool = True,
     model.eval()
     record = {"train_seconds": seconds, "final_loss": sum(losses[-50:]) / 50,
               "test_miou": evaluate_miou(model, xte, yte), "config": config}
+    return model, record
+
+
+def train_or_load(config: dict[str, Any] = TRAIN_CONFIG, *, log: bool = True,
+                  splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> tuple[ShapesUnet, dict[str, Any]]:
+    """The trained model (eval mode) and its training record; trains and caches on first use."""
+    path = CACHE_DIR / f"shapes_unet_{_key(config)}.pt"
+    if path.is_file():
+        model = ShapesUnet(config["widths"], config["decoder"])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        return model.eval(), dict(ckpt["record"], cached=True)
+    model, record = train(config, log=log, splits=splits)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "record": record}, tmp)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .errors import UnsupportedModelError, UsageError  # noqa: F401  (dsrewrite.api.UnsupportedModelError, old path)
 from .planning.apply import apply_checked, check_rewritable
 from .planning.planner import NothingSelectedWarning, RecipeLike, plan as make_plan, plan_checked
+from .measure.task import TaskMetric, TaskScores
 from .planning.types import Plan
 from .recipe import load_recipe
 from .runtime.preflight import Preflight, example_input, preflight
@@ -90,8 +91,13 @@ def rewrite_with_plan(
     inplace: bool = False,
     with_report: bool = True,
     benchmark: bool = False,
+    task_metric: Optional[TaskMetric] = None,
 ) -> RewriteResult:
     """Carry out an existing plan, calibrate if batches are given, and build the report.
+
+    ``task_metric`` (a :class:`~dsrewrite.measure.task.TaskMetric`: a name and ``model -> float`` on the
+    user's labelled data) is measured on the original, right after the SVD rewrite and after calibration,
+    and reported (``report.task``).
 
     This is the second half of :func:`rewrite_and_report`, for callers that inspect
     the plan first (the CLI does). ``calibration`` is any iterable of batches as the user has
@@ -111,7 +117,8 @@ def rewrite_with_plan(
 
     calib_options = check_options(calibration_options)  # the options first, then the model, as before
     return _carry_out(preflight(model, inplace=inplace), plan, example_inputs, calibration=calibration,
-                      calib_options=calib_options, inplace=inplace, with_report=with_report, benchmark=benchmark)
+                      calib_options=calib_options, inplace=inplace, with_report=with_report, benchmark=benchmark,
+                      task_metric=task_metric)
 
 
 def _carry_out(
@@ -124,6 +131,7 @@ def _carry_out(
     inplace: bool,
     with_report: bool,
     benchmark: bool,
+    task_metric: Optional[TaskMetric] = None,
 ) -> RewriteResult:
     """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`,
     with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`)."""
@@ -141,8 +149,10 @@ def _carry_out(
                              "inputs, or calibration=None for no refit.")
     # The original is needed as the teacher (calibration) and as the reference (report).
     needs_original = inplace and (calib_batches is not None or with_report)
-    original = copy.deepcopy(inner) if needs_original else inner
+    original = copy.deepcopy(inner) if needs_original or (inplace and task_metric) else inner
+    task_original = task_metric(original) if task_metric else None
     rewritten = apply_checked(inner, plan, inplace=inplace)
+    task_svd = task_metric(rewritten) if task_metric else None
     calib_result = None
     if calib_batches:
         from .refit.calibrate import calibrate
@@ -160,6 +170,9 @@ def _carry_out(
                 report.calibration = calib_result
             except AttributeError:  # pragma: no cover - frozen report record
                 pass
+        if task_metric is not None:
+            report.task = TaskScores(task_metric.name, task_original, task_svd,
+                                     task_metric(rewritten) if calib_result is not None else None)
     return RewriteResult(model=_rewrap(outer, rewritten, inplace), plan=plan, report=report,
                          calibration=calib_result)
 

@@ -213,6 +213,8 @@ def _inputs(loaded: Any, input_shape: Optional[Sequence[int]], example_inputs: O
             ) -> tuple[Any, Optional[tuple[int, ...]]]:
     from .calib_data import example_inputs_for
 
+    if input_shape is None and example_inputs is None:
+        input_shape = getattr(loaded, "input_shape", None)  # the model's own default (the demo's), if any
     return example_inputs_for(loaded.model, input_shape=input_shape, path=example_inputs)
 
 
@@ -305,7 +307,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
 
     _progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))
     result = rewrite_with_plan(loaded.model, p, x, calibration=calib_data.loader if calib_data else None,
-                               calibration_options={"activation": calib_activation}, benchmark=benchmark)
+                               calibration_options={"activation": calib_activation}, benchmark=benchmark,
+                               task_metric=loaded.task_metric)
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)
@@ -399,9 +402,9 @@ def recipes_show(name: str) -> None:
 @_model_options
 @click.option("--rewritten", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The rewritten model written by `dsrewrite apply`.")
-@click.option("--data", required=True, type=click.Path(exists=True),
-              help="Unlabeled data, all of it used and streamed: a folder of images/.npy arrays (recursive) or a "
-                   "tensor file (.pt, .npy, .npz). See docs/data.md.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Unlabeled data, all of it used and streamed: a folder of images/.npy arrays (recursive), a "
+                   "tensor file (.pt, .npy, .npz), or 'demo' (the demo's generated images). See docs/data.md.")
 @click.option("--calib-size", default=None, help="Resize images to H,W (default: the input shape's).")
 @click.option("--calib-preset", type=_RegistryChoice(_presets), default=None,
               help="Normalisation of images (default: imagenet for 3 channels, none otherwise).")
@@ -439,6 +442,8 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
                              allow_globals=load_options["allow_globals"]).model
     source = open_calibration(data, input_shape=shape, size=calib_size, preset=calib_preset, mean=calib_mean,
                               std=calib_std, batch_size=batch_size)
+    metric = loaded.task_metric  # the demo's held-out mIoU; None for a user's model
+    before = metric(student) if metric is not None else None
     result = heal_fn(student, loaded.model, source.loader, steps=steps, lr=lr, checkpoint=checkpoint,
                      resume=resume, progress=sys.stderr.isatty(), example_inputs=x)
     atomic_save(student, Path(output))
@@ -446,6 +451,9 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     if hist:
         click.echo(f"distillation loss {hist[0]:.4g} -> {hist[-1]:.4g} over {len(hist)} steps "
                    f"({result.images} samples drawn from the {source.count} in {data})")
+    if metric is not None:
+        click.echo(f"task metric {metric.name}: original {metric(loaded.model):.2f}; rewritten {before:.2f} → "
+                   f"healed {metric(student):.2f}")
     click.echo(f"wrote {output}", err=True)
 
 

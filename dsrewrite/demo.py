@@ -1,4 +1,5 @@
-"""The embedded demo model: a U-Net with a ResNet18 encoder, random seeded weights, no download.
+"""The demo models: ``demo`` (a small U-Net trained on generated shapes, :mod:`dsrewrite.shapes`) and
+``demo:resnet18``, defined here: a U-Net with a ResNet18 encoder, random seeded weights, no download.
 
 The layout mirrors ``segmentation_models_pytorch.Unet("resnet18")``: an encoder
 returning six feature maps (strides 1, 2, 4, 8, 16, 32), a decoder of five blocks
@@ -29,6 +30,7 @@ import torchvision
 from torch import Tensor, nn
 
 __all__ = [
+    "build_demo",
     "demo_unet",
     "DemoUnet",
     "ResNet18Encoder",
@@ -168,3 +170,23 @@ def demo_unet(num_classes: int = 2, *, seed: int = 0) -> nn.Module:
         model = DemoUnet(num_classes)
         _randomise(model)
     return model
+
+
+def build_demo(spec: str) -> nn.Module:
+    """The demo model ``spec`` names (:data:`dsrewrite.io.arch_spec.DEMO_MODELS`): ``"demo"`` is the trained shapes U-Net (eval
+    mode), ``"demo:resnet18"`` the random-weight ResNet18 U-Net (train mode, as constructed).
+
+    Raises:
+        KeyError: ``spec`` is not a demo name.
+
+    Example:
+        >>> type(build_demo("demo")).__name__, type(build_demo("demo:resnet18")).__name__
+        ('ShapesUnet', 'DemoUnet')
+    """
+    if spec == "demo":
+        from .shapes import trained_unet
+
+        return trained_unet()
+    if spec == "demo:resnet18":
+        return demo_unet()
+    raise KeyError(spec)

@@ -48,6 +48,9 @@ def test_readme_first_command_works_as_written(tmp_path):
     r = run(argv[1:], cwd=tmp_path)
     assert r.exit_code == 0, r.output
     assert "total MACs" in r.output and "decoder" in r.output
+    # the newcomer sees what matters: the task metric before and after (issue: a demo that proves the point)
+    assert re.search(r"task metric mIoU.*original [0-9.]+ → after SVD [0-9.]+ → after calibration [0-9.]+", r.output), \
+        r.output
     out = argv[argv.index("-o") + 1]
     assert (tmp_path / out).exists() and (tmp_path / out.replace(".pt", ".plan.json")).exists()
 
@@ -200,7 +203,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_apply_calib_activation_reaches_calibrate(tmp_path, mode):
     g = torch.Generator().manual_seed(0)
     torch.save(torch.randn(2, 3, 32, 32, generator=g), tmp_path / "calib.pt")
-    r = run(["apply", "demo", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32", "--dry-run",
+    r = run(["apply", "demo:resnet18", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32", "--dry-run",
              "--calib", tmp_path / "calib.pt", "--calib-activation", mode, "--json"])
     assert r.exit_code == 0, r.output
     layers = json.loads(r.stdout)["calibration"]["layers"]
@@ -213,14 +216,14 @@ def test_apply_with_calibration_then_heal(tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.save(torch.randn(4, 3, 32, 32, generator=g), tmp_path / "calib.pt")
     out = tmp_path / "d.pt"
-    r = run(["apply", "demo", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32",
+    r = run(["apply", "demo:resnet18", "--recipe", "decoder_high_res", "--input-shape", "1,3,32,32",
              "--calib", tmp_path / "calib.pt", "-o", out, "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["calibration"] is not None
     assert "calibration" in rep["fidelity"]
     healed = tmp_path / "h.pt"
-    r = run(["heal", "demo", "--rewritten", out, "--data", tmp_path / "calib.pt", "--steps", "2",
+    r = run(["heal", "demo:resnet18", "--rewritten", out, "--data", tmp_path / "calib.pt", "--steps", "2",
              "--batch-size", "2", "--input-shape", "1,3,32,32", "-o", healed])
     assert r.exit_code == 0, r.output
     assert "distillation loss" in r.output

@@ -282,7 +282,8 @@ def test_trust_pickle_loads_plainly(files: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("spec,kind,cls", [
-    ("demo", "demo", "DemoUnet"),
+    ("demo", "demo", "ShapesUnet"),
+    ("demo:resnet18", "demo", "DemoUnet"),
     ("timm:resnet18", "arch", "ResNet"),
     ("torchvision:resnet18", "arch", "ResNet"),
     ("smp:Unet:resnet18", "arch", "Unet"),

@@ -390,9 +390,9 @@ def build_arch(spec: Union[str, ArchSpec], arch_args: Optional[Mapping[str, Any]
     """
     a = arch_spec(spec, arch_args)
     if a.library == "demo":
-        from ..demo import demo_unet
+        from ..demo import build_demo
 
-        return demo_unet()
+        return build_demo(a.spec)
     builders = {"timm": _timm, "torchvision": _torchvision, "smp": _smp, "factory": _factory}
     try:
         model = _guarded(a, "building the model", lambda: builders[a.library](a))

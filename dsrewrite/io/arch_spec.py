@@ -19,7 +19,14 @@ import yaml
 
 from ..errors import ModelLoadError
 
-__all__ = ["ArchSpec", "arch_spec", "parse_arch_args", "ARCH_EXAMPLES", "ARCH_FLAG_EXAMPLES", "WEIGHT_ARGS"]
+__all__ = [
+    "DEMO_MODELS", "ArchSpec", "arch_spec", "parse_arch_args", "ARCH_EXAMPLES", "ARCH_FLAG_EXAMPLES", "WEIGHT_ARGS"]
+
+#: The model names every command accepts for the demos, and what each is (built by :func:`dsrewrite.demo.build_demo`).
+DEMO_MODELS: dict[str, str] = {
+    "demo": "trained demo U-Net (shapes, 4 classes; dsrewrite.shapes)",
+    "demo:resnet18": "demo U-Net (ResNet18 encoder, random weights, seed 0)",
+}
 
 ARCH_EXAMPLES = "'timm:resnet18', 'torchvision:resnet18', 'smp:Unet:resnet18' or 'mypkg.models:build_model'"
 ARCH_FLAG_EXAMPLES = (
@@ -58,7 +65,7 @@ class ArchSpec:
 
     @property
     def library(self) -> str:
-        if self.spec == "demo":
+        if self.spec in DEMO_MODELS:
             return "demo"
         prefix = self.spec.partition(":")[0]
         return prefix if prefix in _LIBRARIES else "factory"
@@ -137,7 +144,7 @@ def arch_spec(spec: Union[str, ArchSpec], arch_args: Optional[Mapping[str, Any]]
             raise ModelLoadError(f"arch {spec.spec!r}: pass the arguments in the ArchSpec or in arch_args, not both.")
         return arch_spec(spec.spec, dict(spec.args))
     text = str(spec).strip()
-    if text != "demo":
+    if text not in DEMO_MODELS:
         prefix, sep, rest = text.partition(":")
         if not sep or not prefix or not rest or not re.fullmatch(r"[A-Za-z_][\w.]*", prefix):
             raise ModelLoadError(f"unknown arch spec {text!r}: use 'demo', {ARCH_EXAMPLES}.")
@@ -157,8 +164,8 @@ def arch_spec(spec: Union[str, ArchSpec], arch_args: Optional[Mapping[str, Any]]
                 "random weights and never downloads: drop it, and pass your trained checkpoint as MODEL with --arch."
             )
         args.append((name, value))
-    if text == "demo" and args:
-        raise ModelLoadError(f"arch 'demo' takes no arch args (got {', '.join(n for n, _ in args)}).")
+    if text in DEMO_MODELS and args:
+        raise ModelLoadError(f"arch {text!r} takes no arch args (got {', '.join(n for n, _ in args)}).")
     if text.startswith("smp:") and text.count(":") >= 2 and "encoder_name" in dict(args):
         raise ModelLoadError(
             f"arch {text!r} names the encoder twice (in the spec and as encoder_name={dict(args)['encoder_name']!r}); "

@@ -2,7 +2,8 @@
 
 ``load_model(spec)`` accepts:
 
-* ``"demo"``: the embedded demo U-Net (:func:`dsrewrite.demo.demo_unet`);
+* ``"demo"``: the trained demo U-Net (:mod:`dsrewrite.shapes`); ``"demo:resnet18"``: the random-weight
+  ResNet18 U-Net (:func:`dsrewrite.demo.demo_unet`);
 * an **arch spec**, random weights, never a download: ``timm:resnet18``,
   ``torchvision:resnet18``, ``smp:Unet:resnet18`` (segmentation_models_pytorch
   ``arch[:encoder]``, ``encoder_weights=None``) or ``package.module:factory``,
@@ -44,6 +45,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, TrustedPickleWarning
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
+from .arch_spec import DEMO_MODELS
 from .safe_load import safe_torch_load
 from .state_dict import (  # noqa: F401  (re-exported: dsrewrite.io.load.X, old paths)
     STATE_DICT_KEYS,
@@ -82,7 +84,9 @@ class LoadedModel:
     loaded into an arch), ``"arch"`` (random weights from an arch spec) or
     ``"demo"``; ``source_spec`` is the spec as given; ``path`` is the file, if any.
     ``arch`` is the architecture it was built from (kinds ``"arch"``, ``"state_dict"``,
-    ``"demo"``; None for a full module), which a saved plan records.
+    ``"demo"``; None for a full module), which a saved plan records. ``task_metric`` is a task metric
+    with labelled data the source comes with (the trained demo's held-out mIoU), else None; ``input_shape`` the
+    example input shape the source suggests when the user gives none (the trained demo: 1×3×128×128).
     """
 
     model: nn.Module
@@ -91,6 +95,8 @@ class LoadedModel:
     source_spec: str = ""
     path: Optional[Path] = None
     arch: Optional[ArchSpec] = None
+    task_metric: Any = None
+    input_shape: Optional[tuple[int, ...]] = None
 
 
 # ----------------------------------------------------------------------------- arch specs
@@ -271,7 +277,7 @@ def load_model(
 
     Example:
         >>> load_model("demo").source
-        'demo U-Net (ResNet18 encoder, random weights, seed 0)'
+        'trained demo U-Net (shapes, 4 classes; dsrewrite.shapes)'
         >>> load_model("resnet18")
         Traceback (most recent call last):
         ...
@@ -280,11 +286,15 @@ def load_model(
     text = os.fspath(spec)
     path = Path(text)
     if not isinstance(spec, os.PathLike) and not path.exists():
-        if text == "demo":
-            from ..demo import demo_unet
+        if text in DEMO_MODELS:
+            a = arch_spec(text, arch_args)
+            metric = None
+            if text == "demo":
+                from ..shapes import demo_task_metric
 
-            return LoadedModel(demo_unet(), "demo U-Net (ResNet18 encoder, random weights, seed 0)", "demo", text,
-                               arch=arch_spec(text, arch_args))
+                metric = demo_task_metric()
+            return LoadedModel(build_arch(a), DEMO_MODELS[text], "demo", text, arch=a, task_metric=metric,
+                               input_shape=(1, 3, 128, 128) if text == "demo" else None)
         if _looks_like_arch(text):
             a = arch_spec(text, arch_args)
             return LoadedModel(build_arch(a), f"{a} (random weights)", "arch", text, arch=a)

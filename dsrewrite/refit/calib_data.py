@@ -338,6 +338,8 @@ def open_calibration(
             a preset for another channel count, bad mean/std/size.
     """
     p = Path(path)
+    if str(path) == DEMO_DATA and not p.exists():
+        return _demo_images(input_shape, size, limit, batch_size)
     if not p.exists():
         raise UsageError(f"calibration data {str(p)!r} does not exist. Hint: pass a folder of images or a "
                          ".pt/.npy/.npz tensor file.")
@@ -353,6 +355,27 @@ def open_calibration(
         )
     norm = _normalisation(channels, preset, mean, std)
     return _image_folder(p, channels, _size(size, input_shape), norm, limit, batch_size)
+
+
+#: ``--calib demo``: the demo's generated shapes images (:func:`dsrewrite.shapes.calibration_images`).
+DEMO_DATA = "demo"
+
+
+def _demo_images(input_shape: Optional[Sequence[int]], size: Union[str, Sequence[int], None],
+                 limit: Optional[int], batch_size: int) -> CalibrationData:
+    """Generated, already normalised shapes images (unlabeled; a seed neither training nor evaluation uses)."""
+    from ..shapes import calibration_images
+
+    if input_shape is None or len(input_shape) != 4 or int(input_shape[1]) != 3:
+        raise UsageError(f"--calib demo generates RGB images (N, 3, H, W); the model takes {input_shape}. "
+                         "Hint: it is meant for `dsrewrite apply demo ...`.")
+    h, w = _size(size, input_shape)
+    if h != w:
+        raise UsageError(f"--calib demo generates square images; got size {h}×{w}. Hint: --calib-size {h}.")
+    n = limit or 64
+    x = calibration_images(n, size=h)
+    batches = [x[i : i + batch_size] for i in range(0, n, batch_size)]
+    return CalibrationData(batches, n, n, f"demo (generated shapes, {h}×{w})", "images")
 
 
 def _read_example(path: Path) -> Any:

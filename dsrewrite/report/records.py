@@ -144,6 +144,7 @@ class Report:
     fidelity: dict[str, Fidelity] = field(default_factory=dict)
     latency: dict[str, LatencyComparison] = field(default_factory=dict)
     calibration: Any = None
+    task: Any = None  # a TaskScores (dsrewrite.measure.task) when the caller gave a task metric
 
     @property
     def mac_ratio(self) -> Optional[float]:
@@ -178,6 +179,7 @@ class Report:
                          for k in ("example", "calibration")},
             "latency": None,
             "calibration": _plain(self.calibration),
+            "task": _plain(self.task),
         }
         if self.latency:
             d["latency"] = {k: self.latency[k].to_dict() if k in self.latency else None

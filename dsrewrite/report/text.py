@@ -81,6 +81,10 @@ def fidelity_lines(rep: Report) -> list[str]:
         out.append(f"fidelity {labels[key]} ({fid.batches} batch{'es' if fid.batches != 1 else ''}): "
                    f"rel L2 {fid.rel_l2:.3e}, cosine {fid.cosine:.6f}, argmax agreement {arg}, "
                    f"max |Δ| {fid.max_abs:.3e}")
+    task = getattr(rep, "task", None)
+    if task is not None:
+        steps = [("original", task.original), ("after SVD", task.svd), ("after calibration", task.calibrated)]
+        out.append(f"task metric {task.name}: " + " → ".join(f"{k} {v:.2f}" for k, v in steps if v is not None))
     worst = max((f.rel_l2 for f in rep.fidelity.values() if f.rel_l2 == f.rel_l2), default=0.0)
     if worst > LARGE_CHANGE:
         out.append(
