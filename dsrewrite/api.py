@@ -213,12 +213,14 @@ def plan_rewrite(
     source: str = "the model",
     source_spec: str = "MODEL",
     progress: Optional[Callable[[str], None]] = None,
+    must_replace: bool = True,
 ) -> Plan:
     """The plan of a rewrite that must replace something: what ``dsrewrite plan``/``apply`` carry out.
 
     Loads and validates ``recipe`` (a built-in name, a ``.yaml`` path, a mapping), checks the
     model can be rewritten, captures its graph and plans; ``source``/``source_spec`` name the
-    model in messages, ``progress`` (if given) hears "capturing the graph ...".
+    model in messages, ``progress`` (if given) hears "capturing the graph ...". ``must_replace=False``
+    returns a plan that replaces nothing instead of raising (``dsrewrite plan`` shows its reasons).
 
     Raises:
         RecipeError: the recipe is not valid.
@@ -244,7 +246,7 @@ def plan_rewrite(
         warnings.simplefilter("ignore", NothingSelectedWarning)
         p = make_plan(model, rec, example_inputs, **({"input_shape": input_shape} if input_shape else {}),
                       depth_multiplier=depth_multiplier, order=order, init=init)
-    if not p.replaced:
+    if not p.replaced and must_replace:
         raise UsageError(
             f"recipe {rec.name!r} selects no conv of {source} ({len(p.entries)} candidates, all "
             f"skipped). Hint: `dsrewrite plan {source_spec} --recipe {recipe}` shows why each was skipped; "

@@ -218,11 +218,13 @@ def _inputs(loaded: Any, input_shape: Optional[Sequence[int]], example_inputs: O
     return example_inputs_for(loaded.model, input_shape=input_shape, path=example_inputs)
 
 
-def _make_plan(loaded: Any, recipe: str, x: Any, input_shape: Optional[Sequence[int]], **overrides: Any) -> Any:
+def _make_plan(loaded: Any, recipe: str, x: Any, input_shape: Optional[Sequence[int]], *, must_replace: bool = True,
+               **overrides: Any) -> Any:
     from .api import plan_rewrite
 
     return plan_rewrite(loaded.model, recipe, x, input_shape=input_shape, source=loaded.source,
-                        source_spec=getattr(loaded, "source_spec", "MODEL"), progress=_progress, **overrides)
+                        source_spec=getattr(loaded, "source_spec", "MODEL"), progress=_progress,
+                        must_replace=must_replace, **overrides)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -342,7 +344,8 @@ def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs:
 
     loaded = _load(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = _inputs(loaded, input_shape, example_inputs)
-    p = _make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    p = _make_plan(loaded, recipe, x, shape, must_replace=False, depth_multiplier=depth_multiplier, order=order,
+                   init=init)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
@@ -350,6 +353,9 @@ def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs:
         click.echo(render_plan(p))
         click.echo()
         click.echo(render_table(rep))
+    if not p.replaced:
+        click.echo(f"note: recipe {recipe!r} selects no conv ({len(p.entries)} candidates); each one's reason is "
+                   "in the table above.", err=True)
 
 
 @main.command()

@@ -229,3 +229,12 @@ def test_apply_with_calibration_then_heal(tmp_path):
     assert "distillation loss" in r.output
     model = load_model(healed).model
     assert sum(type(m).__name__ == "DepthwiseSeparableConv2d" for m in model.modules()) == 6
+
+
+def test_plan_shows_why_when_the_recipe_selects_nothing(tmp_path):
+    """Found in review: `dsrewrite plan` failed with a hint to run the same `dsrewrite plan` command."""
+    path = tmp_path / "pw.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 1)), path)
+    r = run(["plan", path, "--recipe", "all_3x3", "--input-shape", "1,3,8,8"])
+    assert r.exit_code == 0, r.output
+    assert "selects no conv" in r.stderr and "already pointwise" in r.stdout, r.output
