@@ -429,3 +429,15 @@ def test_example_inputs_file_forms(tmp_path):
     save_pngs(tmp_path / "imgs", 1, "RGB")
     with pytest.raises(UsageError, match="images feed a model with one"):
         open_calibration(tmp_path / "imgs", input_shape=None)
+
+
+def test_one_tensor_for_a_multi_input_model_is_a_batch_error() -> None:
+    """Found in review: a single-tensor batch for a (sample, timestep) model failed inside forward (exit 1)."""
+    from dsrewrite.refit.batches import BatchError, input_spec, model_inputs
+
+    class Two(nn.Module):
+        def forward(self, sample, timestep):
+            return sample
+
+    with pytest.raises(BatchError, match="is one tensor .* the model takes 2 positional inputs"):
+        model_inputs(torch.zeros(2, 3, 8, 8), 0, input_spec(Two()))

@@ -209,6 +209,11 @@ def model_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
         return out
     batch = _tensor(batch)
     if isinstance(batch, Tensor):
+        if n > 1:
+            raise BatchError(
+                f"{where} batch {index} is one tensor {tuple(batch.shape)}, but {takes}. Hint: give each batch as a "
+                f"tuple of the {n} inputs (from the CLI: torch.save a list of such tuples), or pass input_fn."
+            )
         return batch
     if isinstance(batch, Mapping):
         if spec.input_key is not None:
