@@ -135,7 +135,8 @@ def test_allow_module_admits_a_named_package(setup: dict[str, Path]) -> None:
     assert not marker.exists()
     r = CliRunner().invoke(main, ["inspect", str(path), "--allow-module", "dsr_evil_pkg", "--input-shape", "1,3,8,8"])
     assert marker.exists(), "the named package was not imported"
-    assert "convolution" not in r.stderr.lower() or r.exit_code in (0, 2)
+    # loaded: what fails now is running the (forward-less) model, not the loader
+    assert_clean_cli_error("allowed", r, ("capture:", "missing the required \"forward\""))
 
 
 def test_python_api_refuses_with_typed_error(setup: dict[str, Path]) -> None:
@@ -178,20 +179,17 @@ def test_scan_sees_the_pickle_torch_reads(setup: dict[str, Path]) -> None:
 
 def test_legacy_system_info_pickle_is_scanned(setup: dict[str, Path]) -> None:
     """A legacy file's third pickle (system info) is unpickled by torch too: it is scanned (found in review)."""
-    import pickle
-
-    import torch.serialization as ts
+    import io
+    import pickletools
 
     marker = setup["marker"]
     path = setup["root"] / "legacy.pt"
     torch.save(nn.Linear(2, 2).state_dict(), path, _use_new_zipfile_serialization=False)
     blob = path.read_bytes()
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     hp.HostilePickler(buf, protocol=2).dump(hp.Call(hp.Ref("hostile_pickles", "MarkerModule"), (str(marker),)))
     # replace the system-info pickle (the third) by the payload
-    import pickletools
-
-    f = __import__("io").BytesIO(blob)
+    f = io.BytesIO(blob)
     bounds = []
     for _ in range(3):
         start = f.tell()
@@ -204,7 +202,6 @@ def test_legacy_system_info_pickle_is_scanned(setup: dict[str, Path]) -> None:
     with pytest.raises(UsageError, match="MarkerModule"):
         load_model(path)
     assert not marker.exists()
-    del pickle, ts
 
 
 def test_enum_members_untouched_after_a_refused_file(setup: dict[str, Path]) -> None:
