@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "build_demo",
+    "demo_defaults",
     "demo_unet",
     "DemoUnet",
     "ResNet18Encoder",
@@ -190,3 +191,20 @@ def build_demo(spec: str) -> nn.Module:
     if spec == "demo:resnet18":
         return demo_unet()
     raise KeyError(spec)
+
+
+def demo_defaults(spec: str) -> tuple[Optional[Any], Optional[tuple[int, ...]]]:
+    """What a demo brings besides its model: ``(task metric, example input shape)``. The trained ``"demo"``
+    has labelled held-out data (its mIoU) and a natural size (1×3×128×128); ``"demo:resnet18"`` neither.
+
+    Example:
+        >>> demo_defaults("demo:resnet18")
+        (None, None)
+        >>> demo_defaults("demo")[1]
+        (1, 3, 128, 128)
+    """
+    if spec != "demo":
+        return None, None
+    from .shapes import demo_task_metric
+
+    return demo_task_metric(), (1, 3, 128, 128)

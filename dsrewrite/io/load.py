@@ -287,14 +287,12 @@ def load_model(
     path = Path(text)
     if not isinstance(spec, os.PathLike) and not path.exists():
         if text in DEMO_MODELS:
-            a = arch_spec(text, arch_args)
-            metric = None
-            if text == "demo":
-                from ..shapes import demo_task_metric
+            from ..demo import demo_defaults
 
-                metric = demo_task_metric()
+            a = arch_spec(text, arch_args)
+            metric, shape = demo_defaults(text)
             return LoadedModel(build_arch(a), DEMO_MODELS[text], "demo", text, arch=a, task_metric=metric,
-                               input_shape=(1, 3, 128, 128) if text == "demo" else None)
+                               input_shape=shape)
         if _looks_like_arch(text):
             a = arch_spec(text, arch_args)
             return LoadedModel(build_arch(a), f"{a} (random weights)", "arch", text, arch=a)

@@ -3,10 +3,11 @@ unpickler with a per-file allowlist). This module keeps ``restricted_torch_load`
 importable for one minor version.
 
 Example:
-    >>> import io, torch
-    >>> from dsrewrite.io.safe_pickle import restricted_torch_load
-    >>> restricted_torch_load is not None
-    True
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> p = Path(tempfile.mkdtemp()) / "w.pt"; torch.save({"w": torch.ones(2)}, p)
+    >>> restricted_torch_load(p)["w"]
+    tensor([1., 1.])
 """
 
 from __future__ import annotations
