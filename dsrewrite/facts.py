@@ -175,6 +175,8 @@ class Capture:
     ``functional_convs`` names convolution calls that belong to no conv module
     (``F.conv2d`` inside a custom module): they cannot be replaced.
     ``notes`` say why a capture fell back, in words a user can act on.
+    ``verification`` says, in one line, which capture was used and why the others were
+    rejected (each graph is run on the example inputs and compared with eager).
     """
 
     method: CaptureMethod
@@ -182,6 +184,7 @@ class Capture:
     input_shape: Optional[tuple[int, ...]] = None
     functional_convs: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    verification: str = ""
 
     def by_name(self) -> dict[str, ConvFact]:
         return {f.name: f for f in self.facts}

@@ -13,11 +13,11 @@ The built-ins:
 - ``downstream_of_upsample``: some upsample lies on some path from the model
   input to the conv.
 
-"Comes from" looks through pass-through nodes (``nn.Identity``, dropout,
-``contiguous``/``clone``/``view``/``reshape``/dtype casts and their ATen forms,
-smp's ``Attention`` with no attention). Upsamples are ``F.interpolate`` and
-``nn.Upsample*``, pixel shuffle, and transposed convolutions with a stride
-above 1 (a stride-1 transposed conv does not raise the resolution).
+"Comes from" looks through the transparent nodes of :mod:`dsrewrite.graph_vocab`
+(norms, element-wise activations, dropout, identity, casts, channel-keeping pads and
+crops, gates). A concatenation counts only along the channel dimension. Upsamples are
+``F.interpolate`` and ``nn.Upsample*``, pixel shuffle, and transposed convolutions with
+a stride above 1 (a stride-1 transposed conv does not raise the resolution).
 
 Example:
     >>> import torch, torch.fx
@@ -34,15 +34,13 @@ Example:
     >>> tracer = ConvLeafTracer()
     >>> preds = site_predicates(fx_view(tracer.trace(m), m))
     >>> tuple(preds[id(m.b)].values()), tuple(preds[id(m.a)].values())
-    ((True, True, True), (False, False, False))
+    ((True, True, True, False), (False, False, False, False))
     >>> preds[id(m.b)]
-    {'after_concat': True, 'after_upsample': True, 'downstream_of_upsample': True}
+    {'after_concat': True, 'after_upsample': True, 'downstream_of_upsample': True, 'final_predictor': False}
 """
 
 from __future__ import annotations
 
-import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -53,7 +51,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .predicates import predicates
-from .runtime.tracer import CAT_FUNCS, UPSAMPLE_FUNCS, LeafTracer
+from .graph_vocab import aten_name as _aten_name
+from .graph_vocab import cat_tensors, ndim, normalise_module_path, stack_paths, transparent_input
+from .runtime.tracer import UPSAMPLE_FUNCS, LeafTracer
 
 __all__ = [
     "ConvLeafTracer",
@@ -70,22 +70,6 @@ Predicates = dict[str, bool]
 
 _FX_UPSAMPLE_FUNCS: frozenset[Callable[..., Any]] = frozenset(UPSAMPLE_FUNCS)
 _FX_TRANSPOSED_FUNCS = frozenset({F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d})
-_FX_CAT_FUNCS = CAT_FUNCS
-_FX_PASS_FUNCS = frozenset(
-    {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-     torch.clone, torch.reshape, torch.detach}
-)
-_FX_PASS_METHODS = frozenset(
-    {"contiguous", "clone", "view", "reshape", "to", "float", "half", "double", "bfloat16",
-     "type", "type_as", "detach"}
-)
-
-_ATEN_PASS = frozenset(
-    {"clone", "alias", "_to_copy", "to", "dropout", "dropout_", "feature_dropout", "alpha_dropout",
-     "feature_alpha_dropout", "contiguous", "view", "reshape", "_unsafe_view", "detach",
-     "lift_fresh_copy", "type_as"}
-)
-_ATEN_CAT = frozenset({"cat", "concat", "concatenate"})
 _ATEN_CONV = frozenset(
     {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
      "convolution", "_convolution"}
@@ -114,7 +98,9 @@ class GraphView:
 
     ``conv_module`` maps a conv call-site node to its module; ``data_input``
     gives the node a conv site, a pass-through or an upsample reads its tensor
-    from; ``cat_inputs`` the tensors a concatenation joins.
+    from; ``cat_inputs`` the tensors a channel concatenation joins; ``final`` the ids of
+    the conv modules that are final predictors (filled by the capture, see
+    :mod:`dsrewrite.planning.final`).
     """
 
     nodes: list[torch.fx.Node]
@@ -123,6 +109,7 @@ class GraphView:
     cat_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = field(default_factory=dict)
     passthrough: set[torch.fx.Node] = field(default_factory=set)
     data_input: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
+    final: set[int] = field(default_factory=set)
     _downstream: Optional[dict[torch.fx.Node, bool]] = field(default=None, repr=False, compare=False)
 
     def source(self, node: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
@@ -175,26 +162,35 @@ def _stride_above_one(stride: Any) -> bool:
         return True  # symbolic or unknown: assume it upsamples
 
 
-def _is_identity_attention(m: nn.Module) -> bool:
-    """smp's ``Attention`` (``attention_type=None``) wraps an ``nn.Identity``."""
-    return type(m).__name__ == "Attention" and isinstance(getattr(m, "attention", None), nn.Identity)
+def _classify_common(view: GraphView, node: torch.fx.Node, modules: dict[str, nn.Module]) -> None:
+    """Channel concats and transparent nodes (the shared vocabulary); data inputs of every node."""
+    tensors = cat_tensors(node, ndim(node))
+    if tensors is not None:
+        view.cat_inputs[node] = tensors
+        return
+    through = transparent_input(node, modules)
+    if through is not None:
+        view.passthrough.add(node)
+        view.data_input[node] = through
+        return
+    src = _first_node(node)
+    if src is not None:
+        view.data_input[node] = src
 
 
 def fx_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
     """Classify the nodes of an fx graph traced from ``root`` (convs as leaves)."""
     view = GraphView(nodes=list(graph.nodes))
+    modules = dict(root.named_modules())
     for node in view.nodes:
-        src = _first_node(node)
         if node.op == "call_module":
-            mod = root.get_submodule(str(node.target))
+            mod = modules[str(node.target)]
             if isinstance(mod, _ConvNd):
                 view.conv_module[node] = mod
                 if isinstance(mod, _ConvTransposeNd) and _stride_above_one(mod.stride):
                     view.upsample.add(node)
             elif isinstance(mod, (nn.Upsample, nn.PixelShuffle)):
                 view.upsample.add(node)
-            elif isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or _is_identity_attention(mod):
-                view.passthrough.add(node)
         elif node.op == "call_function":
             tgt = node.target
             if tgt in _FX_UPSAMPLE_FUNCS:
@@ -203,56 +199,13 @@ def fx_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
                 stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
                 if _stride_above_one(stride):
                     view.upsample.add(node)
-            elif tgt in _FX_CAT_FUNCS:
-                tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-                view.cat_inputs[node] = list(_node_args(tensors))
-            elif tgt in _FX_PASS_FUNCS:
-                view.passthrough.add(node)
-        elif node.op == "call_method" and node.target in _FX_PASS_METHODS:
-            view.passthrough.add(node)
-        if src is not None:
-            view.data_input[node] = src
+        if node in view.conv_module or node in view.upsample:
+            src = _first_node(node)
+            if src is not None:
+                view.data_input[node] = src
+        else:
+            _classify_common(view, node, modules)
     return view
-
-
-_PATH_PREFIX = re.compile(r"^(?:L\['self'\]|L__self__|self)(?:\.|$)")
-_GETATTR = re.compile(r"getattr\(([^()]*?),\s*['\"]([^'\"]+)['\"]\)")
-
-
-def normalise_module_path(path: str) -> str:
-    """Turn a qualified name as found in ``nn_module_stack`` into ``named_modules`` form.
-
-    Example:
-        >>> normalise_module_path("L['self'].decoder.blocks[0].conv1")
-        'decoder.blocks.0.conv1'
-        >>> normalise_module_path("getattr(L['self'].blocks, '2')._modules['conv']")
-        'blocks.2.conv'
-    """
-    p = path
-    while _GETATTR.search(p):
-        p = _GETATTR.sub(r"\1.\2", p)
-    p = _PATH_PREFIX.sub("", p)
-    p = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", p)
-    p = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", p)
-    p = re.sub(r"\[(\d+)\]", r".\1", p)
-    return p.strip(".")
-
-
-def _aten_name(target: Any) -> str:
-    """``aten.conv2d.default`` -> ``conv2d``; anything else -> ``''``."""
-    text = str(target)
-    if not text.startswith("aten."):
-        return ""
-    return text.split(".")[1]
-
-
-def _stack_paths(node: torch.fx.Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for key, value in stack.items():
-        raw = value[0] if isinstance(value, (tuple, list)) else value
-        out.append(normalise_module_path(str(raw) if raw is not None else str(key)))
-    return out
 
 
 def _innermost_key(node: torch.fx.Node) -> Optional[str]:
@@ -289,6 +242,7 @@ def export_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
     (e.g. the ``pad`` of timm's ``Conv2dSame``).
     """
     view = GraphView(nodes=list(graph.nodes))
+    modules = dict(root.named_modules())
     for node in view.nodes:
         if node.op != "call_function":
             continue
@@ -298,7 +252,7 @@ def export_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
             transposed, stride = _transposed(node, name)
             if transposed and _stride_above_one(stride):
                 view.upsample.add(node)
-            paths = _stack_paths(node)
+            paths = stack_paths(node)
             mod = _resolve(root, paths[-1]) if paths else None
             if isinstance(mod, _ConvNd):
                 view.conv_module[node] = mod
@@ -308,13 +262,9 @@ def export_view(graph: torch.fx.Graph, root: nn.Module) -> GraphView:
                     src = _first_node(src)
         elif name.startswith(("upsample_", "_upsample_")) or name == "pixel_shuffle":
             view.upsample.add(node)
-        elif name in _ATEN_CAT:
-            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-            view.cat_inputs[node] = list(_node_args(tensors))
-        elif name in _ATEN_PASS:
-            view.passthrough.add(node)
-        elif node.target is operator.getitem and src is not None and _aten_name(src.target) == "native_dropout":
-            view.passthrough.add(node)
+        else:
+            _classify_common(view, node, modules)
+            continue
         if src is not None:
             view.data_input[node] = src
     return view

@@ -6,11 +6,18 @@ then captures the graph to compute the graph predicates:
 
 1. ``torch.fx`` symbolic tracing with every conv module as a leaf (plus timm's
    own leaf modules and wrapped functions when the model uses timm);
-2. if fx fails (data-dependent control flow) or hides conv modules inside an
-   opaque leaf, ``torch.export.export(strict=False)``, each convolution mapped
-   back to its module through ``nn_module_stack``;
+2. if fx fails (data-dependent control flow), hides conv modules inside an
+   opaque leaf, or traces a graph that does not reproduce the eager outputs,
+   ``torch.export.export(strict=False)``, each convolution mapped back to its
+   module through ``nn_module_stack``;
 3. if both fail, module names and hyperparameters only: predicates are
    ``None`` and :attr:`Capture.notes` says why.
+
+Every graph is verified before it is used: it runs once on the example inputs and
+its outputs must match the eager outputs (:mod:`dsrewrite.planning.verify`);
+:attr:`Capture.verification` says which capture was used and why the others were
+rejected. The eager run also marks the final predictors
+(:mod:`dsrewrite.planning.final`), known whatever the capture.
 
 The model is never changed: it runs in ``eval()`` under ``torch.no_grad()``,
 hooks are removed and every module's training flag is restored afterwards.
@@ -36,12 +43,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputShapeError, UsageError
 from ..facts import PREDICATES, Capture, ConvFact
 from ..graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
+from .final import ConvOutputs
+from .verify import compare_outputs, detached, seeded
 from ..runtime.run import evaluating
 from ..runtime.tracer import timm_fx_extras
 
@@ -149,6 +159,8 @@ class _Run:
     in_shape: dict[int, tuple[int, ...]] = field(default_factory=dict)
     out_shape: dict[int, tuple[int, ...]] = field(default_factory=dict)
     functional: Counter = field(default_factory=Counter)
+    output: Any = None
+    final: Optional[set[int]] = None
 
 
 class _FunctionalConvSpy(TorchFunctionMode):
@@ -200,12 +212,25 @@ def _run_forward(model: nn.Module, args: tuple[Any, ...], names: dict[int, str])
             if isinstance(mod, _ConvNd):
                 handles.append(mod.register_forward_hook(record, with_kwargs=True))
             handles.append(mod.register_forward_hook(pop, always_call=True))
-        with torch.no_grad(), _FunctionalConvSpy(stack, names, run):
-            model(*args)
+        run.output, run.final = _eager(model, args, _FunctionalConvSpy(stack, names, run))
     finally:
         for h in handles:
             h.remove()
     return run
+
+
+def _eager(model: nn.Module, args: tuple[Any, ...], spy: TorchFunctionMode) -> tuple[Any, Optional[set[int]]]:
+    """The eager outputs (detached) and the final predictors; with grad, else (if that fails) without."""
+    rec = ConvOutputs()
+    try:
+        with torch.enable_grad(), seeded(), spy:
+            out = rec.run(model, args)
+            final = rec.final(out)
+    except Exception:  # e.g. ``.numpy()`` on a tensor that requires grad: run as before, finals unknown
+        spy.run.calls.clear(), spy.run.in_shape.clear(), spy.run.out_shape.clear(), spy.run.functional.clear()
+        with torch.no_grad(), seeded(), spy:
+            out, final = model(*args), None
+    return detached(out), final
 
 
 # --------------------------------------------------------------------------- graph capture
@@ -246,19 +271,38 @@ def _restore_attrs(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
 _MISSING = object()
 
 
-def _trace_fx(model: nn.Module) -> GraphView:
+def _trace_fx(model: nn.Module) -> torch.fx.GraphModule:
     """fx-trace ``model`` with conv (and timm) leaves."""
     if isinstance(model, _ConvNd):
         raise TypeError("the model itself is a conv module (nothing to trace around it)")
     leaves, funcs = timm_fx_extras(model)
-    graph = ConvLeafTracer(leaf_types=leaves, autowrap_functions=funcs).trace(model)
-    return fx_view(graph, model)
+    tracer = ConvLeafTracer(leaf_types=leaves, autowrap_functions=funcs)
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph)
 
 
-def _trace_export(model: nn.Module, args: tuple[Any, ...]) -> GraphView:
-    """``torch.export`` (non-strict) ``model`` on ``args``."""
-    program = torch.export.export(model, args, strict=False)
-    return export_view(program.graph, model)
+def _trace_export(model: nn.Module, args: tuple[Any, ...]) -> Any:
+    """``torch.export`` (non-strict) ``model`` on ``args``: the ExportedProgram."""
+    return torch.export.export(model, args, strict=False)
+
+
+def _verify(fn: Callable[[], Any], expected: Any) -> Optional[str]:
+    """None when ``fn()`` reproduces the eager outputs, else why not (one line)."""
+    try:
+        with torch.no_grad(), seeded():
+            got = fn()
+    except Exception as e:  # a wrong graph fails in many ways
+        return f"the captured graph fails on the example input ({_first_line(e)})"
+    ok, why = compare_outputs(expected, got)
+    return None if ok else f"the captured graph does not reproduce the eager outputs ({why})"
+
+
+def _fx_checked(model: nn.Module, args: tuple[Any, ...], expected: Any) -> tuple[GraphView, Optional[str]]:
+    """The fx view and why its graph is not the model (None when verified)."""
+    gm = _trace_fx(model)
+    shapes = ShapeProp(gm)  # records each node's rank (the concat dim) while it verifies
+    why = _verify(lambda: shapes.propagate(*args), expected)
+    return fx_view(gm.graph, model), why
 
 
 def _hidden_by_leaves(view: GraphView, model: nn.Module, reached: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
@@ -277,45 +321,58 @@ def _hidden_by_leaves(view: GraphView, model: nn.Module, reached: dict[str, nn.M
     return hidden, sorted(hiders)
 
 
-def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module]) -> tuple[
-        str, Optional[dict[int, Predicates]], set[int], list[str]]:
-    """(method, predicates by module id or None, ids whose predicates are unknown, notes)."""
+def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module], run: _Run) -> tuple[
+        str, Optional[dict[int, Predicates]], set[int], list[str], str]:
+    """(method, predicates by module id or None, ids whose predicates are unknown, notes, verification)."""
     notes: list[str] = []
     fx_err = ""
     fx_result: Optional[GraphView] = None
+    wrong: Optional[str] = None
     with _quiet():
         try:
-            fx_result = _trace_fx(model)
+            fx_result, wrong = _fx_checked(model, args, run.output)
         except Exception as e:  # fx raises many kinds; all mean "cannot trace"
             fx_err = _first_line(e)
     if fx_result is not None:
+        fx_result.final = run.final or set()
         hidden, hiders = _hidden_by_leaves(fx_result, model, reached)
-        if not hidden:
-            return "fx", site_predicates(fx_result), set(), notes
-        fx_err = (f"torch.fx keeps {', '.join(hiders) or 'some modules'} as opaque leaves, hiding "
-                  f"{len(hidden)} conv module(s) (e.g. {', '.join(hidden[:3])})")
+        if not hidden and wrong is None:
+            return "fx", site_predicates(fx_result), set(), notes, "fx: the traced graph reproduces the eager outputs"
+        if wrong is not None:
+            fx_err = f"torch.fx traced a graph that is not the model: {wrong}"
+            fx_result = None
+        else:
+            fx_err = (f"torch.fx keeps {', '.join(hiders) or 'some modules'} as opaque leaves, hiding "
+                      f"{len(hidden)} conv module(s) (e.g. {', '.join(hidden[:3])})")
     else:
         fx_err = (f"torch.fx could not trace the model ({fx_err}); this usually means Python control "
                   "flow that depends on tensor values or shapes")
     with _quiet():
         try:
-            view = _trace_export(model, args)
+            program = _trace_export(model, args)
+            view = export_view(program.graph, model)
         except Exception as e:  # export raises many kinds; all mean "cannot capture"
             ex_err = _first_line(e)
         else:
-            notes.append(f"{fx_err}; graph facts come from torch.export (non-strict) instead.")
-            return "export", site_predicates(view), set(), notes
+            ex_wrong = _verify(lambda: program.module()(*args), run.output)
+            if ex_wrong is None:
+                view.final = run.final or set()
+                notes.append(f"{fx_err}; graph facts come from torch.export (non-strict) instead.")
+                return ("export", site_predicates(view), set(), notes,
+                        f"export: the exported graph reproduces the eager outputs; fx rejected: {fx_err}")
+            ex_err = f"torch.export's graph is not the model either: {ex_wrong}"
     if fx_result is not None:
         notes.append(f"{fx_err}, and torch.export failed too ({ex_err}); the hidden convs' graph "
                      f"predicates ({', '.join(PREDICATES)}) are unknown (None).")
-        return "fx", site_predicates(fx_result), {id(reached[n]) for n in hidden}, notes
+        return ("fx", site_predicates(fx_result), {id(reached[n]) for n in hidden}, notes,
+                f"fx (partial): {fx_err}; export rejected: {ex_err}")
     notes.append(
         f"Graph capture failed, so only module names, hyperparameters and shapes are known. {fx_err}; "
         f"torch.export (non-strict) failed too ({ex_err}). The selectors {', '.join(PREDICATES)} cannot be "
         "honoured (their predicates are None): select by name, region or shape instead, or make the "
         "forward traceable (no branching on tensor values)."
     )
-    return "names", None, set(), notes
+    return "names", None, set(), notes, f"names: fx rejected: {fx_err}; export rejected: {ex_err}"
 
 
 # --------------------------------------------------------------------------- facts
@@ -402,14 +459,20 @@ def capture(
         reached = {n: m for n, m in convs if run.calls[id(m)] > 0}
         attrs = [(m, dict(vars(m))) for m in model.modules()]
         try:
-            method, preds, unknown, notes = _graph(model, args, reached)
+            method, preds, unknown, notes, verification = _graph(model, args, reached, run)
         finally:
             _restore_attrs(attrs)
     model_h = int(first.shape[-2]) if first is not None and first.dim() == 4 else None
     facts = []
     for name, mod in convs:
         known = preds is not None and id(mod) in preds and id(mod) not in unknown
-        facts.append(_fact(name, mod, run, model_h, preds[id(mod)] if known else None))  # type: ignore[index]
+        values = dict(preds[id(mod)]) if known else {}  # type: ignore[index]
+        if run.final is not None and run.calls[id(mod)] > 0:
+            values["final_predictor"] = id(mod) in run.final  # from the eager run: known whatever the capture
+        facts.append(_fact(name, mod, run, model_h, values or None))
+    if run.final is None and reached:
+        notes.append("final predictors unknown: the example forward with gradients enabled gave no conv output a "
+                     "gradient (or failed), so no conv is taken as a final predictor")
     functional = tuple(
         f"{owner} ({cls}): F.{op}" + (f" x{n}" if n > 1 else "")
         for (owner, cls, op), n in run.functional.items()
@@ -420,4 +483,5 @@ def capture(
         input_shape=tuple(first.shape) if first is not None else None,
         functional_convs=functional,
         notes=tuple(notes),
+        verification=verification,
     )

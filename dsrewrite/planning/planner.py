@@ -233,6 +233,8 @@ def plan_from_capture(
         entries.append(PlanEntry(fact.name, "replace", reason, config=cfg, fact=fact.to_dict(),
                                  measured=measured or None))
     notes = list(cap.notes)
+    if cap.verification:
+        notes.append(f"capture {cap.verification}")
     for fc in cap.functional_convs:
         notes.append(f"functional convolution {fc} belongs to no conv module: not replaceable, counted only by FlopCounterMode")
     result = Plan(

@@ -9,10 +9,10 @@ Schema, selection phrases and ``dsrewrite inspect`` columns all read this regist
 Example:
     >>> from dsrewrite.predicates import predicate_names
     >>> predicate_names()
-    ('after_concat', 'after_upsample', 'downstream_of_upsample')
+    ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor')
 """
 
-from .builtin import AfterConcat, AfterUpsample, DownstreamOfUpsample
+from .builtin import AfterConcat, AfterUpsample, DownstreamOfUpsample, FinalPredictor
 from .protocol import PREDICATE_MEMBERS, GraphPredicate, missing_members
 from .registry import (
     RESERVED_NAMES,
@@ -23,7 +23,7 @@ from .registry import (
     unregister_predicate,
 )
 
-for _builtin in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample()):
+for _builtin in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor()):
     register_predicate(_builtin)
 del _builtin
 
@@ -40,4 +40,5 @@ __all__ = [
     "AfterConcat",
     "AfterUpsample",
     "DownstreamOfUpsample",
+    "FinalPredictor",
 ]

@@ -1,25 +1,28 @@
-"""The built-in graph predicates: after a concat, after an upsample, downstream of an upsample.
+"""The built-in graph predicates: after a concat, after an upsample, downstream of an upsample, final predictor.
 
-"Comes from" looks through pass-through nodes (see :mod:`dsrewrite.graph`); each
-``holds(view, node)`` reads one conv call site ``node`` of a ``GraphView``.
+"Comes from" looks through the transparent nodes of :mod:`dsrewrite.graph_vocab` (norms,
+element-wise activations, dropout, identity, casts, channel-keeping pads/crops, gates);
+a concatenation counts only along the channel dimension. Each ``holds(view, node)`` reads
+one conv call site ``node`` of a ``GraphView``.
 
 Example:
-    >>> [p.column for p in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample())]
-    ['cat', 'up', '↓up']
+    >>> [p.column for p in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor())]
+    ['cat', 'up', '↓up', 'final']
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AfterConcat", "AfterUpsample", "DownstreamOfUpsample"]
+__all__ = ["AfterConcat", "AfterUpsample", "DownstreamOfUpsample", "FinalPredictor"]
 
 
 class AfterConcat:
-    """The conv's input comes from a concatenation."""
+    """The conv's input comes from a channel concatenation (through transparent nodes)."""
 
     name = "after_concat"
-    description = "The conv reads a torch.cat (possibly through norm/activation)."
+    description = ("The conv reads a torch.cat along the channel dim (through norm/activation/dropout/pad/crop/"
+                   "casts/gates).")
     phrase, short = "after a concat", "after concat"
     column, legend = "cat", "after concat"
 
@@ -31,7 +34,7 @@ class AfterUpsample:
     """The conv's input comes from an upsample, directly or through a concat with an upsampled input."""
 
     name = "after_upsample"
-    description = "The conv reads an upsample (possibly through concat/norm/activation)."
+    description = "The conv reads an upsample (through a channel concat and norm/activation/dropout/pad/crop/casts)."
     phrase, short = "right after an upsample", "after upsample"
     column, legend = "up", "after upsample"
 
@@ -54,3 +57,22 @@ class DownstreamOfUpsample:
 
     def holds(self, view: Any, node: Any) -> bool:
         return view.downstream_of_upsample(node)
+
+
+class FinalPredictor:
+    """The conv's output reaches a model output through no further conv or linear layer.
+
+    Read from the eager run's autograd graph (:mod:`dsrewrite.planning.final`), so it is
+    known even when no graph capture succeeds; the capture puts the answer in ``view.final``.
+    """
+
+    name = "final_predictor"
+    description = "The conv's output reaches a model output through no further conv/linear layer (a final predictor)."
+    phrase = "a final predictor (its output reaches a model output through no further conv/linear)"
+    short = "final predictor"
+    column, legend = "final", "final predictor (no conv/linear between it and an output)"
+    #: where the eager run gave no gradients (see the capture's notes), a conv is taken as no final predictor
+    when_unknown = False
+
+    def holds(self, view: Any, node: Any) -> bool:
+        return id(view.conv_module[node]) in view.final

@@ -31,7 +31,9 @@ class GraphPredicate(Protocol):
     JSON Schema; ``phrase`` how a skip reason says it holds (``'not ' + phrase`` when it
     must not); ``short`` the same in a selected reason; ``column`` the inventory column
     header and ``legend`` its explanation under the table. ``holds(view, node)`` says
-    whether it holds at one conv call site ``node`` of ``view`` (a ``GraphView``).
+    whether it holds at one conv call site ``node`` of ``view`` (a ``GraphView``). An optional
+    ``when_unknown`` (True/False) is the value selection assumes when a fact's value is unknown;
+    without it an unknown value skips the conv with the reason.
     """
 
     name: str

@@ -69,7 +69,7 @@ def predicate_keys() -> tuple[str, ...]:
 
     Example:
         >>> predicate_keys()
-        ('after_concat', 'after_upsample', 'downstream_of_upsample')
+        ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor')
     """
     return predicate_names()
 
@@ -93,7 +93,7 @@ def select_predicates_json_schema() -> dict[str, Any]:
 
     Example:
         >>> select_predicates_json_schema()["after_upsample"]["description"]
-        'The conv reads an upsample (possibly through concat/norm/activation).'
+        'The conv reads an upsample (through a channel concat and norm/activation/dropout/pad/crop/casts).'
     """
     return {p.name: {"$ref": "#/$defs/tristate", "description": p.description} for p in predicates()}
 

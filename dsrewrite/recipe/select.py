@@ -36,7 +36,7 @@ from ..facts import ConvFact
 from ..predicates import get_predicate
 from .schema import GraphPredicates, Range, Recipe, ReplaceSpec, Selector, kernel_str
 
-__all__ = ["Selection", "select", "in_regions"]
+__all__ = ["Selection", "select", "in_regions", "region_match"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,28 @@ def in_regions(region: str, regions: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(region, r) for r in regions)
 
 
+def region_match(name: str, regions: Sequence[str]) -> Optional[str]:
+    """The region a conv called ``name`` is in: its first name component, or the outermost enclosing module
+    whose own name matches one of ``regions``; None when none matches.
+
+    A detector's feature pyramid sits inside its backbone (``backbone.fpn.layer_blocks.0``): the
+    enclosing module ``fpn`` puts it in region ``backbone.fpn`` when ``fpn`` is listed.
+
+    Example:
+        >>> region_match("backbone.fpn.layer_blocks.0", ["fpn", "head"]), region_match("decoder.c", ["decoder"])
+        ('backbone.fpn', 'decoder')
+        >>> region_match("backbone.body.fpn", ["fpn"]) is None  # the conv itself is no enclosing module
+        True
+    """
+    parts = name.split(".") if name else ["(root)"]
+    if in_regions(parts[0], regions):
+        return parts[0]
+    for k in range(1, len(parts) - 1):
+        if in_regions(parts[k], regions):
+            return ".".join(parts[:k + 1])
+    return None
+
+
 def _predicate_check(fact: ConvFact, preds: GraphPredicates, key_prefix: str) -> tuple[Optional[str], list[str]]:
     """(skip reason or None, phrases for the selected reason)."""
     said = []
@@ -68,11 +90,14 @@ def _predicate_check(fact: ConvFact, preds: GraphPredicates, key_prefix: str) ->
         long, short = predicate.phrase, predicate.short
         setting = f"{key_prefix}.{key}: {str(want).lower()}"
         if have is None:
+            have = getattr(predicate, "when_unknown", None)  # e.g. final_predictor: unknown counts as False
+        if have is None:
             return (f"{key} unknown: the graph could not be captured (name-only capture), "
                     f"so {setting} cannot be checked"), said
         if have != want:
             return f"{'not ' if want else ''}{long} ({setting})", said
-        said.append(short if want else f"not {short}")
+        if want or getattr(predicate, "when_unknown", None) is not False:  # "not a final predictor" goes unsaid
+            said.append(short if want else f"not {short}")
     return None, said
 
 
@@ -125,9 +150,10 @@ def _where_check(fact: ConvFact, sel: Selector, fallback: bool) -> tuple[Optiona
     """Region / include / exclude / output stride / graph predicates: (skip reason or None, phrases)."""
     said: list[str] = []
     if sel.regions is not None and not fallback:
-        if not in_regions(fact.region, sel.regions):
+        region = region_match(fact.name, sel.regions)
+        if region is None:
             return f"region {fact.region!r} not in select.regions [{_shortlist(list(sel.regions))}]", said
-        said.append(f"region {fact.region!r}")
+        said.append(f"region {region!r}")
     if fallback:
         preds = sel.when_no_region_matches or GraphPredicates()
         why, phrases = _predicate_check(fact, preds, "select.when_no_region_matches")
@@ -166,7 +192,7 @@ def select(recipe: Recipe, facts: Sequence[ConvFact]) -> list[Selection]:
     """
     sel = recipe.select
     fallback = (sel.regions is not None and sel.when_no_region_matches is not None
-                and not any(in_regions(f.region, sel.regions) for f in facts))
+                and not any(region_match(f.name, sel.regions) is not None for f in facts))
     out = []
     for fact in facts:
         why = _hyper_skip(fact, sel)
