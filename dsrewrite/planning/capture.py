@@ -292,7 +292,7 @@ def _verify(fn: Callable[[], Any], expected: Any) -> Optional[str]:
         with torch.no_grad(), seeded():
             got = fn()
     except Exception as e:  # a wrong graph fails in many ways
-        return f"the captured graph fails on the example input ({_first_line(e)})"
+        return f"the captured graph fails on the example input ({_first_line(e.__cause__ or e)})"
     ok, why = compare_outputs(expected, got)
     return None if ok else f"the captured graph does not reproduce the eager outputs ({why})"
 

@@ -251,7 +251,7 @@ def calibrate(
 
     with evaluating(original, rewritten), torch.no_grad():
         if activation == "auto" and layers:
-            found, why = following_relus(original, [l.name for l in layers])
+            found, why = following_relus(original, [l.name for l in layers], data[0])
             notes += [why] if why else []
             for l in layers:
                 l.act = found.get(l.name)

@@ -1,0 +1,149 @@
+"""The "real decoder" corpus (tests/decoder_corpus.py): exact selections, verified capture, exact rewrite, ReLU fits.
+
+Plus the library models the corpus stands for, when installed: MONAI's 2-D BasicUNet and
+UNet, torchvision's Faster R-CNN (MobileNetV3 FPN) and RetinaNet (weights=None).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import Tensor
+
+from dsrewrite import rewrite
+from dsrewrite.capture import capture
+from dsrewrite.planner import plan
+from dsrewrite.planning.verify import flatten_outputs
+from dsrewrite.refit.activation import following_relus
+from dsrewrite.refit.calibrate import calibrate
+
+from decoder_corpus import CASES, Case
+
+capmod = importlib.import_module("dsrewrite.planning.capture")
+RECIPES = ("decoder_only", "post_concat", "post_upsample")
+
+
+def _plan_selected(model, recipe: str, inputs) -> tuple[set[str], str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty selection warns; the set comparison says more
+        p = plan(model, recipe, inputs)
+    return {e.name for e in p.replaced}, p.table()
+
+
+def _max_rel_error(ref, got) -> float:
+    a, b = list(flatten_outputs(ref)), list(flatten_outputs(got))
+    assert [p for p, _ in a] == [p for p, _ in b]
+    worst = 0.0
+    for (_, x), (_, y) in zip(a, b):
+        if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
+            assert x.shape == y.shape
+            worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+def test_selections_are_exact(case: Case) -> None:
+    torch.manual_seed(0)
+    model, x = case.build().eval(), case.inputs()
+    for recipe in RECIPES:
+        got, table = _plan_selected(model, recipe, x)
+        want = set(getattr(case, recipe))
+        assert got == want, f"{case.name} / {recipe}: extra {sorted(got - want)}, missing {sorted(want - got)}\n{table}"
+
+
+def test_capture_is_verified_and_marks_final_predictors(case: Case) -> None:
+    torch.manual_seed(0)
+    model, x = case.build().eval(), case.inputs()
+    cap = capture(model, x)
+    assert cap.method == case.capture, (cap.verification, cap.notes)
+    assert cap.verification.startswith(f"{case.capture}: "), cap.verification
+    assert {f.name for f in cap.facts if f.final_predictor} == set(case.final_predictors)
+    if case.final_predictors & {f.name for f in cap.facts if f.kernel_size == (3, 3) and f.out_channels >= 16}:
+        p = plan(model, "decoder_only", x)  # big final predictors: kept dense, and the plan says why
+        for name in case.final_predictors:
+            entry = next(e for e in p.entries if e.name == name)
+            assert not entry.replaced and "final predictor" in entry.reason, entry
+
+
+def test_exact_at_full_rank(case: Case) -> None:
+    """decoder_only at depth_multiplier = k·k represents every replaced 3×3 conv exactly (float64)."""
+    torch.manual_seed(0)
+    model = case.build().eval().double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in case.inputs())
+    with torch.no_grad():
+        ref = model(*x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = rewrite(model, "decoder_only", example_inputs=x, depth_multiplier=9)
+    swapped = {n for n, m in new.named_modules() if type(m).__name__ == "DepthwiseSeparableConv2d"}
+    assert swapped == set(case.decoder_only)
+    with torch.no_grad():
+        err = _max_rel_error(ref, new(*x))
+    print(f"{case.name}: max relative error at m=9 (float64): {err:.2e}")
+    assert err < 1e-10, f"{case.name}: max relative error {err:.3e} at full rank"
+
+
+def test_calibration_fits_through_the_activation_the_graph_shows(case: Case) -> None:
+    torch.manual_seed(0)
+    model, x = case.build().eval(), case.inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = rewrite(model, "decoder_only", example_inputs=x)
+    batches = [tuple(t + 0.1 * i if t.is_floating_point() else t for t in x) for i in range(2)]
+    found, note = following_relus(model, sorted(case.decoder_only), x)
+    assert set(found) == set(case.relu_fits) and note == "", (sorted(found), note)
+    res = calibrate(model, new, batches, example_inputs=x, alternate=0)
+    shared = {layer.name for layer in res.layers if "shared" in layer.note}  # calibration skips shared convs
+    assert shared == ({"head.classification_head.conv.0", "head.classification_head.conv.2",
+                       "head.regression_head.conv.0", "head.regression_head.conv.2"}
+                      if case.name == "fpn_detector" else set())  # RetinaNet-style heads run once per level
+    fitted = {layer.name for layer in res.layers if layer.activation}
+    assert fitted == set(case.relu_fits) - shared, (fitted, res.notes)
+    assert not any("activation-aware refit off" in n for n in res.notes), res.notes
+
+
+def test_diverging_trace_is_rejected_with_the_reason(monkeypatch) -> None:
+    case = next(c for c in CASES if c.name == "diverging_trace")
+    model, x = case.build().eval(), case.inputs()
+    cap = capture(model, x)
+    assert cap.method == "export"
+    assert "fx rejected: torch.fx traced a graph that is not the model" in cap.verification
+    assert "convolution" in cap.verification.lower() or "channels" in cap.verification, cap.verification
+    p = plan(model, "post_concat", x)
+    assert any(n.startswith("capture export: ") for n in p.notes), p.notes
+    # both graphs wrong: names only, predicates unknown, and the plan says why
+    monkeypatch.setattr(capmod, "_trace_export", lambda *a, **k: torch.export.export(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)), (x[0],), strict=False))
+    cap = capture(model, x)
+    assert cap.method == "names" and "export rejected: torch.export's graph is not the model" in cap.verification
+    assert all(f.after_concat is None for f in cap.facts)
+    assert cap.by_name()["final"].final_predictor is True  # from the eager run: known without a graph
+
+
+def test_verification_runs_in_eval_with_the_models_randomness_seeded() -> None:
+    """A model that draws noise in forward (dropout in train mode, torch.randn) verifies; its mode is kept."""
+
+    class Noisy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.drop = torch.nn.Dropout(0.5)
+            self.b = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = self.drop(self.a(x)) + 0.1 * torch.randn_like(x[:, :1])
+            return self.b(torch.cat([torch.nn.functional.interpolate(y, scale_factor=2.0)], dim=1))
+
+    model, x = Noisy().train(), torch.randn(1, 3, 8, 8)
+    state = torch.random.get_rng_state()
+    cap = capture(model, x)
+    assert cap.method == "fx", cap.verification
+    assert model.training and model.drop.training
+    assert torch.equal(torch.random.get_rng_state(), state), "the caller's random stream moved"
