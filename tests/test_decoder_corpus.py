@@ -147,3 +147,89 @@ def test_verification_runs_in_eval_with_the_models_randomness_seeded() -> None:
     assert cap.method == "fx", cap.verification
     assert model.training and model.drop.training
     assert torch.equal(torch.random.get_rng_state(), state), "the caller's random stream moved"
+
+
+# --------------------------------------------------------------------------- the libraries the corpus stands for
+
+
+def _monai_cases():
+    nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")
+    basic = {f"upcat_{i}.convs.conv_{j}.conv" for i in range(1, 5) for j in (0, 1)}
+    basic_first = {f"upcat_{i}.convs.conv_0.conv" for i in range(1, 5)}
+    unit = {"model.1.submodule.1.submodule.2.1.conv.unit0.conv", "model.1.submodule.2.1.conv.unit0.conv"}
+    return [
+        # BasicUNet's UpCat concatenates only under torch.jit.isinstance(x_e, Tensor): fx drops the skips
+        ("BasicUNet", lambda: nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=2,
+                                            features=(16, 16, 32, 64, 128, 16)), "export",
+         {"decoder_only": basic, "post_concat": basic_first, "post_upsample": basic_first}, {"final_conv"}),
+        # UNet's concats feed transposed convs (never separated); the residual units read the upsample through ADN
+        ("UNet", lambda: nets.UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(16, 32, 64, 128),
+                                   strides=(2, 2, 2), num_res_units=1), "fx",
+         {"decoder_only": unit, "post_concat": set(), "post_upsample": unit},
+         {"model.2.0.conv", "model.2.1.conv.unit0.conv"}),
+    ]
+
+
+@pytest.mark.parametrize("which", ["BasicUNet", "UNet"])
+def test_monai_2d_unets(which: str) -> None:
+    name, build, method, want, finals = next(c for c in _monai_cases() if c[0] == which)
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cap = capture(model, x)
+    assert cap.method == method, cap.verification
+    assert {f.name for f in cap.facts if f.final_predictor} == finals
+    for recipe, names in want.items():
+        got, table = _plan_selected(model, recipe, x)
+        assert got == names, f"{name} / {recipe}: extra {sorted(got - names)}, missing {sorted(names - got)}\n{table}"
+    model64, x64 = model.double(), x.double()
+    with torch.no_grad():
+        ref = model64(x64)
+    new = rewrite(model64, "decoder_only", example_inputs=x64, depth_multiplier=9)
+    with torch.no_grad():
+        err = _max_rel_error(ref, new(x64))
+    print(f"monai {name}: max relative error at m=9 (float64): {err:.2e}")
+    assert err < 1e-10
+    found, note = following_relus(model64, sorted(want["decoder_only"]), x64)
+    assert found == {} and note == ""  # LeakyReLU/PReLU after instance norm: no ReLU to fit through
+
+
+def _detector(which: str):
+    det = pytest.importorskip("torchvision.models.detection", reason="torchvision is not installed")
+    kw = dict(weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128)
+    if which == "fasterrcnn":
+        return det.fasterrcnn_mobilenet_v3_large_320_fpn(**kw)
+    return det.retinanet_resnet50_fpn(**kw)  # torchvision has no mobile RetinaNet
+
+
+@pytest.mark.parametrize("which", ["fasterrcnn", "retinanet"])
+def test_torchvision_detectors_decoder_only(which: str) -> None:
+    """FPN, RPN and head convs are selected by their enclosing modules; the final predictors stay dense."""
+    from dsrewrite.planning.planner import plan_from_capture
+    from dsrewrite.recipe import load_recipe
+
+    torch.manual_seed(0)
+    model, x = _detector(which).eval(), torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    cap = capture(model, x)
+    assert cap.method == "names", cap.verification  # data-dependent post-processing: neither graph captures it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = plan_from_capture(model, load_recipe("decoder_only"), cap)
+    got = {e.name for e in p.replaced}
+    finals = {f.name for f in cap.facts if f.final_predictor}
+    if which == "fasterrcnn":
+        # the box predictor is a Linear layer and the RPN's proposals are detached: no conv is a final predictor
+        assert finals == set()
+        assert got == {"backbone.fpn.layer_blocks.0.0", "backbone.fpn.layer_blocks.1.0", "rpn.head.conv.0.0"}, p.table()
+        assert next(e for e in p.replaced if e.name == "rpn.head.conv.0.0").reason == "3×3, region 'rpn'"
+        assert next(e for e in p.replaced if e.name.startswith("backbone.fpn")).reason.startswith(
+            "3×3, region 'backbone.fpn'")
+    else:
+        assert finals == {"head.classification_head.cls_logits", "head.regression_head.bbox_reg"}
+        towers = {f"head.{h}.conv.{i}.0" for h in ("classification_head", "regression_head") for i in range(4)}
+        fpn = {f"backbone.fpn.layer_blocks.{i}.0" for i in range(3)} | {"backbone.fpn.extra_blocks.p6",
+                                                                         "backbone.fpn.extra_blocks.p7"}
+        assert got == towers | fpn, p.table()
+        for name, outs in (("head.classification_head.cls_logits", 27), ("head.regression_head.bbox_reg", 36)):
+            entry = next(e for e in p.entries if e.name == name)
+            assert entry.fact["out_channels"] == outs and not entry.replaced
+            assert entry.reason.startswith("a final predictor"), entry.reason
