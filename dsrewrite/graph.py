@@ -34,9 +34,9 @@ Example:
     >>> tracer = ConvLeafTracer()
     >>> preds = site_predicates(fx_view(tracer.trace(m), m))
     >>> tuple(preds[id(m.b)].values()), tuple(preds[id(m.a)].values())
-    ((True, True, True, False), (False, False, False, False))
+    ((True, True, True, False, False), (False, False, False, False, False))
     >>> preds[id(m.b)]
-    {'after_concat': True, 'after_upsample': True, 'downstream_of_upsample': True, 'final_predictor': False}
+    {'after_concat': True, 'after_upsample': True, 'downstream_of_upsample': True, 'final_predictor': False, 'after_bottleneck': False}
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class GraphView:
     data_input: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
     final: set[int] = field(default_factory=set)
     _downstream: Optional[dict[torch.fx.Node, bool]] = field(default=None, repr=False, compare=False)
+    _past_bottleneck: Optional[set[torch.fx.Node]] = field(default=None, repr=False, compare=False)
 
     def source(self, node: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
         """Walk back from ``node`` over pass-through nodes."""
@@ -132,6 +133,45 @@ class GraphView:
                 down[n] = any(down.get(a, False) or a in self.upsample for a in _node_args((n.args, n.kwargs)))
             self._downstream = down
         return self._downstream.get(node, False)
+
+
+    def after_bottleneck(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` runs downstream of the bottleneck: the last conv site (in graph order) at the
+        smallest output spatial size, convs with a 1×1 output (global-context branches) aside.
+
+        Needs the node shapes the graph recorded (fx after a verified run, export always); False without.
+        """
+        if self._past_bottleneck is None:
+            sizes = {n: s for n in self.conv_module if (s := _spatial(n)) is not None and s > 1}
+            past: set[torch.fx.Node] = set()
+            if sizes:
+                smallest = min(sizes.values())
+                deepest = [n for n in self.nodes if sizes.get(n) == smallest][-1]
+                stack = list(deepest.users)
+                while stack:
+                    n = stack.pop()
+                    if n not in past:
+                        past.add(n)
+                        stack.extend(n.users)
+            self._past_bottleneck = past
+        return node in self._past_bottleneck
+
+
+def _spatial(node: torch.fx.Node) -> Optional[int]:
+    """Spatial size (product of the dims after N, C) of a node's tensor when the graph recorded its shape."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None:
+        shape = getattr(node.meta.get("val"), "shape", None)
+    if shape is None or len(shape) < 3:
+        return None
+    out = 1
+    for d in shape[2:]:
+        try:
+            out *= int(d)
+        except (TypeError, ValueError):
+            return None
+    return out
 
 
 def _node_args(values: Any) -> Iterator[torch.fx.Node]:

@@ -233,3 +233,42 @@ def test_torchvision_detectors_decoder_only(which: str) -> None:
             entry = next(e for e in p.entries if e.name == name)
             assert entry.fact["out_channels"] == outs and not entry.replaced
             assert entry.reason.startswith("a final predictor"), entry.reason
+
+
+BY_BOTTLENECK = {"name": "by_bottleneck", "select": {
+    "kernel_size": ["3x3"], "groups": [1], "in_channels": {"min": 16}, "out_channels": {"min": 16},
+    "regions": ["decoder", "head", "fpn"], "when_no_region_matches": {"after_bottleneck": True},
+    "final_predictor": False}}
+
+
+class FusingClassifier(torch.nn.Module):
+    """An HRNet-like classifier: an upsample inside the encoder's multi-resolution fusion, no decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hi = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.lo = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fuse = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.deep = torch.nn.Conv2d(16, 32, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        hi = torch.relu(self.hi(x))
+        y = hi + torch.nn.functional.interpolate(torch.relu(self.lo(hi)), scale_factor=2.0)
+        y = torch.relu(self.deep(torch.relu(self.fuse(y))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_the_decoder_by_graph_is_what_runs_after_the_bottleneck(case: Case) -> None:
+    """``after_bottleneck`` as the region fallback finds the same decoders; a classifier has none."""
+    torch.manual_seed(0)
+    model, x = case.build().eval(), case.inputs()
+    got, table = _plan_selected(model, BY_BOTTLENECK, x)
+    assert got == set(case.decoder_only), table
+
+
+def test_a_classifier_has_nothing_after_its_bottleneck() -> None:
+    clf = FusingClassifier().eval()
+    xc = torch.randn(1, 3, 32, 32)
+    assert _plan_selected(clf, "decoder_only", xc)[0] == {"fuse", "deep"}  # downstream of the encoder's upsample
+    assert _plan_selected(clf, BY_BOTTLENECK, xc)[0] == set()

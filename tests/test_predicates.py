@@ -32,7 +32,7 @@ from dsrewrite.report import build_inventory, render_inventory
 from toy_predicate import ReadsInput, Stem
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "dsrewrite" / "recipe" / "recipe.schema.json"
-BUILTIN = ("after_concat", "after_upsample", "downstream_of_upsample", "final_predictor")
+BUILTIN = ("after_concat", "after_upsample", "downstream_of_upsample", "final_predictor", "after_bottleneck")
 
 
 @pytest.fixture
@@ -84,9 +84,10 @@ def test_toy_predicate_selects_from_a_yaml_recipe(toy: ReadsInput, tmp_path: Pat
 
     text = render_inventory(build_inventory(model, cap, x))
     header = text.splitlines()[1].split()
-    assert header[8:13] == ["cat", "up", "↓up", "final", "in"], header
-    assert ("cat/up/↓up/final/in: after concat / after upsample / downstream of upsample / final predictor "
-            "(no conv/linear between it and an output) / reads the model input") in text
+    assert header[8:14] == ["cat", "up", "↓up", "final", "↓btl", "in"], header
+    assert ("cat/up/↓up/final/↓btl/in: after concat / after upsample / downstream of upsample / final predictor "
+            "(no conv/linear between it and an output) / downstream of the bottleneck (the deepest point) / "
+            "reads the model input") in text
 
     assert select_predicates_json_schema()["reads_input"]["description"] == ReadsInput.description
     with pytest.raises(RecipeError, match=r"select\.reads_inptu: unknown key 'reads_inptu' \(did you mean "

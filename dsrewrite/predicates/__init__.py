@@ -9,10 +9,10 @@ Schema, selection phrases and ``dsrewrite inspect`` columns all read this regist
 Example:
     >>> from dsrewrite.predicates import predicate_names
     >>> predicate_names()
-    ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor')
+    ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor', 'after_bottleneck')
 """
 
-from .builtin import AfterConcat, AfterUpsample, DownstreamOfUpsample, FinalPredictor
+from .builtin import AfterBottleneck, AfterConcat, AfterUpsample, DownstreamOfUpsample, FinalPredictor
 from .protocol import PREDICATE_MEMBERS, GraphPredicate, missing_members
 from .registry import (
     RESERVED_NAMES,
@@ -23,7 +23,7 @@ from .registry import (
     unregister_predicate,
 )
 
-for _builtin in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor()):
+for _builtin in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor(), AfterBottleneck()):
     register_predicate(_builtin)
 del _builtin
 
@@ -41,4 +41,5 @@ __all__ = [
     "AfterUpsample",
     "DownstreamOfUpsample",
     "FinalPredictor",
+    "AfterBottleneck",
 ]

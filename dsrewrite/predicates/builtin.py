@@ -6,15 +6,15 @@ a concatenation counts only along the channel dimension. Each ``holds(view, node
 one conv call site ``node`` of a ``GraphView``.
 
 Example:
-    >>> [p.column for p in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor())]
-    ['cat', 'up', '↓up', 'final']
+    >>> [p.column for p in (AfterConcat(), AfterUpsample(), DownstreamOfUpsample(), FinalPredictor(), AfterBottleneck())]
+    ['cat', 'up', '↓up', 'final', '↓btl']
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AfterConcat", "AfterUpsample", "DownstreamOfUpsample", "FinalPredictor"]
+__all__ = ["AfterConcat", "AfterUpsample", "DownstreamOfUpsample", "FinalPredictor", "AfterBottleneck"]
 
 
 class AfterConcat:
@@ -76,3 +76,21 @@ class FinalPredictor:
 
     def holds(self, view: Any, node: Any) -> bool:
         return id(view.conv_module[node]) in view.final
+
+
+class AfterBottleneck:
+    """The conv runs after the encoder's deepest point: the decoder, read from the graph where names say nothing.
+
+    The deepest point (bottleneck) is the last conv site, in graph order, whose output has the
+    smallest spatial size (global-context convs with a 1×1 output aside); the convs downstream
+    of it are the decoder. A classifier has none.
+    """
+
+    name = "after_bottleneck"
+    description = ("The conv runs downstream of the encoder's deepest point (the last conv at the smallest "
+                   "spatial size).")
+    phrase, short = "after the bottleneck", "after bottleneck"
+    column, legend = "↓btl", "downstream of the bottleneck (the deepest point)"
+
+    def holds(self, view: Any, node: Any) -> bool:
+        return view.after_bottleneck(node)

@@ -6,11 +6,11 @@ a recipe's predicates are checked, the inventory's column order and the JSON ord
 
 Example:
     >>> predicate_names()
-    ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor')
+    ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor', 'after_bottleneck')
     >>> get_predicate("after_concatt")
     Traceback (most recent call last):
     ...
-    KeyError: "no graph predicate 'after_concatt'; registered: 'after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor' (did you mean 'after_concat'?)"
+    KeyError: "no graph predicate 'after_concatt'; registered: 'after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor', 'after_bottleneck' (did you mean 'after_concat'?)"
 """
 
 from __future__ import annotations

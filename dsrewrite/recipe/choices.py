@@ -69,7 +69,7 @@ def predicate_keys() -> tuple[str, ...]:
 
     Example:
         >>> predicate_keys()
-        ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor')
+        ('after_concat', 'after_upsample', 'downstream_of_upsample', 'final_predictor', 'after_bottleneck')
     """
     return predicate_names()
 

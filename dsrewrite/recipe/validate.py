@@ -12,7 +12,7 @@ Example:
     >>> parse_recipe({"select": {"after_concatt": True}})
     Traceback (most recent call last):
     ...
-    dsrewrite.errors.RecipeError: <mapping>: select.after_concatt: unknown key 'after_concatt' (did you mean 'after_concat'?); valid keys here: kernel_size, groups, in_channels, out_channels, stride, dilation, regions, when_no_region_matches, include, exclude, output_stride, after_concat, after_upsample, downstream_of_upsample, final_predictor.
+    dsrewrite.errors.RecipeError: <mapping>: select.after_concatt: unknown key 'after_concatt' (did you mean 'after_concat'?); valid keys here: kernel_size, groups, in_channels, out_channels, stride, dilation, regions, when_no_region_matches, include, exclude, output_stride, after_concat, after_upsample, downstream_of_upsample, final_predictor, after_bottleneck.
 """
 
 from __future__ import annotations
