@@ -272,3 +272,17 @@ def test_a_classifier_has_nothing_after_its_bottleneck() -> None:
     xc = torch.randn(1, 3, 32, 32)
     assert _plan_selected(clf, "decoder_only", xc)[0] == {"fuse", "deep"}  # downstream of the encoder's upsample
     assert _plan_selected(clf, BY_BOTTLENECK, xc)[0] == set()
+
+
+def test_the_report_says_which_capture_was_used_and_why() -> None:
+    from dsrewrite import rewrite_and_report
+    from dsrewrite.report.table import render_table
+
+    case = next(c for c in CASES if c.name == "diverging_trace")
+    model, x = case.build().eval(), case.inputs()
+    res = rewrite_and_report(model, "post_concat", example_inputs=x)
+    text = render_table(res.report)
+    line = next(ln for ln in text.splitlines() if ln.startswith("plan note: capture "))
+    assert line.startswith("plan note: capture export: the exported graph reproduces the eager outputs; "
+                           "fx rejected: torch.fx traced a graph that is not the model"), line
+    assert res.report.capture == "export"

@@ -227,7 +227,9 @@ def _eager(model: nn.Module, args: tuple[Any, ...], spy: TorchFunctionMode) -> t
             out = rec.run(model, args)
             final = rec.final(out)
     except Exception:  # e.g. ``.numpy()`` on a tensor that requires grad: run as before, finals unknown
-        spy.run.calls.clear(), spy.run.in_shape.clear(), spy.run.out_shape.clear(), spy.run.functional.clear()
+        run = spy.run  # type: ignore[attr-defined]
+        for record in (run.calls, run.in_shape, run.out_shape, run.functional):
+            record.clear()
         with torch.no_grad(), seeded(), spy:
             out, final = model(*args), None
     return detached(out), final
