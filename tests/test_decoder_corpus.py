@@ -286,3 +286,23 @@ def test_the_report_says_which_capture_was_used_and_why() -> None:
     assert line.startswith("plan note: capture export: the exported graph reproduces the eager outputs; "
                            "fx rejected: torch.fx traced a graph that is not the model"), line
     assert res.report.capture == "export"
+
+
+def test_a_forward_that_cannot_run_with_gradients_leaves_final_predictors_unknown() -> None:
+    """``.numpy()`` on a tensor that requires grad fails: the eager run is redone without, finals unknown."""
+
+    class Numpy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1))
+
+        def forward(self, x):
+            y = self.decoder(x)
+            return y * float(y.abs().mean().numpy() > -1)
+
+    model, x = Numpy().eval(), torch.randn(1, 3, 8, 8)
+    cap = capture(model, x)
+    assert all(f.final_predictor is None and f.calls == 1 for f in cap.facts)
+    assert any(n.startswith("final predictors unknown") for n in cap.notes), cap.notes
+    got, table = _plan_selected(model, "decoder_only", x)
+    assert got == {"decoder.1"}, table  # unknown counts as "not a final predictor"; decoder.0 has 3 inputs
