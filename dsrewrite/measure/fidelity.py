@@ -18,9 +18,9 @@ eval mode under ``no_grad``; their train flags are restored afterwards.
 
 What cannot be compared (``None``, strings, tensors whose shapes differ) is listed in
 :attr:`Fidelity.not_compared` with the reason, never counted as a perfect match; when
-nothing was compared the metrics are ``None``. When the outputs differ in structure or
-shape (variable-length detections), or hold nothing to compare, and the names of the replaced convs are given, the
-outputs of the modules around them are compared instead
+nothing was compared the metrics are ``None``. When no output leaf can be compared
+(variable-length or empty detections, ``None``) and the names of the replaced convs are
+given, the outputs of the modules around them are compared instead
 (:mod:`dsrewrite.measure.region_outputs`) and :attr:`Fidelity.compared` says so.
 
 Example:
@@ -71,7 +71,7 @@ class Fidelity:
 
     ``rel_l2``, ``cosine`` and ``max_abs`` are ``None`` when no leaf could be compared.
     ``compared`` is ``"outputs"`` (the models' outputs) or ``"regions"`` (the outputs of
-    the modules named in ``regions``, because the models' outputs did not pair up);
+    the modules named in ``regions``, because no output leaf of the models could be compared);
     ``not_compared`` lists the model output leaves that were not compared, and why.
     """
 
@@ -170,7 +170,7 @@ def compare_outputs(
     ``inputs`` is one batch (a tensor) or an iterable of batches; a batch that
     is a tuple/list is passed as positional arguments, a dict as keyword arguments.
     ``replaced`` (the replaced convs' names) lets the comparison fall back to the
-    outputs of the modules around them when the models' outputs do not pair up.
+    outputs of the modules around them when no output leaf can be compared.
 
     Raises:
         FidelityError: no batch was given.
@@ -188,7 +188,6 @@ def compare_outputs(
     """
     accs: dict[str, _Acc] = {}
     skipped: dict[str, NotCompared] = {}
-    mismatch = False
     kept: list[Any] = []
     with evaluating(original, rewritten), torch.no_grad():
         for batch in _batches(inputs):
@@ -196,12 +195,11 @@ def compare_outputs(
             _accumulate(accs, pairing.pairs)
             for n in pairing.not_compared:
                 skipped.setdefault(n.path, n)
-            mismatch = mismatch or pairing.mismatch
             kept.append(batch)
         if not kept:
             raise FidelityError("no input batch to compare on: `inputs` was empty. Hint: pass at least one batch.")
         regions: list[str] = []
-        if (mismatch or not accs) and replaced:
+        if not accs and replaced:
             region_accs: dict[str, _Acc] = {}
             regions = _regions(original, rewritten, kept, replaced, region_accs)
             if regions:
