@@ -152,25 +152,29 @@ FPN_RECIPE = {"name": "fpn_convs", "select": {"include": ["backbone.fpn.*"], "in
                                               "out_channels": {"min": 1}}}
 
 
-def _detector_report(builder, **kw):
+HEAD_RECIPE = {"name": "head_convs", "select": {"include": ["head.*.conv.*"]}}
+
+
+def _detector_report(builder, recipe=FPN_RECIPE, **kw):
     torch.manual_seed(0)
     model = builder(weights=None, weights_backbone=None, **kw).eval()
     x = ([torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))],)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = dsrewrite.rewrite_and_report(model, FPN_RECIPE, example_inputs=x)
+        res = dsrewrite.rewrite_and_report(model, recipe, example_inputs=x)
     return model, res
 
 
-def _assert_detector_report(res) -> None:
-    assert res.plan.replaced and all(e.name.startswith("backbone.fpn.") for e in res.plan.replaced)
+def _assert_detector_report(res, region: str = "backbone") -> None:
+    prefix = "backbone.fpn." if region == "backbone" else "head."
+    assert res.plan.replaced and all(e.name.startswith(prefix) for e in res.plan.replaced)
     fid = res.report.fidelity["example"]
     # random weights: no box passes the score threshold (or the counts differ): the FPN's outputs are compared
     boxes = [n for n in fid.not_compared if n.path.endswith("boxes")]
-    assert fid.compared == "regions" and fid.regions == ("backbone",), (fid.compared, fid.regions)
+    assert fid.compared == "regions" and fid.regions == (region,), (fid.compared, fid.regions)
     assert boxes, "the report must say the boxes were not compared"
-    assert all(o.path.startswith("backbone:") for o in fid.outputs) and fid.rel_l2 is not None
-    assert "modules around the replaced convs (backbone)" in render_table(res.report)
+    assert all(o.path.startswith(f"{region}:") for o in fid.outputs) and fid.rel_l2 is not None
+    assert f"modules around the replaced convs ({region})" in render_table(res.report)
 
 
 def test_fasterrcnn_mobilenet_fpn_rewrite_reports_what_it_compared() -> None:
@@ -192,7 +196,11 @@ def test_fasterrcnn_mobilenet_fpn_rewrite_reports_what_it_compared() -> None:
 
 
 @pytest.mark.slow
-def test_retinanet_resnet50_fpn_rewrite_reports_what_it_compared() -> None:
+@pytest.mark.parametrize("region", ["backbone", "head"])
+def test_retinanet_resnet50_fpn_rewrite_reports_what_it_compared(region: str) -> None:
     tv = pytest.importorskip("torchvision.models.detection")
-    _model, res = _detector_report(tv.retinanet_resnet50_fpn, min_size=128, max_size=128)
-    _assert_detector_report(res)
+    recipe = FPN_RECIPE if region == "backbone" else HEAD_RECIPE
+    _model, res = _detector_report(tv.retinanet_resnet50_fpn, recipe, min_size=128, max_size=128)
+    _assert_detector_report(res, region)
+    if region == "head":  # the raw head outputs: the classification logits and box regressions
+        assert [o.path for o in res.report.fidelity["example"].outputs] == ["head:cls_logits", "head:bbox_regression"]
