@@ -19,6 +19,7 @@ from dsrewrite.io import load_rewrite, save_rewrite
 from dsrewrite.planner import plan
 from dsrewrite.planning.apply import apply_plan
 from dsrewrite.planning.safety import check_safety
+from dsrewrite.planning.types import LayerConfig, PlanEntry
 from safe_nets import KernelReuse, Three, WithLazy
 from cli_checks import assert_clean_cli_error, run_cli
 
@@ -156,6 +157,10 @@ def test_lazy_conv_not_reached_is_skipped_with_reason_and_rewrite_refuses() -> N
     assert reason is not None and "it is lazy (LazyConv2d)" in reason and "does not materialise" in reason
     with pytest.raises(UnsupportedModelError, match="lazy module.*'lazy'.*does not materialise"):
         _rewrite(model)
+    forced = type(plan(model, "all_3x3", _x()))  # a plan from elsewhere that names the lazy conv
+    p = forced(entries=(PlanEntry("lazy", "replace", "forced", LayerConfig()),), recipe="x", capture="fx")
+    with pytest.raises(PlanError, match="is lazy .LazyConv2d. and its parameters are not initialised"):
+        apply_plan(model, p, init="random")
     assert isinstance(model.lazy.weight, nn.parameter.UninitializedParameter)
 
 

@@ -9,7 +9,8 @@ use a stale tensor) on its first call. :func:`check_safety` finds those convs by
 like the capture) under a :class:`~torch.overrides.TorchFunctionMode` that sees every
 torch operation, attribute reads such as ``.dtype``/``.shape`` included, and notes each
 one that takes a conv's parameter while that conv is not running its own forward (its
-own hooks count as outside). This sees what eager runs, works whether or not fx or
+own hooks count as outside, except on a conv with a hook-based weight norm, whose pre-hooks
+all count as inside since the norm's pre-hook computes the weight). This sees what eager runs, works whether or not fx or
 torch.export can capture the model, and also sees hooks; a branch the example input
 does not take (e.g. a training-only path) is not seen.
 
