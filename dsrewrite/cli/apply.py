@@ -77,6 +77,11 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
         calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
                                       mean=calib_mean, std=calib_std, limit=calib_limit)
     p = make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    if not dry_run:  # before the work: a parametrized module the plan keeps cannot be saved as a full module
+        from ..io.saveable import check_saveable
+        from ..runtime.preflight import unwrap_parallel
+
+        check_saveable(unwrap_parallel(loaded.model)[0], save_format, replaced={e.name for e in p.replaced})
     from ..api import rewrite_with_plan
 
     progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))

@@ -35,6 +35,7 @@ from ..errors import ModelLoadError, OutputError, did_you_mean
 from ..planning.types import Plan
 from ..runtime.files import PathLike, atomic_save, atomic_write_all, atomic_write_bytes
 from .paths import check_output_path, default_output_path, plan_path_for
+from .saveable import check_saveable
 
 if TYPE_CHECKING:
     from .arch_spec import ArchSpec
@@ -97,6 +98,7 @@ def save_rewrite(
                           "format from it).")
     check_output_path(weights, input_path=input_path, force=force)
     check_output_path(plan_file, input_path=input_path, force=force)
+    check_saveable(model, save_format)
     if arch is not None:
         plan = dataclasses.replace(plan, arch=arch.spec, arch_args=arch.kwargs)
     data = plan.to_json().encode("utf-8")

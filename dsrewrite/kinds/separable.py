@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedConvError
@@ -306,6 +307,11 @@ def check_convertible(conv: nn.Module, *, name: str = "") -> None:
         raise UnsupportedConvError(
             f"module{where} is a {type(conv).__name__}, not an nn.Conv2d: only 2-d convs can be "
             "factorised. Hint: select only Conv2d modules."
+        )
+    if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():
+        raise UnsupportedConvError(
+            f"conv{where} is lazy ({type(conv).__name__}) and its parameters are not initialised: there is nothing "
+            "to factorise, and dsrewrite does not materialise your module. Hint: run one forward pass first."
         )
     own_forward = type(conv).forward is not nn.Conv2d.forward or (
         type(conv)._conv_forward is not nn.Conv2d._conv_forward

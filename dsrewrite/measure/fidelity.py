@@ -1,9 +1,10 @@
 """How close a rewritten model's outputs are to the original's: relative L2, cosine, argmax agreement.
 
-Outputs may be tensors or any nesting of tuples, lists and dicts of tensors
+Outputs may be tensors or any nesting of tuples, lists, dicts and dataclasses
 (torchvision segmentation models return ``{"out": ..., "aux": ...}``). They are
-flattened in a defined order (sequences by position, dicts by sorted key) and
-compared leaf by leaf, in float64:
+paired leaf by leaf in the model's order (:mod:`dsrewrite.measure.compare`: sequences
+by position, dicts by key, dataclasses by field); tensors of equal shape are compared,
+in float64:
 
 * relative L2 error ``‖a − b‖ / ‖a‖`` (``a``: original);
 * cosine similarity of the flattened outputs;
@@ -14,6 +15,13 @@ compared leaf by leaf, in float64:
 Over several batches the sums are accumulated before dividing (sum of squared
 errors / sum of squared norms), never averaged per batch. Both models run in
 eval mode under ``no_grad``; their train flags are restored afterwards.
+
+What cannot be compared (``None``, strings, tensors whose shapes differ) is listed in
+:attr:`Fidelity.not_compared` with the reason, never counted as a perfect match; when
+nothing was compared the metrics are ``None``. When no output leaf can be compared
+(variable-length or empty detections, ``None``) and the names of the replaced convs are
+given, the outputs of the modules around them are compared instead
+(:mod:`dsrewrite.measure.region_outputs`) and :attr:`Fidelity.compared` says so.
 
 Example:
     >>> import torch
@@ -28,19 +36,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import RewriteError
-from ..runtime.run import describe_inputs, evaluating, flatten_outputs, run_model
+from ..runtime.run import evaluating, run_model
+from .compare import NotCompared, pair_outputs
+from .region_outputs import region_outputs
 
-__all__ = ["Fidelity", "OutputFidelity", "FidelityError", "compare_outputs"]
+__all__ = ["Fidelity", "OutputFidelity", "FidelityError", "NotCompared", "compare_outputs"]
 
 
 class FidelityError(RewriteError):
-    """The two models' outputs cannot be compared (different structure or shapes)."""
+    """There is nothing to compare the two models on (no input batch)."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +67,23 @@ class OutputFidelity:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """Agreement of two models over all output leaves and batches (see module docstring)."""
+    """Agreement of two models over all compared leaves and batches (see module docstring).
 
-    rel_l2: float
-    cosine: float
-    max_abs: float
+    ``rel_l2``, ``cosine`` and ``max_abs`` are ``None`` when no leaf could be compared.
+    ``compared`` is ``"outputs"`` (the models' outputs) or ``"regions"`` (the outputs of
+    the modules named in ``regions``, because no output leaf of the models could be compared);
+    ``not_compared`` lists the model output leaves that were not compared, and why.
+    """
+
+    rel_l2: Optional[float]
+    cosine: Optional[float]
+    max_abs: Optional[float]
     argmax_agreement: Optional[float]
     batches: int
     outputs: tuple[OutputFidelity, ...]
+    compared: str = "outputs"
+    regions: tuple[str, ...] = ()
+    not_compared: tuple[NotCompared, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (shapes as lists)."""
@@ -117,18 +136,44 @@ def _batches(inputs: Union[Tensor, Iterable[Any]]) -> Iterable[Any]:
     return inputs
 
 
+def _accumulate(accs: dict[str, _Acc], pairs: Iterable[tuple[str, Tensor, Tensor]]) -> None:
+    for path, a, b in pairs:
+        accs.setdefault(path, _Acc(tuple(a.shape))).add(a, b)
+
+
+def _regions(original: nn.Module, rewritten: nn.Module, batches: list[Any], replaced: Sequence[str],
+             accs: dict[str, _Acc]) -> list[str]:
+    """Compare the outputs of the modules around the replaced convs (see :mod:`.region_outputs`)."""
+    chosen: Optional[list[str]] = None
+    for batch in batches:
+        chosen, outs_a, outs_b = region_outputs(original, rewritten, batch, replaced, chosen)
+        for name in chosen:
+            calls = list(zip(outs_a[name], outs_b[name]))
+            for i, (a, b) in enumerate(calls):
+                prefix = name if len(calls) == 1 else f"{name}#{i}"
+                pairing = pair_outputs(a, b)
+                _accumulate(accs, ((f"{prefix}:{p}" if p else prefix, x, y) for p, x, y in pairing.pairs))
+        if not chosen:
+            break
+    return chosen or []
+
+
 def compare_outputs(
     original: nn.Module,
     rewritten: nn.Module,
     inputs: Union[Tensor, Iterable[Any]],
+    *,
+    replaced: Sequence[str] = (),
 ) -> Fidelity:
     """Compare the outputs of ``rewritten`` with those of ``original`` on one or more batches.
 
     ``inputs`` is one batch (a tensor) or an iterable of batches; a batch that
     is a tuple/list is passed as positional arguments, a dict as keyword arguments.
+    ``replaced`` (the replaced convs' names) lets the comparison fall back to the
+    outputs of the modules around them when no output leaf can be compared.
 
     Raises:
-        FidelityError: the outputs differ in structure or shape, or no batch was given.
+        FidelityError: no batch was given.
 
     Example:
         >>> from dsrewrite.layers import DepthwiseSeparableConv2d
@@ -142,30 +187,28 @@ def compare_outputs(
         True
     """
     accs: dict[str, _Acc] = {}
-    batches = 0
+    skipped: dict[str, NotCompared] = {}
+    kept: list[Any] = []
     with evaluating(original, rewritten), torch.no_grad():
         for batch in _batches(inputs):
-            leaves_a = flatten_outputs(run_model(original, batch))
-            leaves_b = flatten_outputs(run_model(rewritten, batch))
-            paths_a, paths_b = [p for p, _ in leaves_a], [p for p, _ in leaves_b]
-            if paths_a != paths_b:
-                raise FidelityError(
-                    f"outputs differ in structure on input {describe_inputs(batch)}: original gives "
-                    f"{paths_a or 'no tensors'}, rewritten gives {paths_b or 'no tensors'}. "
-                    "Hint: a rewrite must keep the model's output structure; compare the right models."
-                )
-            for (path, a), (_, b) in zip(leaves_a, leaves_b):
-                if a.shape != b.shape:
-                    raise FidelityError(
-                        f"output {path or '<tensor>'!r} has shape {tuple(a.shape)} in the original but "
-                        f"{tuple(b.shape)} in the rewritten model on input {describe_inputs(batch)}. "
-                        "Hint: a rewrite must keep output shapes; check the replaced layers' stride/padding."
-                    )
-                acc = accs.setdefault(path, _Acc(tuple(a.shape)))
-                acc.add(a, b)
-            batches += 1
-    if batches == 0:
-        raise FidelityError("no input batch to compare on: `inputs` was empty. Hint: pass at least one batch.")
+            pairing = pair_outputs(run_model(original, batch), run_model(rewritten, batch))
+            _accumulate(accs, pairing.pairs)
+            for n in pairing.not_compared:
+                skipped.setdefault(n.path, n)
+            kept.append(batch)
+        if not kept:
+            raise FidelityError("no input batch to compare on: `inputs` was empty. Hint: pass at least one batch.")
+        regions: list[str] = []
+        if not accs and replaced:
+            region_accs: dict[str, _Acc] = {}
+            regions = _regions(original, rewritten, kept, replaced, region_accs)
+            if regions:
+                accs = region_accs
+    return _summary(accs, len(kept), tuple(skipped.values()), regions)
+
+
+def _summary(accs: dict[str, _Acc], batches: int, not_compared: tuple[NotCompared, ...],
+             regions: list[str]) -> Fidelity:
     outputs = tuple(
         OutputFidelity(
             path=p,
@@ -180,10 +223,13 @@ def compare_outputs(
     vals = list(accs.values())
     pixels = sum(a.pixels for a in vals)
     return Fidelity(
-        rel_l2=_rel(sum(a.sq_err for a in vals), sum(a.sq_a for a in vals)),
-        cosine=_cos(sum(a.dot for a in vals), sum(a.sq_a for a in vals), sum(a.sq_b for a in vals)),
-        max_abs=max((a.max_abs for a in vals), default=0.0),
+        rel_l2=_rel(sum(a.sq_err for a in vals), sum(a.sq_a for a in vals)) if vals else None,
+        cosine=_cos(sum(a.dot for a in vals), sum(a.sq_a for a in vals), sum(a.sq_b for a in vals)) if vals else None,
+        max_abs=max(a.max_abs for a in vals) if vals else None,
         argmax_agreement=sum(a.agree for a in vals) / pixels if pixels else None,
         batches=batches,
         outputs=outputs,
+        compared="regions" if regions else "outputs",
+        regions=tuple(regions),
+        not_compared=not_compared,
     )

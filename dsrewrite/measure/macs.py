@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import PlanError, did_you_mean
+from ..runtime.conv_weight import raw_weight
 from ..runtime.run import evaluating, run_model
 
 __all__ = [
@@ -103,11 +104,11 @@ def module_macs(module: nn.Module, input_shape: tuple[int, ...], output_shape: t
         420
     """
     if isinstance(module, nn.modules.conv._ConvNd):
-        w = module.weight.shape  # conv: (C_out, C_in/g, *k); transposed: (C_in, C_out/g, *k)
+        w = raw_weight(module).shape  # (a parametrized weight is not computed) conv: (C_out, C_in/g, *k); transposed: (C_in, C_out/g, *k)
         per = int(w[1]) * prod(int(k) for k in w[2:])
         return (prod(input_shape) if module.transposed else prod(output_shape)) * per
     if isinstance(module, nn.Linear):
-        return prod(output_shape) * int(module.weight.shape[1])
+        return prod(output_shape) * int(raw_weight(module).shape[1])
     raise TypeError(f"no MAC formula for {type(module).__name__}; only convs and nn.Linear are counted")
 
 

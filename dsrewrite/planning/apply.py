@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from ..errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError, did_you_mean
 from ..kinds import get_kind, kind_names
+from ..runtime.conv_weight import leaf_memo, plain_view, raw_weight
 from ..runtime.modules import set_submodule
+from .hooks import blocking_hooks, carry_hooks
 from ..runtime.preflight import check_rewritable
 from .types import Plan
 
@@ -45,7 +47,7 @@ def _copy_without_replaced_weights(model: nn.Module, plan: Plan) -> nn.Module:
     owners: dict[int, set[str]] = {}
     for qual, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), set()).add(qual.rpartition(".")[0])
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = leaf_memo(model)  # hook-based weight norms hold a non-leaf computed weight
     for name, module in model.named_modules(remove_duplicate=False):
         if name in replaced:
             for param in module.parameters(recurse=False):
@@ -92,7 +94,10 @@ def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: 
             get_kind(e.config.order).check(modules[e.name], name=e.name)
         except DsRewriteError as exc:
             raise PlanError(f"plan entry {e.name!r} cannot be applied: {exc}") from exc
-        weight = modules[e.name].weight
+        blocked = blocking_hooks(modules[e.name])
+        if blocked:
+            raise PlanError(f"plan entry {e.name!r} cannot be applied: {blocked}.")
+        weight = raw_weight(modules[e.name])
         if (init or e.config.init) == "svd" and isinstance(weight, Tensor) and weight.device.type == "meta":
             raise UnsupportedModelError(
                 f"plan entry {e.name!r}: the conv lives on the meta device, so it has no weights to factorise "
@@ -107,7 +112,9 @@ def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: 
                 continue
             cfg = e.config
             assert cfg is not None  # checked above
-            new = get_kind(cfg.order).build(conv, cfg, init=init, name=e.name)
+            # parametrized/weight-normed convs: built from the eval-mode weight, read without side effects
+            new = get_kind(cfg.order).build(plain_view(conv), cfg, init=init, name=e.name)
+            carry_hooks(conv, new)  # forward (pre-)hooks keep their meaning: same input, same output
             set_submodule(target, e.name, new)
             done[id(conv)] = new
             done[id(new)] = new

@@ -52,6 +52,7 @@ from ..facts import PREDICATES, Capture, ConvFact
 from ..graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
 from .final import ConvOutputs
 from .verify import compare_outputs, detached, seeded
+from ..runtime.conv_weight import raw_weight
 from ..runtime.run import evaluating
 from ..runtime.tracer import timm_fx_extras
 
@@ -383,7 +384,7 @@ def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module
 def _fact(name: str, mod: _ConvNd, run: _Run, model_h: Optional[int],
           preds: Optional[Predicates]) -> ConvFact:
     base = conv_base_class(mod)
-    weight = mod.weight
+    weight = raw_weight(mod)  # dtype/device only: a parametrized weight is not computed
     in_shape = run.in_shape.get(id(mod))
     out_shape = run.out_shape.get(id(mod))
     stride_out = None

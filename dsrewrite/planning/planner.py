@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .capture import capture
+from .safety import Safety, check_safety, static_safety
+from ..runtime.conv_weight import plain_view
 from ..facts import Capture, ConvFact
 from ..kinds import auto_kinds, get_kind
 from ..measure.timing import ratio_key, time_dense_vs_separable, time_orders
@@ -179,8 +181,13 @@ def plan_from_capture(
     depth_multiplier: Optional[int] = None,
     order: Optional[str] = None,
     init: Optional[str] = None,
+    safety: Optional[Safety] = None,
 ) -> Plan:
     """Build the plan from an existing capture (see :func:`plan`).
+
+    ``safety`` (:func:`~dsrewrite.planning.safety.check_safety`, run before the capture)
+    keeps dense what cannot be swapped safely; without it only the checks that need no
+    forward are made (lazy convs, hooks) and a note says so.
 
     Keyword overrides replace the recipe's default values (the CLI's
     ``--depth-multiplier``, ``--order`` and ``--init``) through
@@ -189,6 +196,7 @@ def plan_from_capture(
     """
     recipe = recipe.with_overrides(depth_multiplier=depth_multiplier, order=order, init=init)
     modules = dict(model.named_modules())
+    safety = safety if safety is not None else static_safety(model)
     entries: list[PlanEntry] = []
     for sel in select(recipe, cap.facts):
         fact = sel.fact
@@ -196,7 +204,11 @@ def plan_from_capture(
             entries.append(PlanEntry(fact.name, "skip", sel.reason, fact=fact.to_dict()))
             continue
         spec = sel.replace
-        conv = modules[fact.name]
+        why = safety.refusal(fact.name)
+        if why is not None:
+            entries.append(PlanEntry(fact.name, "skip", f"kept dense: {why}", fact=fact.to_dict()))
+            continue
+        conv = plain_view(modules[fact.name])  # type: ignore[arg-type]  # parametrized: read without side effects
         try:
             cfg, measured = _resolve(
                 fact,
@@ -230,6 +242,7 @@ def plan_from_capture(
             reason = f"{sel.reason}; {timed} ≥ {lat.min_speedup:g}×)"
         else:
             reason = sel.reason
+        reason = "; ".join([reason, *safety.remarks(fact.name)])
         entries.append(PlanEntry(fact.name, "replace", reason, config=cfg, fact=fact.to_dict(),
                                  measured=measured or None))
     notes = list(cap.notes)
@@ -237,6 +250,8 @@ def plan_from_capture(
         notes.append(f"capture {cap.verification}")
     for fc in cap.functional_convs:
         notes.append(f"functional convolution {fc} belongs to no conv module: not replaceable, counted only by FlopCounterMode")
+    if not safety.probed and any(e.replaced for e in entries):
+        notes.append(f"{safety.note}: a replaced conv whose weight other code reads would fail on the first call.")
     result = Plan(
         entries=tuple(entries),
         recipe=recipe.name,
@@ -297,5 +312,7 @@ def plan_checked(
 ) -> Plan:
     """:func:`plan` for a model :func:`~dsrewrite.runtime.preflight.preflight` has already unwrapped and checked."""
     rec = load_recipe(recipe)
+    safety = check_safety(model, example_inputs, input_shape=tuple(input_shape))  # before any forward: lazy convs
     cap = capture(model, example_inputs, input_shape=tuple(input_shape))
-    return plan_from_capture(model, rec, cap, depth_multiplier=depth_multiplier, order=order, init=init)
+    return plan_from_capture(model, rec, cap, depth_multiplier=depth_multiplier, order=order, init=init,
+                             safety=safety)

@@ -134,9 +134,10 @@ def build_report(
     latency: dict[str, LatencyComparison] = {}
     notes: list[str] = []
     if not same:
-        fidelity["example"] = compare_outputs(original, rewritten, [example_inputs])
+        replaced = [e.name for e in plan.replaced]  # where to compare when the outputs do not pair up
+        fidelity["example"] = compare_outputs(original, rewritten, [example_inputs], replaced=replaced)
         if calibration_inputs is not None:
-            fidelity["calibration"] = compare_outputs(original, rewritten, calibration_inputs)
+            fidelity["calibration"] = compare_outputs(original, rewritten, calibration_inputs, replaced=replaced)
         if benchmark:
             kw = {"rounds": benchmark_rounds, "warmup": benchmark_warmup}
             latency["eager_nchw"] = compare_latency(original, rewritten, example_inputs, **kw)

@@ -78,14 +78,24 @@ def fidelity_lines(rep: Report) -> list[str]:
     labels = {"example": "on the example input", "calibration": "on the calibration inputs"}
     for key, fid in rep.fidelity.items():
         arg = "n/a" if fid.argmax_agreement is None else f"{100 * fid.argmax_agreement:.2f}%"
-        out.append(f"fidelity {labels[key]} ({fid.batches} batch{'es' if fid.batches != 1 else ''}): "
-                   f"rel L2 {fid.rel_l2:.3e}, cosine {fid.cosine:.6f}, argmax agreement {arg}, "
-                   f"max |Δ| {fid.max_abs:.3e}")
+        what = (f" of the modules around the replaced convs ({', '.join(fid.regions)}), as the model outputs could "
+                "not be compared" if fid.compared == "regions" else "")
+        head = f"fidelity {labels[key]} ({fid.batches} batch{'es' if fid.batches != 1 else ''}){what}: "
+        if fid.rel_l2 is None:
+            out.append(head + "nothing could be compared")
+        else:
+            out.append(head + f"rel L2 {fid.rel_l2:.3e}, cosine {fid.cosine:.6f}, argmax agreement {arg}, "
+                       f"max |Δ| {fid.max_abs:.3e}")
+        if fid.not_compared:
+            shown = "; ".join(f"{n.path or '<output>'}: {n.why}" for n in fid.not_compared[:4])
+            more = f" and {len(fid.not_compared) - 4} more" if len(fid.not_compared) > 4 else ""
+            out.append(f"  not compared ({len(fid.not_compared)} output leaves): {shown}{more}")
     task = getattr(rep, "task", None)
     if task is not None:
         steps = [("original", task.original), ("after SVD", task.svd), ("after calibration", task.calibrated)]
         out.append(f"task metric {task.name}: " + " → ".join(f"{k} {v:.2f}" for k, v in steps if v is not None))
-    worst = max((f.rel_l2 for f in rep.fidelity.values() if f.rel_l2 == f.rel_l2), default=0.0)
+    worst = max((f.rel_l2 for f in rep.fidelity.values() if f.rel_l2 is not None and f.rel_l2 == f.rel_l2),
+                default=0.0)
     if worst > LARGE_CHANGE:
         out.append(
             f"hint: the outputs moved a lot (rel L2 {worst:.2f} > {LARGE_CHANGE}). SVD keeps the best rank-m kernel, "

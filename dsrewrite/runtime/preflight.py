@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..errors import UnsupportedModelError
 
@@ -169,6 +170,14 @@ def check_rewritable(model: nn.Module, *, needs_weights: bool = True) -> None:
             "to factorise. Rewrite the float model before quantizing it, then quantize the result."
         )
     if needs_weights:
+        lazy = [n or "(root)" for n, m in model.named_modules()
+                if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+        if lazy:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} holds {len(lazy)} lazy module(s) with uninitialised parameters "
+                f"({_few(lazy)}): they have no values to factorise, count or save, and dsrewrite does not "
+                "materialise your model. Run one forward pass (or load the weights) first."
+            )
         meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
         if meta:
             raise UnsupportedModelError(
