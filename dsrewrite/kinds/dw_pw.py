@@ -1,5 +1,9 @@
 """The ``dw_pw`` kind: depthwise k×k (``C_in → m·C_in``, ``groups=C_in``), then pointwise 1×1 (MobileNet).
 
+For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`). MACs:
+``K·m·C_in`` per output position (per *input* position for a transposed conv) plus
+``m·C_in·C_out/groups`` per output position.
+
 Initialised from the SVD of the kernel cut per input channel; its least-squares layout
 (:mod:`dsrewrite.lstsq`): spatial ``d (C_in, m, K)``, pointwise ``P (C_out, C_in, m)``;
 the last stage's features are the pointwise input at the output positions, shared by
@@ -27,7 +31,7 @@ from ..factorize import PER_INPUT
 from ..refit.lstsq import GramStats, dense_dwpw, refit_dwpw_pointwise, refit_dwpw_spatial
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
-from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, kernel_area
+from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
 
 __all__ = ["DwPwKind", "DwPwLayout", "DW_PW"]
 
@@ -72,7 +76,12 @@ class DwPwLayout(SeparableLayout):
 
 
 class DwPwKind(SeparableKind):
-    """Depthwise then pointwise; the pointwise runs at the output resolution."""
+    """Depthwise then pointwise; the pointwise runs at the output resolution.
+
+    Any conv :func:`~dsrewrite.kinds.separable_nd.check_separable` accepts: 1/2/3-d, grouped
+    (the pointwise keeps the groups), transposed (the depthwise stage is a ``ConvTransposeNd``,
+    which runs per *input* position, and the pointwise runs at the upsampled resolution).
+    """
 
     name = "dw_pw"
     description = "depthwise k×k then pointwise 1×1 (MobileNet style)"
@@ -82,12 +91,14 @@ class DwPwKind(SeparableKind):
                      "Hint: rewrite with order='pw_dw' (or 'auto')")
 
     def macs(self, fact: ConvFact, m: int) -> int:
-        cin, cout, k, _, out_px = fact_sizes(fact)
-        return k * m * cin * out_px + m * cin * cout * out_px
+        cin, cout, k, in_px, out_px = fact_sizes(fact)
+        # the depthwise stage: per output position (regular), per input position (transposed)
+        spatial = k * m * cin * (in_px if is_transposed(fact) else out_px)
+        return spatial + m * cin * (cout // fact.groups) * out_px
 
     def params(self, fact: ConvFact, m: int) -> int:
         cin, cout = fact.in_channels, fact.out_channels
-        return cin * m * kernel_area(fact) + m * cin * cout + (cout if fact.bias else 0)
+        return cin * m * kernel_area(fact) + m * cin * (cout // fact.groups) + (cout if fact.bias else 0)
 
     def layout(self, block: DepthwiseSeparableConv2d) -> LstsqLayout:  # type: ignore[override]
         return DwPwLayout(block)
