@@ -1,0 +1,183 @@
+"""Whole-model rewrites of 3-D, 1-D and transposed-conv models: what is selected, MACs, parity at full rank, save/reload.
+
+MONAI's 3-D ``BasicUNet`` and ``UNet`` (random weights, 32³ inputs), a 1-D U-Net written here and a
+pix2pix-style generator whose decoder upsamples with ``ConvTranspose2d(k=4, s=2)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dsrewrite.io.save import load_rewrite, save_rewrite
+from dsrewrite.kinds import kind_of
+from dsrewrite.kinds.separable_nd import SeparableConvNd
+from dsrewrite.measure.macs import count_costs
+from dsrewrite.planning.apply import apply_plan
+from dsrewrite.planning.planner import plan
+from dsrewrite.runtime.tolerance import parity_tolerance
+
+
+def layer_macs(model: nn.Module, x: torch.Tensor, names: list[str]) -> int:
+    costs = count_costs(model, x)
+    return sum(c.macs for n, c in costs.modules.items() if any(n == k or n.startswith(k + ".") for k in names))
+
+
+def check_parity(model: nn.Module, light: nn.Module, x: torch.Tensor, what: str) -> None:
+    with torch.no_grad():
+        y, yl = model(x), light(x)
+    err = float((y - yl).abs().max())
+    tol = parity_tolerance(y)
+    assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} ({y.dtype})"
+
+
+def round_trip(light: nn.Module, p, fresh: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:
+    w, pj = save_rewrite(light, p, tmp_path / "light.pt")
+    back = load_rewrite(fresh, pj, w)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), light.eval()(x)), "the reloaded rewrite computes something else"
+    assert [n for n, m in back.named_modules() if kind_of(m)] == [n for n, m in light.named_modules() if kind_of(m)]
+
+
+def run_case(model: nn.Module, make_fresh, x: torch.Tensor, recipe, expected: list[str], tmp_path: Path,
+             min_drop: float = 10.0, full_rank: int = 27) -> None:
+    model.eval()
+    p = plan(model, recipe, x, depth_multiplier=1)
+    names = [e.name for e in p.replaced]
+    assert names == expected, f"replaced {names}"
+    light = apply_plan(model, p)
+    assert all(isinstance(light.get_submodule(n), SeparableConvNd) for n in names)
+    dense, sep = layer_macs(model, x, names), layer_macs(light, x, names)
+    assert dense / sep >= min_drop, f"MACs of the replaced layers: {dense:,} → {sep:,} ({dense / sep:.1f}×)"
+    p_full = plan(model, recipe, x, depth_multiplier=full_rank)
+    check_parity(model, apply_plan(model, p_full), x, f"m={full_rank}")
+    round_trip(light, p, make_fresh(), x, tmp_path)
+
+
+# --- MONAI 3-D U-Nets -------------------------------------------------------------------------
+monai_nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")
+
+
+def basic_unet() -> nn.Module:
+    torch.manual_seed(0)
+    return monai_nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(16, 16, 32, 32, 64, 16))
+
+
+def monai_unet() -> nn.Module:
+    torch.manual_seed(0)
+    return monai_nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128),
+                           strides=(2, 2, 2), num_res_units=2)
+
+
+def test_monai_basic_unet_decoder_only(tmp_path):
+    x = torch.randn(1, 1, 32, 32, 32)
+    expected = [f"upcat_{i}.convs.conv_{j}.conv" for i in (4, 3, 2, 1) for j in (0, 1)]
+    run_case(basic_unet(), basic_unet, x, "decoder_only", expected, tmp_path)
+
+
+def test_monai_unet_decoder_only(tmp_path):
+    x = torch.randn(1, 1, 32, 32, 32)
+    # the dense 3×3×3 convs after each upsampling ConvTranspose3d (the last one has 2 input channels: a head)
+    expected = ["model.1.submodule.1.submodule.2.1.conv.unit0.conv", "model.1.submodule.2.1.conv.unit0.conv"]
+    run_case(monai_unet(), monai_unet, x, "decoder_only", expected, tmp_path)
+
+
+def test_all_3x3x3_takes_the_encoder_too():
+    x = torch.randn(1, 1, 32, 32, 32)
+    p = plan(basic_unet().eval(), "all_3x3x3", x)
+    assert len(p.replaced) == 17 and all(e.fact["conv_type"] == "Conv3d" for e in p.replaced)
+
+
+# --- a 1-D U-Net ------------------------------------------------------------------------------
+def block1d(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(cin, cout, 3, padding=1), nn.BatchNorm1d(cout), nn.ReLU(),
+                         nn.Conv1d(cout, cout, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+
+
+class UNet1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = block1d(2, 16)
+        self.down = nn.Sequential(nn.MaxPool1d(2), block1d(16, 32))
+        self.bottom = nn.Sequential(nn.MaxPool1d(2), block1d(32, 64))
+        self.up2 = nn.Upsample(scale_factor=2)
+        self.dec2 = block1d(64 + 32, 32)
+        self.up1 = nn.Upsample(scale_factor=2)
+        self.dec1 = block1d(32 + 16, 16)
+        self.out = nn.Conv1d(16, 3, 1)  # not "head": that name is a decoder region
+
+    def forward(self, x):
+        s1 = self.stem(x)
+        s2 = self.down(s1)
+        b = self.bottom(s2)
+        d2 = self.dec2(torch.cat([self.up2(b), s2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), s1], 1))
+        return self.out(d1)
+
+
+def unet1d() -> nn.Module:
+    torch.manual_seed(0)
+    return UNet1d()
+
+
+def test_unet1d_decoder_only(tmp_path):
+    x = torch.randn(2, 2, 256)
+    expected = ["dec2.0", "dec2.3", "dec1.0", "dec1.3"]
+    run_case(unet1d(), unet1d, x, "decoder_only", expected, tmp_path, min_drop=2.0, full_rank=3)
+
+
+# --- a pix2pix-style generator: ConvTranspose2d(k=4, s=2) upsampling -------------------------
+class Pix2PixLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 32, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(32, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.LeakyReLU(0.2),
+            nn.Conv2d(64, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.ConvTranspose2d(32, 3, 4, 2, 1), nn.Tanh(),
+        )
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def pix2pix() -> nn.Module:
+    torch.manual_seed(0)
+    return Pix2PixLike()
+
+
+UPSAMPLING = {"name": "upsampling", "select": {"kernel_size": ["4x4"], "transposed": True, "regions": ["decoder"],
+                                               "in_channels": {"min": 16}, "out_channels": {"min": 16}},
+              "replace": {"order": "auto"}}
+
+
+def test_pix2pix_transposed_decoder(tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    model = pix2pix()
+    run_case(model, pix2pix, x, UPSAMPLING, ["decoder.0", "decoder.3"], tmp_path, min_drop=10.0, full_rank=16)
+    p = plan(model.eval(), UPSAMPLING, x)
+    assert {e.config.order for e in p.replaced} == {"pw_dw"}, [e.config.note for e in p.replaced]
+
+
+def test_transposed_not_selected_unless_asked():
+    p = plan(pix2pix().eval(), "decoder_only", torch.randn(1, 3, 64, 64))
+    assert not p.replaced or all("Transpose" not in e.fact["conv_type"] for e in p.replaced)
+    reasons = {e.name: e.reason for e in p.entries}
+    assert "transposed" in reasons["decoder.0"]
+
+
+def test_caller_model_unchanged():
+    model = basic_unet().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    apply_plan(model, plan(model, "decoder_only", x))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, SeparableConvNd) for m in model.modules())
