@@ -181,3 +181,51 @@ def test_caller_model_unchanged():
     apply_plan(model, plan(model, "decoder_only", x))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, SeparableConvNd) for m in model.modules())
+
+
+# --- deployment: BN folding, channels_last_3d, ONNX -----------------------------------------
+def batchnorm_unet3d() -> nn.Module:
+    torch.manual_seed(0)
+    net = monai_nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2),
+                          num_res_units=1, norm="batch")
+    with torch.no_grad():  # non-trivial statistics, so that folding has something to get wrong
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make,shape,recipe", [
+    (batchnorm_unet3d, (1, 1, 32, 32, 32), "decoder_only"),
+    (pix2pix, (1, 3, 64, 64), UPSAMPLING),
+    (unet1d, (2, 2, 256), "decoder_only"),
+], ids=["unet3d", "pix2pix", "unet1d"])
+def test_prepare_for_deployment_folds_bn_and_uses_channels_last(make, shape, recipe):
+    from dsrewrite.deploy.prepare import prepare_for_deployment
+
+    x = torch.randn(shape)
+    model = make().eval()
+    light = apply_plan(model, plan(model, recipe, x)).eval()
+    dep = prepare_for_deployment(light, x)  # raises ParityError when the deployed form differs
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dep.modules())
+    if len(shape) == 5:
+        w = next(m for m in dep.modules() if isinstance(m, nn.Conv3d)).weight
+        assert w.is_contiguous(memory_format=torch.channels_last_3d)
+    check_parity(light, dep, x, "deployment form")
+
+
+@pytest.mark.parametrize("make,shape,recipe", [
+    (basic_unet, (1, 1, 32, 32, 32), "decoder_only"),
+    (pix2pix, (1, 3, 64, 64), UPSAMPLING),
+], ids=["basic_unet3d", "pix2pix_transposed"])
+def test_onnx_export_parity(make, shape, recipe, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from dsrewrite.deploy.onnx import export_onnx
+
+    x = torch.randn(shape)
+    model = make().eval()
+    light = apply_plan(model, plan(model, recipe, x)).eval()
+    res = export_onnx(light, x, tmp_path / "m.onnx")  # check=True: ONNX Runtime against eager, raises on mismatch
+    assert (tmp_path / "m.onnx").is_file()
+    assert res.checked and res.max_abs_diff is not None and res.max_abs_diff <= res.tolerance, res
+    print(f"ONNX Runtime vs eager: max |Δ| = {res.max_abs_diff:.3e} (tolerance {res.tolerance:.3e}, {res.exporter})")

@@ -5,6 +5,7 @@ Every numerical check compares against the dense conv it replaces and prints the
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -222,3 +223,30 @@ def test_conv2d_keeps_the_saved_class_and_old_files_reload():
     assert [kind_of(m).name for m in net] == ["dw_pw", "pw_dw"]
     assert get_kind("pw_dw").stages(net[1]).mid_norm == "mid_norm"
     assert net[0].groups == 1 and not net[0].transposed and net[0].spatial_dims == 2
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("conv,bn,shape", [
+    (nn.Conv1d(6, 8, 3, padding=1), nn.BatchNorm1d(8), (2, 6, 16)),
+    (nn.Conv3d(4, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8), (1, 4, 6, 6, 6)),
+    (nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), nn.BatchNorm2d(6), (1, 8, 5, 5)),
+    (nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2), nn.BatchNorm3d(6), (1, 4, 3, 3, 3)),
+    (nn.Conv2d(8, 12, 3, groups=4), nn.BatchNorm2d(12), (1, 8, 7, 7)),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None)
+def test_batchnorm_folds_into_nd_blocks_and_plain_convs(conv, bn, shape, order):
+    from dsrewrite.deploy.bn import fold_batchnorm
+
+    torch.manual_seed(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(shape)
+    block = build(conv, order, 2, mid_norm="batchnorm")
+    with torch.no_grad():
+        block.mid_norm.running_mean.uniform_(-1, 1), block.mid_norm.running_var.uniform_(0.5, 2)
+    for net in (nn.Sequential(conv, bn).eval(), nn.Sequential(block, copy.deepcopy(bn)).eval()):
+        folded = fold_batchnorm(net)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()), folded
+        with torch.no_grad():
+            err = float((folded(x) - net(x)).abs().max())
+        assert err < 1e-4, f"{order} {net}: max error {err:.3e} after folding"
