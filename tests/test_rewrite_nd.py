@@ -229,3 +229,22 @@ def test_onnx_export_parity(make, shape, recipe, tmp_path):
     assert (tmp_path / "m.onnx").is_file()
     assert res.checked and res.max_abs_diff is not None and res.max_abs_diff <= res.tolerance, res
     print(f"ONNX Runtime vs eager: max |Δ| = {res.max_abs_diff:.3e} (tolerance {res.tolerance:.3e}, {res.exporter})")
+
+
+def test_calibration_leaves_nd_blocks_at_svd_and_says_so():
+    from dsrewrite.refit.results import CalibrationUsageError
+    from dsrewrite.refit.calibrate import calibrate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=4)).eval()
+    recipe = {"name": "g", "select": {"groups": "any", "in_channels": {"min": 16}}}
+    x = torch.randn(2, 3, 12, 12)
+    light = apply_plan(net, plan(net, recipe, x))
+    grouped = copy.deepcopy(light[3].state_dict())
+    res = calibrate(net, light, [x])
+    assert [l.name for l in res.layers] == ["2"]
+    assert any(n.endswith("keep their SVD initialisation (3)") for n in res.notes), res.notes
+    assert all(torch.equal(grouped[k], v) for k, v in light[3].state_dict().items())
+    with pytest.raises(CalibrationUsageError, match="grouped or transposed"):
+        calibrate(net, light, [x], names=["3"])

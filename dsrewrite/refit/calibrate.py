@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from ..errors import CalibrationError, did_you_mean
 from ..kinds import kind_of
+from .coverage import least_squares_ready, not_refit
 from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
 from ..runtime.run import call_model, evaluating, flatten_outputs
 from .activation import following_relus
@@ -128,9 +129,15 @@ def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence
     blocks = {n: m for n, m in rewritten.named_modules() if kind_of(m) is not None}
     convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
     if names is None:
-        names = [n for n in blocks if n in convs]
+        names = [n for n in blocks if n in convs and least_squares_ready(blocks[n])]
     out = []
     for name in names:
+        if name in blocks and not least_squares_ready(blocks[name]):
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is a 1-/3-d, grouped or transposed block: the least-squares refit "
+                "covers 2-d, dense, regular blocks only, so its SVD initialisation stays. Hint: leave it out of "
+                "names, or heal the model (distillation) instead."
+            )
         if name not in blocks:
             raise CalibrationUsageError(
                 f"calibrate(names=...): {name!r} is not a replacement block (a DepthwiseSeparableConv2d or "
@@ -244,6 +251,9 @@ def calibrate(
     images = sum(batch_size_of(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
+    if names is None and (kept := not_refit(rewritten)):
+        notes.append(f"{len(kept)} block(s) are 1-/3-d, grouped or transposed: calibration does not refit those yet, "
+                     f"they keep their SVD initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
 
     def say(msg: str) -> None:
         if progress:
