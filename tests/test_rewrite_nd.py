@@ -248,3 +248,15 @@ def test_calibration_leaves_nd_blocks_at_svd_and_says_so():
     assert all(torch.equal(grouped[k], v) for k, v in light[3].state_dict().items())
     with pytest.raises(CalibrationUsageError, match="grouped or transposed"):
         calibrate(net, light, [x], names=["3"])
+
+
+def test_heal_matches_nd_blocks_layer_by_layer():
+    from dsrewrite.refit.heal import heal
+
+    torch.manual_seed(0)
+    model = unet1d().eval()
+    x = torch.randn(4, 2, 64)
+    light = apply_plan(model, plan(model, "decoder_only", x))
+    res = heal(light, model, [x], steps=3, lr=1e-3, progress=False)
+    assert res.step == 3 and res.layer_losses[0] > 0, res  # the 1-d blocks are matched to the original convs
+    assert res.losses[-1] < res.losses[0], res.losses

@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..errors import CalibrationError, did_you_mean
 from ..kinds import kind_of
@@ -105,7 +106,7 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
-    """Qualified names of the separable blocks of ``rewritten`` that are ``nn.Conv2d`` in ``original``.
+    """Qualified names of the replacement blocks of ``rewritten`` that are convs (any ``ConvNd``/``ConvTransposeNd``) in ``original``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
@@ -113,7 +114,7 @@ def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
         >>> replaced_names(net, light)
         ['1']
     """
-    convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = {n for n, m in original.named_modules() if isinstance(m, _ConvNd)}
     return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and n in convs]
 
 
