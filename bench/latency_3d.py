@@ -112,12 +112,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="BasicUNet input edge (voxels)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-model", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = {"threads": a.threads, "torch": torch.__version__}
     if not a.skip_layers:
         out["layers"] = layer_rows(a.rounds)
-    out["model"] = model_rows(a.rounds, a.size)
+    if not a.skip_model:
+        out["model"] = model_rows(a.rounds, a.size)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..facts import ConvFact
 from ..factorize import PER_INPUT
 from ..refit.lstsq import GramStats, dense_dwpw, refit_dwpw_pointwise, refit_dwpw_spatial
+from ..refit.patches_nd import values_at
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
@@ -51,8 +52,7 @@ class DwPwLayout(SeparableLayout):
         self._write(first, last, bias)
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
-        p = positions.to(z.device)
-        return z[p[:, 0], :, p[:, 1], p[:, 2]]
+        return values_at(z, positions)
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:
         p = patches.reshape(patches.shape[0], self.c_in, self.k)

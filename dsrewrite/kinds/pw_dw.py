@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..facts import ConvFact
 from ..factorize import PER_OUTPUT
-from ..refit.lstsq import GramStats, dense_pwdw, gather_patches, refit_pwdw_pointwise, refit_pwdw_spatial
+from ..refit.lstsq import GramStats, dense_pwdw, refit_pwdw_pointwise, refit_pwdw_spatial
+from ..refit.patches_nd import gather_patches_nd
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
@@ -55,7 +56,7 @@ class PwDwLayout(SeparableLayout):
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
         sp = self.block.depthwise
-        p = gather_patches(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+        p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
         return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:

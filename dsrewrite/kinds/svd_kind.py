@@ -132,15 +132,15 @@ class SeparableLayout:
     relu_refits_first = False
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
-        if block.spatial_dims != 2 or block.groups != 1 or block.transposed:
+        if block.groups != 1 or block.transposed:
             raise UnsupportedConvError(
-                f"calibration refits 2-d, dense, regular blocks only; this block is {block.spatial_dims}-d"
-                f"{', grouped' if block.groups != 1 else ''}{', transposed' if block.transposed else ''}: "
-                "its SVD initialisation is kept. Hint: heal it (distillation) instead."
+                "calibration refits dense, regular blocks only; this block is "
+                f"{'grouped' if block.groups != 1 else ''}{' and ' if block.groups != 1 and block.transposed else ''}"
+                f"{'transposed' if block.transposed else ''}: its SVD initialisation is kept. "
+                "Hint: heal it (distillation) instead."
             )
         self.block = block
-        kh, kw = block.kernel_size
-        self.k = kh * kw
+        self.k = _prod(tuple(block.kernel_size))
         self.m = block.depth_multiplier
         self.c_in, self.c_out = block.in_channels, block.out_channels
         self.linear = block.is_linear

@@ -1,8 +1,9 @@
 """Which replacement blocks calibration's least-squares refit covers, and which keep their SVD initialisation.
 
-The refit's sampled positions and patches (:mod:`dsrewrite.refit.lstsq`) and the built-in
-kinds' least-squares layouts are 2-d, dense and regular; 1-/3-d, grouped and transposed
-blocks are left at their SVD initialisation, and calibration says so in its notes.
+The refit's sampled positions and patches (:mod:`dsrewrite.refit.patches_nd`) and the
+built-in kinds' least-squares layouts cover dense regular blocks of 1, 2 or 3 spatial dims;
+grouped and transposed blocks are left at their SVD initialisation, and calibration says so
+in its notes.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ __all__ = ["least_squares_ready", "not_refit"]
 
 
 def least_squares_ready(block: nn.Module) -> bool:
-    """Whether calibration's least-squares refit covers the block: 2-d, dense, regular (not 1-/3-d, grouped, transposed)."""
-    return (getattr(block, "spatial_dims", 2) == 2 and getattr(block, "groups", 1) == 1
-            and not getattr(block, "transposed", False))
+    """Whether calibration's least-squares refit covers the block: dense and regular (not grouped, not transposed)."""
+    return getattr(block, "groups", 1) == 1 and not getattr(block, "transposed", False)
 
 
 def not_refit(rewritten: nn.Module) -> list[str]:
-    """Replacement blocks calibration leaves at their SVD initialisation (1-/3-d, grouped, transposed).
+    """Replacement blocks calibration leaves at their SVD initialisation (grouped, transposed).
 
     Example:
         >>> from dsrewrite.kinds.separable_nd import SeparableConvNd
-        >>> not_refit(nn.Sequential(SeparableConvNd.from_conv(nn.Conv3d(4, 4, 3))))
-        ['0']
+        >>> not_refit(nn.Sequential(SeparableConvNd.from_conv(nn.Conv3d(4, 4, 3)),
+        ...                         SeparableConvNd.from_conv(nn.ConvTranspose3d(4, 4, 3))))
+        ['1']
     """
     return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and not least_squares_ready(m)]

@@ -20,19 +20,56 @@ Example:
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["explicit_padding_nd", "gather_patches_nd", "im2col_nd"]
+__all__ = ["explicit_padding_nd", "gather_patches_nd", "im2col_nd", "sample_positions_nd", "values_at"]
 
 Size = Union[int, Sequence[int]]
 
 
 def _tuple(v: Size, d: int) -> tuple[int, ...]:
     return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * d
+
+
+def sample_positions_nd(shape: Sequence[int], count: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``min(count, ∏shape)`` distinct positions ``(n, i, ...)`` of an ``(N, *spatial)`` grid, ``(P, 1 + d)`` long.
+
+    Uniform without replacement, sorted; all positions when ``count`` covers them. For an
+    ``(N, H, W)`` grid the positions (and the random draws) are those of
+    :func:`dsrewrite.refit.lstsq.sample_positions`.
+
+    Example:
+        >>> sample_positions_nd((1, 2, 2, 1), 10).tolist()
+        [[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 1, 0]]
+    """
+    dims = [int(v) for v in shape]
+    total = 1
+    for v in dims:
+        total *= v
+    if count >= total:
+        flat = torch.arange(total)
+    else:
+        flat = torch.randperm(total, generator=generator)[: max(int(count), 0)].sort().values
+    cols = []
+    for size in reversed(dims):
+        cols.append(flat % size)
+        flat = flat // size
+    return torch.stack(cols[::-1], dim=1)
+
+
+def values_at(t: Tensor, positions: Tensor) -> Tensor:
+    """``t[n, :, i, ...]`` at every position ``(P, 1 + d)`` of an ``(N, C, *spatial)`` tensor: ``(P, C)``.
+
+    Example:
+        >>> values_at(torch.arange(8.0).reshape(1, 2, 4), torch.tensor([[0, 3]])).tolist()
+        [[3.0, 7.0]]
+    """
+    p = positions.to(t.device)
+    return t.movedim(1, -1)[tuple(p.T)]
 
 
 def explicit_padding_nd(padding: Union[str, Size], kernel_size: Sequence[int],
@@ -80,17 +117,12 @@ def gather_patches_nd(
     pos = positions.to(x.device)
     n = pos[:, 0]
     base = [pos[:, 1 + i] * st[i] for i in range(d)]
+    moved = x.movedim(1, -1)  # (N, *spatial, C)
     cols = []
     for offs in itertools.product(*(range(k) for k in kernel_size)):
         idx = tuple(base[i] + offs[i] * dil[i] for i in range(d))
-        cols.append(_index(x, n, idx))  # (P, C)
+        cols.append(moved[(n, *idx)])  # (P, C)
     return torch.stack(cols, dim=2)
-
-
-def _index(x: Tensor, n: Tensor, idx: tuple[Tensor, ...]) -> Tensor:
-    """``x[n, :, i, j, ...]`` for index tensors: ``(P, C)``."""
-    moved = x.movedim(1, -1)  # (N, *spatial, C)
-    return moved[(n, *idx)]
 
 
 def im2col_nd(x: Tensor, kernel_size: Sequence[int], stride: Size = 1, padding: Union[str, Size] = 0,
