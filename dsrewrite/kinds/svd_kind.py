@@ -97,7 +97,7 @@ class SeparableKind:
     def build(self, conv: nn.Module, config: LayerConfig, *, init: Optional[str] = None,
               name: str = "") -> nn.Module:
         # a dense regular Conv2d keeps the class earlier versions saved; every other conv the N-d block
-        plain_2d = type(conv) is nn.Conv2d and getattr(conv, "groups", None) == 1
+        plain_2d = isinstance(conv, nn.Conv2d) and getattr(conv, "groups", None) == 1
         cls = DepthwiseSeparableConv2d if plain_2d else SeparableConvNd
         return cls.from_conv(
             conv,  # type: ignore[arg-type]
