@@ -231,23 +231,45 @@ def test_onnx_export_parity(make, shape, recipe, tmp_path):
     print(f"ONNX Runtime vs eager: max |Δ| = {res.max_abs_diff:.3e} (tolerance {res.tolerance:.3e}, {res.exporter})")
 
 
-def test_calibration_leaves_nd_blocks_at_svd_and_says_so():
-    from dsrewrite.refit.results import CalibrationUsageError
+def test_calibration_leaves_transposed_blocks_at_svd_and_says_so():
     from dsrewrite.refit.calibrate import calibrate
+    from dsrewrite.refit.results import CalibrationUsageError
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                        nn.Conv2d(16, 16, 3, padding=1, groups=4)).eval()
-    recipe = {"name": "g", "select": {"groups": "any", "in_channels": {"min": 16}}}
+                        nn.ConvTranspose2d(16, 16, 4, 2, 1)).eval()
+    recipe = {"name": "t", "select": {"transposed": "any", "in_channels": {"min": 16}}}
     x = torch.randn(2, 3, 12, 12)
     light = apply_plan(net, plan(net, recipe, x))
-    grouped = copy.deepcopy(light[3].state_dict())
+    up = copy.deepcopy(light[3].state_dict())
     res = calibrate(net, light, [x])
     assert [l.name for l in res.layers] == ["2"]
     assert any(n.endswith("keep their SVD initialisation (3)") for n in res.notes), res.notes
-    assert all(torch.equal(grouped[k], v) for k, v in light[3].state_dict().items())
-    with pytest.raises(CalibrationUsageError, match="grouped or transposed"):
+    assert all(torch.equal(up[k], v) for k, v in light[3].state_dict().items())
+    with pytest.raises(CalibrationUsageError, match="transposed"):
         calibrate(net, light, [x], names=["3"])
+
+
+@pytest.mark.parametrize("order", ["dw_pw", "pw_dw"])
+def test_calibration_refits_grouped_blocks(order):
+    """ResNeXt-style grouped 3×3 convs: a last-stage refit per output lowers the output error."""
+    from dsrewrite.refit.calibrate import calibrate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=4),
+                        nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=8, bias=False)).eval()
+    recipe = {"name": "g", "select": {"groups": "any", "in_channels": {"min": 16}}, "replace": {"order": order}}
+    x = [torch.randn(2, 3, 12, 12) for _ in range(2)]
+    light = apply_plan(net, plan(net, recipe, x[0]))
+    assert [light[i].groups for i in (2, 4)] == [4, 8]
+    res = calibrate(net, light, x)
+    assert [(l.name, l.method) for l in res.layers] == [("2", "last_stage"), ("4", "last_stage")]
+    before, after = res.output_rel_error_before, res.output_rel_error_after
+    assert after < 0.9 * before, f"output rel error {before:.4f} -> {after:.4f}"
+    # at full rank the block is exact and calibration keeps it so
+    full = apply_plan(net, plan(net, recipe, x[0], depth_multiplier=9))
+    res_full = calibrate(net, full, x)
+    assert res_full.output_rel_error_after < 1e-5, res_full.output_rel_error_after
 
 
 def test_heal_matches_nd_blocks_layer_by_layer():

@@ -42,26 +42,35 @@ class DwPwLayout(SeparableLayout):
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
         super().__init__(block)
-        self.joint_dim: Optional[int] = self.c_in * self.k * self.m
+        # grouped: last stage only, one small problem per output over its group's features
+        self.joint_dim: Optional[int] = self.c_in * self.k * self.m if self.groups == 1 else None
 
     def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         dw, pw, b = self._weights()
-        return dw.reshape(self.c_in, self.m, self.k), pw.reshape(self.c_out, self.c_in, self.m), b
+        return dw.reshape(self.c_in, self.m, self.k), pw.reshape(self.c_out, self.c_in_g, self.m), b
 
     def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
         self._write(first, last, bias)
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
-        return values_at(z, positions)
+        f = values_at(z, positions)  # (P, C_in·m)
+        if self.groups == 1:
+            return f
+        g, per = self.groups, self.c_out // self.groups  # each output sees its group's C_in/g·m channels
+        return f.reshape(f.shape[0], g, 1, -1).expand(-1, -1, per, -1).reshape(f.shape[0], self.c_out, -1)
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:
         p = patches.reshape(patches.shape[0], self.c_in, self.k)
         return torch.einsum("pck,cmk->pcm", p, first.to(p)).reshape(p.shape[0], self.c_in * self.m)
 
     def pack_last(self, last: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.groups > 1:  # (C_out, C_in/g·m + 1, 1): one problem per output
+            return torch.cat([last.reshape(self.c_out, -1), bias_row(bias, self.c_out, last).T], 1).unsqueeze(-1)
         return torch.cat([last.reshape(self.c_out, -1).T, bias_row(bias, self.c_out, last)], 0)
 
     def unpack_last(self, w: Tensor, has_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if self.groups > 1:
+            return w[:, :-1, 0].reshape(self.c_out, self.c_in_g, self.m), (w[:, -1, 0] if has_bias else None)
         return w[:-1].T.reshape(self.c_out, self.c_in, self.m), (w[-1] if has_bias else None)
 
     def dense(self, first: Tensor, last: Tensor) -> Tensor:

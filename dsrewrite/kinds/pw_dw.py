@@ -45,11 +45,12 @@ class PwDwLayout(SeparableLayout):
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
         super().__init__(block)
-        self.joint_dim: Optional[int] = self.c_in * self.k
+        # grouped: last stage only (the last stage's features do not depend on the groups)
+        self.joint_dim: Optional[int] = self.c_in * self.k if self.groups == 1 else None
 
     def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         dw, pw, b = self._weights()
-        return pw.reshape(self.c_out, self.m, self.c_in), dw.reshape(self.c_out, self.m, self.k), b
+        return pw.reshape(self.c_out, self.m, self.c_in_g), dw.reshape(self.c_out, self.m, self.k), b
 
     def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
         self._write(last, first, bias)

@@ -132,17 +132,18 @@ class SeparableLayout:
     relu_refits_first = False
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
-        if block.groups != 1 or block.transposed:
+        if block.transposed:
             raise UnsupportedConvError(
-                "calibration refits dense, regular blocks only; this block is "
-                f"{'grouped' if block.groups != 1 else ''}{' and ' if block.groups != 1 and block.transposed else ''}"
-                f"{'transposed' if block.transposed else ''}: its SVD initialisation is kept. "
+                "calibration refits regular (not transposed) blocks only: its SVD initialisation is kept. "
                 "Hint: heal it (distillation) instead."
             )
         self.block = block
         self.k = _prod(tuple(block.kernel_size))
         self.m = block.depth_multiplier
         self.c_in, self.c_out = block.in_channels, block.out_channels
+        #: groups of the conv (> 1: the pointwise stage is grouped; the refit is then last-stage only)
+        self.groups = int(block.groups)
+        self.c_in_g = self.c_in // self.groups
         self.linear = block.is_linear
 
     @property

@@ -136,8 +136,8 @@ def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence
     for name in names:
         if name in blocks and not least_squares_ready(blocks[name]):
             raise CalibrationUsageError(
-                f"calibrate(names=...): {name!r} is a grouped or transposed block: the least-squares refit "
-                "covers dense, regular blocks only, so its SVD initialisation stays. Hint: leave it out of "
+                f"calibrate(names=...): {name!r} is a transposed block: the least-squares refit "
+                "covers regular blocks only, so its SVD initialisation stays. Hint: leave it out of "
                 "names, or heal the model (distillation) instead."
             )
         if name not in blocks:
@@ -254,7 +254,7 @@ def calibrate(
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
     if names is None and (kept := not_refit(rewritten)):
-        notes.append(f"{len(kept)} block(s) are grouped or transposed: calibration does not refit those yet, "
+        notes.append(f"{len(kept)} block(s) are transposed: calibration does not refit those yet, "
                      f"they keep their SVD initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
 
     def say(msg: str) -> None:

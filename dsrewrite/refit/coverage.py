@@ -1,9 +1,9 @@
 """Which replacement blocks calibration's least-squares refit covers, and which keep their SVD initialisation.
 
 The refit's sampled positions and patches (:mod:`dsrewrite.refit.patches_nd`) and the
-built-in kinds' least-squares layouts cover dense regular blocks of 1, 2 or 3 spatial dims;
-grouped and transposed blocks are left at their SVD initialisation, and calibration says so
-in its notes.
+built-in kinds' least-squares layouts cover regular blocks of 1, 2 or 3 spatial dims (grouped
+ones with a last-stage refit only); transposed blocks are left at their SVD initialisation,
+and calibration says so in its notes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ __all__ = ["least_squares_ready", "not_refit"]
 
 
 def least_squares_ready(block: nn.Module) -> bool:
-    """Whether calibration's least-squares refit covers the block: dense and regular (not grouped, not transposed)."""
-    return getattr(block, "groups", 1) == 1 and not getattr(block, "transposed", False)
+    """Whether calibration's least-squares refit covers the block: regular (not transposed)."""
+    return not getattr(block, "transposed", False)
 
 
 def not_refit(rewritten: nn.Module) -> list[str]:
-    """Replacement blocks calibration leaves at their SVD initialisation (grouped, transposed).
+    """Replacement blocks calibration leaves at their SVD initialisation (transposed ones).
 
     Example:
         >>> from dsrewrite.kinds.separable_nd import SeparableConvNd

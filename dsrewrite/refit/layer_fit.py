@@ -253,7 +253,8 @@ class LayerFit:
             method = "last_stage"
             if alternate > 0:
                 why = ("the block is not linear (mid_norm/mid_act)" if not self.lay.linear
-                       else f"kind {self.kind} has no joint refit" if self.lay.joint_dim is None
+                       else ("a grouped block has no joint refit" if getattr(self.block, "groups", 1) > 1
+                             else f"kind {self.kind} has no joint refit") if self.lay.joint_dim is None
                        else f"joint size {self.lay.joint_dim} > max_joint_dim")
                 note = (note + "; " if note else "") + f"first stage kept: {why}"
         if steps:
