@@ -50,6 +50,7 @@ __all__ = [
     "LAYOUTS",
     "layout_of",
     "kernel_slices",
+    "svd_signed",
     "spectrum",
     "factorize",
     "compose",
@@ -100,45 +101,69 @@ def layout_of(order: LayoutLike) -> SliceLayout:
 
 
 def _check(weight: Tensor, order: LayoutLike) -> SliceLayout:
-    if weight.dim() != 4:
+    if not 3 <= weight.dim() <= 5:
         raise ValueError(
-            f"expected a 4-d conv kernel (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}"
+            "expected a conv kernel (C_out, C_in, *k) with 1 to 3 spatial dims (3-d, 4-d or 5-d), "
+            f"got shape {tuple(weight.shape)}"
         )
     return layout_of(order)
 
 
-def kernel_slices(weight: Tensor, order: LayoutLike = "dw_pw") -> Tensor:
+def _area(weight: Tensor) -> int:
+    k = 1
+    for v in weight.shape[2:]:
+        k *= int(v)
+    return k
+
+
+def kernel_slices(weight: Tensor, order: LayoutLike = "dw_pw", *, groups: int = 1) -> Tensor:
     """Return the batch of matrices whose SVDs define the factorisation.
 
-    ``dw_pw``: shape ``(C_in, C_out, kh·kw)`` (one matrix per input channel);
-    ``pw_dw``: shape ``(C_out, C_in, kh·kw)`` (one matrix per output filter).
+    ``weight`` is a conv kernel ``(C_out, C_in/groups, *k)`` with 1 to 3 spatial dims
+    (``K = ∏k``). ``dw_pw``: shape ``(C_in, C_out/groups, K)`` (one matrix per input
+    channel, over the outputs of its group); ``pw_dw``: shape ``(C_out, C_in/groups, K)``
+    (one matrix per output filter).
 
     Example:
         >>> kernel_slices(torch.zeros(8, 4, 3, 5)).shape
         torch.Size([4, 8, 15])
+        >>> kernel_slices(torch.zeros(8, 2, 3, 3, 3), groups=2).shape
+        torch.Size([4, 4, 27])
     """
     layout = _check(weight, order)
-    c_out, c_in, kh, kw = weight.shape
+    c_out, c_in_g = weight.shape[:2]
+    k = _area(weight)
+    if c_out % groups:
+        raise ValueError(f"C_out={c_out} is not divisible by groups={groups}")
     if layout is PER_INPUT:
-        return weight.permute(1, 0, 2, 3).reshape(c_in, c_out, kh * kw)
-    return weight.reshape(c_out, c_in, kh * kw)
+        c_out_g = c_out // groups
+        return weight.reshape(groups, c_out_g, c_in_g, k).permute(0, 2, 1, 3).reshape(groups * c_in_g, c_out_g, k)
+    return weight.reshape(c_out, c_in_g, k)
 
 
-def _svd(weight: Tensor, order: LayoutLike) -> tuple[Tensor, Tensor, Tensor]:
-    mats = kernel_slices(weight.detach(), order).to(torch.float64)
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-    # Fix the sign ambiguity so results are deterministic: make the largest-magnitude
-    # entry of every right singular vector (the spatial filter) positive.
+def svd_signed(mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin float64 SVD of a batch of matrices with a deterministic sign.
+
+    The largest-magnitude entry of every right singular vector is made positive.
+
+    Example:
+        >>> u, s, vh = svd_signed(torch.eye(2).unsqueeze(0))
+        >>> s.tolist()
+        [[1.0, 1.0]]
+    """
+    u, s, vh = torch.linalg.svd(mats.to(torch.float64), full_matrices=False)
     idx = vh.abs().argmax(dim=-1, keepdim=True)
     sign = torch.sign(torch.gather(vh, -1, idx))
     sign[sign == 0] = 1.0
-    vh = vh * sign
-    u = u * sign.transpose(-1, -2)
-    return u, s, vh
+    return u * sign.transpose(-1, -2), s, vh * sign
+
+
+def _svd(weight: Tensor, order: LayoutLike, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    return svd_signed(kernel_slices(weight.detach(), order, groups=groups))
 
 
 def spectrum(weight: Tensor, order: LayoutLike = "dw_pw") -> Tensor:
-    """Singular values of every kernel slice, float64, shape ``(B, min(R, kh·kw))``, descending.
+    """Singular values of every kernel slice, float64, shape ``(B, min(R, K))``, descending (any 1-3 spatial dims).
 
     Example:
         >>> spectrum(torch.randn(8, 4, 3, 3)).shape
@@ -147,15 +172,17 @@ def spectrum(weight: Tensor, order: LayoutLike = "dw_pw") -> Tensor:
     return _svd(weight, order)[1]
 
 
-def factorize(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> tuple[Tensor, Tensor]:
-    """Best rank-``rank`` depthwise-separable factorisation of a dense kernel.
+def factorize(weight: Tensor, rank: int, order: LayoutLike = "dw_pw", *, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` depthwise-separable factorisation of a dense or grouped kernel.
 
-    Returns ``(spatial, pointwise)`` in ``weight``'s dtype and device:
+    ``weight`` is ``(C_out, C_in/groups, *k)`` with 1 to 3 spatial dims (``K = ∏k``);
+    ``1`` below stands for one 1 per spatial dim. Returns ``(spatial, pointwise)`` in
+    ``weight``'s dtype and device:
 
-    * ``dw_pw``: spatial ``(C_in·m, 1, kh, kw)`` (use ``groups=C_in``),
-      pointwise ``(C_out, C_in·m, 1, 1)``;
-    * ``pw_dw``: pointwise ``(C_out·m, C_in, 1, 1)``,
-      spatial ``(C_out, m, kh, kw)`` (use ``groups=C_out``).
+    * ``dw_pw``: spatial ``(C_in·m, 1, *k)`` (use ``groups=C_in``),
+      pointwise ``(C_out, C_in/groups·m, 1)`` (use ``groups``);
+    * ``pw_dw``: pointwise ``(C_out·m, C_in/groups, 1)`` (use ``groups``),
+      spatial ``(C_out, m, *k)`` (use ``groups=C_out``).
 
     Singular values are split evenly (``√σ`` on each stage). Where ``rank``
     exceeds the slice rank the extra components are zero.
@@ -164,12 +191,17 @@ def factorize(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> tuple[T
         >>> s, p = factorize(torch.randn(16, 8, 3, 3), rank=1)
         >>> s.shape, p.shape
         (torch.Size([8, 1, 3, 3]), torch.Size([16, 8, 1, 1]))
+        >>> s, p = factorize(torch.randn(16, 4, 3, 3, 3), rank=2, groups=2)
+        >>> s.shape, p.shape
+        (torch.Size([16, 1, 3, 3, 3]), torch.Size([16, 8, 1, 1, 1]))
     """
     layout = _check(weight, order)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    c_out, c_in, kh, kw = weight.shape
-    u, s, vh = _svd(weight, order)
+    c_out, c_in_g = weight.shape[:2]
+    kshape, ones = tuple(weight.shape[2:]), (1,) * (weight.dim() - 2)
+    c_in, c_out_g = c_in_g * groups, c_out // groups
+    u, s, vh = _svd(weight, order, groups)
     r = s.shape[-1]
     keep = min(rank, r)
     root = s[:, :keep].sqrt()
@@ -182,21 +214,24 @@ def factorize(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> tuple[T
     dtype, device = weight.dtype, weight.device
     if layout is PER_INPUT:
         # right: (C_in, m, K) -> depthwise filters, channel c*m + j
-        spatial = right.reshape(c_in * rank, 1, kh, kw)
-        # left: (C_in, C_out, m) -> pointwise[o, c*m + j]
-        pointwise = left.permute(1, 0, 2).reshape(c_out, c_in * rank, 1, 1)
+        spatial = right.reshape(c_in * rank, 1, *kshape)
+        # left: (C_in, C_out/g, m) -> pointwise[o, c_local*m + j] within o's group
+        pointwise = (left.reshape(groups, c_in_g, c_out_g, rank).permute(0, 2, 1, 3)
+                     .reshape(c_out, c_in_g * rank, *ones))
     else:
-        # left: (C_out, C_in, m) -> pointwise[o*m + j, c]
-        pointwise = left.permute(0, 2, 1).reshape(c_out * rank, c_in, 1, 1)
+        # left: (C_out, C_in/g, m) -> pointwise[o*m + j, c_local]
+        pointwise = left.permute(0, 2, 1).reshape(c_out * rank, c_in_g, *ones)
         # right: (C_out, m, K) -> spatial[o, j]
-        spatial = right.reshape(c_out, rank, kh, kw)
+        spatial = right.reshape(c_out, rank, *kshape)
     return spatial.to(device=device, dtype=dtype), pointwise.to(device=device, dtype=dtype)
 
 
-def compose(spatial: Tensor, pointwise: Tensor, order: LayoutLike = "dw_pw", *, in_channels: int) -> Tensor:
-    """The dense kernel ``(C_out, C_in, kh, kw)`` equivalent to a linear two-stage conv.
+def compose(spatial: Tensor, pointwise: Tensor, order: LayoutLike = "dw_pw", *, in_channels: int,
+            groups: int = 1) -> Tensor:
+    """The kernel ``(C_out, C_in/groups, *k)`` equivalent to a linear two-stage conv.
 
     Inverse of :func:`factorize` up to truncation; used for checks and calibration.
+    ``spatial`` and ``pointwise`` are in the shapes :func:`factorize` returns.
 
     Example:
         >>> s, p = factorize(torch.randn(6, 3, 3, 3, dtype=torch.float64), rank=9)
@@ -204,19 +239,24 @@ def compose(spatial: Tensor, pointwise: Tensor, order: LayoutLike = "dw_pw", *, 
         torch.Size([6, 3, 3, 3])
     """
     layout = layout_of(order)
-    kh, kw = spatial.shape[-2:]
+    kshape = tuple(spatial.shape[2:])
+    k = 1
+    for v in kshape:
+        k *= int(v)
+    c_in_g = in_channels // groups
     if layout is PER_INPUT:
         c_out = pointwise.shape[0]
+        c_out_g = c_out // groups
         m = spatial.shape[0] // in_channels
-        sp = spatial.reshape(in_channels, m, kh * kw)  # (C_in, m, K)
-        pw = pointwise.reshape(c_out, in_channels, m)  # (C_out, C_in, m)
-        dense = torch.einsum("ocj,cjk->ock", pw, sp)
-        return dense.reshape(c_out, in_channels, kh, kw)
+        sp = spatial.reshape(groups, c_in_g, m, k)  # (g, C_in/g, m, K)
+        pw = pointwise.reshape(groups, c_out_g, c_in_g, m)  # (g, C_out/g, C_in/g, m)
+        dense = torch.einsum("gocj,gcjk->gock", pw, sp)
+        return dense.reshape(c_out, c_in_g, *kshape)
     c_out, m = spatial.shape[0], spatial.shape[1]
-    sp = spatial.reshape(c_out, m, kh * kw)  # (C_out, m, K)
-    pw = pointwise.reshape(c_out, m, in_channels)  # (C_out, m, C_in)
+    sp = spatial.reshape(c_out, m, k)  # (C_out, m, K)
+    pw = pointwise.reshape(c_out, m, c_in_g)  # (C_out, m, C_in/g)
     dense = torch.einsum("ojc,ojk->ock", pw, sp)
-    return dense.reshape(c_out, in_channels, kh, kw)
+    return dense.reshape(c_out, c_in_g, *kshape)
 
 
 def truncation_error(weight: Tensor, rank: int, order: LayoutLike = "dw_pw") -> Tensor:

@@ -228,9 +228,9 @@ API_CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], 
     ("meta device, apply_plan with svd", meta_net,
      lambda m: apply_plan(m, Plan((PlanEntry("2", "replace", "t", LayerConfig()),), "t", "fx")),
      UnsupportedModelError, ("'2'", "meta device", "init='random'")),
-    ("plan naming a Conv1d", lambda: nn.Sequential(nn.Conv1d(16, 16, 3)),
+    ("plan naming a depthwise Conv1d", lambda: nn.Sequential(nn.Conv1d(16, 16, 3, groups=16)),
      lambda m: apply_plan(m, Plan((PlanEntry("0", "replace", "t", LayerConfig()),), "t", "fx")),
-     PlanError, ("'0'", "Conv1d", "only 2-d convs")),
+     PlanError, ("'0'", "depthwise", "already separable")),
     ("DistributedDataParallel in place", lambda: _ddp(small_net()),
      lambda m: dsrewrite.rewrite(m, "all_3x3", example_inputs=x_in(), inplace=True),
      UnsupportedModelError, ("DistributedDataParallel in place", "model.module")),
@@ -444,11 +444,11 @@ def test_unsupported_convs_are_skipped_with_reasons() -> None:
     assert [e.name for e in res.plan.replaced] == ["dense"]
     reasons = {e.name: e.reason for e in res.plan.entries if e.action == "skip"}
     expected = {
-        "grouped": ("grouped", "groups=4", "dense convs (groups=1)"),
+        "grouped": ("grouped", "groups=4", "select.groups [1]"),
         "point": ("1×1", "already pointwise"),
         "up": ("ConvTranspose2d", "transposed"),
-        "c1": ("Conv1d", "only Conv2d"),
-        "c3": ("Conv3d", "only Conv2d"),
+        "c1": ("3 not in select.kernel_size [3×3]",),  # all_3x3 is 2-d; all_3x3x3 is its 3-d sibling
+        "c3": ("3×3×3 not in select.kernel_size [3×3]",),
     }
     for name, frags in expected.items():
         for frag in frags:

@@ -111,8 +111,8 @@ def test_spectrum_shapes():
     assert spectrum(w, "pw_dw").shape == (16, 8)
 
 
-@pytest.mark.parametrize("bad", [torch.randn(3, 3, 3), torch.randn(1, 1, 1, 3, 3)])
-def test_rejects_non_4d(bad):
+@pytest.mark.parametrize("bad", [torch.randn(3, 3), torch.randn(1, 1, 1, 1, 3, 3)])
+def test_rejects_non_conv_kernels(bad):
     with pytest.raises(ValueError, match="4-d"):
         factorize(bad, 1)
 

@@ -30,7 +30,7 @@ from dsrewrite.recipe.schema import ORDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = ROOT / "dsrewrite" / "recipe" / "recipe.schema.json"
-BUILTINS = ["all_3x3", "decoder_high_res", "decoder_only", "post_concat", "post_upsample"]
+BUILTINS = ["all_3x3", "all_3x3x3", "decoder_high_res", "decoder_only", "post_concat", "post_upsample"]
 EXAMPLES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
@@ -91,7 +91,7 @@ def one(recipe: Any, f: ConvFact) -> Selection:
 
 
 # --- built-ins and the JSON Schema ------------------------------------------------------------
-def test_builtins_are_the_documented_five_and_each_loads() -> None:
+def test_builtins_are_the_documented_six_and_each_loads() -> None:
     assert sorted(builtin_recipes()) == BUILTINS
     for name, desc in builtin_recipes().items():
         r = load_recipe(name)
@@ -100,7 +100,10 @@ def test_builtins_are_the_documented_five_and_each_loads() -> None:
         assert builtin_recipe_path(name).read_text(encoding="utf-8").lstrip().startswith("#"), \
             f"{name}: the YAML should open with a comment stating its intent"
         # every built-in keeps stems and small heads dense
-        assert r.select.kernel_sizes == ((3, 3),) and r.select.in_channels.min == 16
+        # every kernel a built-in takes is 3 wide in each of its dims (3×3, 3×3×3, 3)
+        assert r.select.kernel_sizes and all(set(k) == {3} for k in r.select.kernel_sizes), r.select.kernel_sizes
+        assert (3, 3) in r.select.kernel_sizes or name == "all_3x3x3"
+        assert r.select.in_channels.min == 16
         assert r.select.out_channels.min == 16 and r.replace == ReplaceSpec()
 
 
@@ -185,7 +188,11 @@ BAD_YAML = [
     ("name: x\nselect:\n  in_channels: {minimum: 3}\n",
      ["select.in_channels.minimum", "unknown key", "min, max", "did you mean 'min'"]),
     ("name: x\nselect:\n  after_concat: yes please\n", ["select.after_concat", "'yes please'", "true, false or null"]),
-    ("name: x\nselect:\n  groups: [1, 4]\n", ["select.groups[1]", "4", "valid options: 1"]),
+    ("name: x\nselect:\n  groups: [1, many]\n", ["select.groups[1]", "'many'", "did you mean 'any'", "valid options"]),
+    ("name: x\nselect:\n  groups: [0]\n", ["select.groups[0]", "0"]),
+    ("name: x\nselect:\n  spatial_dims: [4]\n", ["select.spatial_dims[0]", "4", "valid options: 1, 2, 3"]),
+    ("name: x\nselect:\n  transposed: anyy\n", ["select.transposed", "'anyy'", "did you mean 'any'"]),
+    ("name: x\nselect:\n  kernel_size: [3x3x3x3]\n", ["select.kernel_size[0]", "'3x3x3'"]),
     ("name: x\nselect:\n  kernel_size: [1x1, 3x3]\n", ["select.kernel_size[0]", "already pointwise"]),
     ("name: x\nselect:\n  kernel_size: []\n", ["select.kernel_size", "empty list"]),
     ("name: x\nselect:\n  include: ['re:decoder.(blocks']\n",
@@ -325,13 +332,18 @@ DENSE = {"select": {"kernel_size": ["3x3"], "in_channels": {"min": 16}, "out_cha
 
 SKIPS = [
     # (recipe, fact, reason fragments)
-    (DENSE, fact(conv_type="Conv3d", kernel_size=(3, 3, 3)), ["Conv3d", "only Conv2d can be separated"]),
-    (DENSE, fact(conv_type="Conv1d", kernel_size=(3,)), ["Conv1d", "only Conv2d"]),
-    (DENSE, fact(conv_type="ConvTranspose2d"), ["ConvTranspose2d", "transposed"]),
+    (DENSE, fact(conv_type="Conv3d", kernel_size=(3, 3, 3)), ["3×3×3 not in select.kernel_size [3×3]"]),
+    (DENSE, fact(conv_type="Conv1d", kernel_size=(3,)), ["3 not in select.kernel_size [3×3]"]),
+    (DENSE, fact(conv_type="ConvTranspose2d"), ["ConvTranspose2d", "transposed", "select.transposed"]),
+    ({"select": {"transposed": True}}, fact(), ["Conv2d: not transposed", "select.transposed: true"]),
+    ({"select": {"spatial_dims": [3]}}, fact(), ["Conv2d: 2-d not in select.spatial_dims [3]"]),
+    ({"select": {"kernel_size": ["3x3x3"]}}, fact(conv_type="Conv3d", kernel_size=(5, 5, 5)),
+     ["5×5×5 not in select.kernel_size [3×3×3]"]),
+    ({"select": {"groups": [1, 2]}}, fact(groups=4), ["grouped (groups=4) not in select.groups [1, 2]"]),
     (DENSE, fact(plain=False, cls="timm.layers.conv2d_same.Conv2dSame"), ["Conv2dSame", "would change the output"]),
     (DENSE, fact(calls=0), ["never ran on the example input"]),
     (DENSE, fact(groups=64), ["depthwise (groups=64)", "already separable"]),
-    (DENSE, fact(groups=4), ["grouped (groups=4)", "groups=1"]),
+    (DENSE, fact(groups=4), ["grouped (groups=4)", "select.groups [1]", "groups: any"]),
     (DENSE, fact(k=1), ["1×1: already pointwise"]),
     (DENSE, fact(k=5), ["5×5 not in select.kernel_size [3×3]"]),
     (DENSE, fact(in_channels=3), ["in_channels 3 < 16", "select.in_channels.min"]),
@@ -367,14 +379,16 @@ def test_each_filter_skips_with_a_readable_reason(recipe: dict[str, Any], f: Con
     missing = [x for x in fragments if x not in s.reason]
     assert not missing, f"reason {s.reason!r} lacks {missing}"
     # filters a recipe sets: the same fact passes an empty recipe; intrinsic reasons hold for any recipe
-    intrinsic = f.conv_type != "Conv2d" or not f.plain or f.calls == 0 or f.groups != 1 or f.kernel_size == (1, 1)
+    # (an empty recipe keeps the defaults: regular, dense convs)
+    intrinsic = ("Transpose" in f.conv_type or not f.plain or f.calls == 0 or f.groups != 1
+                 or all(v == 1 for v in f.kernel_size))
     assert one({}, f).selected is not intrinsic, one({}, f)
 
 
 def test_checks_run_in_the_documented_order() -> None:
-    # a 1×1 Conv3d that never ran in the encoder: the conv type is reported first
-    f = fact("encoder.x", conv_type="Conv3d", kernel_size=(1, 1, 1), calls=0)
-    assert one("decoder_only", f).reason.startswith("Conv3d")
+    # a 1×1 ConvTranspose3d that never ran in the encoder: transposed is reported first
+    f = fact("encoder.x", conv_type="ConvTranspose3d", kernel_size=(1, 1, 1), calls=0)
+    assert one("decoder_only", f).reason.startswith("ConvTranspose3d: transposed")
     assert one("decoder_only", dataclasses.replace(f, conv_type="Conv2d", kernel_size=(1, 1))).reason.startswith("never ran")
     g = fact("encoder.x", k=1, in_channels=3)
     assert one("decoder_only", g).reason == "1×1: already pointwise"

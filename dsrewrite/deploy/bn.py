@@ -4,8 +4,8 @@ The other inference forms live beside it: :mod:`dsrewrite.deploy.prepare` (chann
 ``prepare_for_deployment``), :mod:`dsrewrite.deploy.onnx` (export with a parity check) and
 :mod:`dsrewrite.deploy.hoist`.
 
-* :func:`fold_batchnorm` folds every eval-mode ``BatchNorm2d`` that directly follows a
-  conv into that conv (a plain ``nn.Conv2d``, the last stage of a
+* :func:`fold_batchnorm` folds every eval-mode ``BatchNorm1d/2d/3d`` that directly follows a
+  conv into that conv (a plain torch conv: 1/2/3-d, regular or transposed; the last stage of a
   :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`, or, for a block's ``mid_norm``,
   its first stage) and puts ``nn.Identity`` where the BN was.
 * :func:`to_channels_last` returns a channels_last copy (NHWC weights; feed NHWC inputs too).
@@ -32,7 +32,7 @@ Which stage a BN after a replacement block folds into is its kind's answer
 (:meth:`~dsrewrite.kinds.ReplacementKind.fold_bn_into`: the last stage for the built-ins).
 
 A pair is folded only if both modules are called once and held under one name, the conv
-has the plain ``nn.Conv2d`` forward (no weight standardisation, no own padding) and
+has its torch class's own forward (no weight standardisation, no own padding) and
 no hooks, and the BN has running statistics. A BN in training mode normalises with batch
 statistics and cannot be folded: :class:`DeployInputError` says so (call ``.eval()``).
 
@@ -61,9 +61,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..kinds import Stages, kind_of
+from ..kinds.separable_nd import CONV_TYPES
 from ..runtime.modules import join as _join
 from ..runtime.modules import set_submodule as _set_submodule
 from ..runtime.tracer import LeafTracer
@@ -86,10 +86,11 @@ class FoldPair:
 # Finding conv→BN pairs
 # --------------------------------------------------------------------------------------
 def _plain_conv(m: nn.Module) -> bool:
+    base = next((t for t in CONV_TYPES if isinstance(m, t)), None)  # Conv1d/2d/3d, ConvTranspose1d/2d/3d
     return (
-        isinstance(m, nn.Conv2d)
-        and type(m).forward is nn.Conv2d.forward
-        and type(m)._conv_forward is nn.Conv2d._conv_forward
+        base is not None
+        and type(m).forward is base.forward
+        and getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
         and not (m._forward_hooks or m._forward_pre_hooks)
     )
 
@@ -111,7 +112,7 @@ def _bn_stage(block: nn.Module) -> Optional[str]:
 
 def _is_bn(m: nn.Module) -> bool:
     return (
-        isinstance(m, nn.BatchNorm2d)
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
         and type(m).forward is _BatchNorm.forward
         and not (m._forward_hooks or m._forward_pre_hooks)
     )
@@ -199,16 +200,31 @@ def find_conv_bn_pairs(model: nn.Module) -> list[FoldPair]:
 # --------------------------------------------------------------------------------------
 # Folding
 # --------------------------------------------------------------------------------------
-def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold ``bn`` (eval statistics) into ``conv`` in place, computing in float64."""
+def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn`` (eval statistics) into ``conv`` in place, computing in float64.
+
+    Each output channel ``o`` of the conv is scaled by ``γ_o / √(var_o + ε)``; in a
+    transposed conv's kernel ``(C_in, C_out/groups, *k)`` output ``o`` is column
+    ``o mod C_out/groups`` of the rows of its group.
+    """
 
     def f64(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.detach().double()
 
-    w, b = fuse_conv_bn_weights(
-        f64(conv.weight), f64(conv.bias), f64(bn.running_mean), f64(bn.running_var),  # type: ignore[arg-type]
-        bn.eps, f64(bn.weight), f64(bn.bias),
-    )
+    w = f64(conv.weight)
+    mean, var = f64(bn.running_mean), f64(bn.running_var)
+    gamma = f64(bn.weight) if bn.weight is not None else torch.ones_like(mean)
+    beta = f64(bn.bias) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + bn.eps)
+    ones = (1,) * (w.dim() - 2)
+    if conv.transposed:
+        g = conv.groups
+        w = (w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+             * scale.reshape(g, 1, w.shape[1], *ones)).reshape(w.shape)
+    else:
+        w = w * scale.reshape(-1, 1, *ones)
+    bias = f64(conv.bias)
+    b = (bias - mean if bias is not None else -mean) * scale + beta
     with torch.no_grad():
         conv.weight.copy_(w)
         if conv.bias is not None:
@@ -221,9 +237,9 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d that directly follows a conv into it; BN → ``nn.Identity``.
+    """Fold every eval-mode BatchNorm1d/2d/3d that directly follows a conv into it; BN → ``nn.Identity``.
 
-    Covers plain ``Conv2d → BN``, ``DepthwiseSeparableConv2d → BN`` (into the block's last
+    Covers plain ``ConvNd → BN`` and ``ConvTransposeNd → BN`` (any groups), ``DepthwiseSeparableConv2d → BN`` (into the block's last
     stage) and a block's ``mid_norm`` (into its first stage; the block's ``mid_norm_kind``
     becomes ``None``). The model's class, device, dtype and train/eval flags are kept;
     the caller's model is untouched unless ``inplace=True``.

@@ -26,24 +26,42 @@ from .parity import as_tuple as _as_tuple
 from .parity import flat_outputs as _flat_outputs
 from .parity import max_abs_diff as _max_abs_diff
 
-__all__ = ["GLIBC_TUNABLES", "to_channels_last", "prepare_for_deployment", "tune_glibc_malloc"]
+__all__ = ["GLIBC_TUNABLES", "channels_last_format", "to_channels_last", "prepare_for_deployment", "tune_glibc_malloc"]
 
 #: The environment setting equivalent to :func:`tune_glibc_malloc` (read by glibc at process start):
 #: ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824``.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with its 4-d parameters and buffers in ``torch.channels_last``.
-
-    Feed it ``x.to(memory_format=torch.channels_last)``: convs then keep NHWC end to end.
+def channels_last_format(t: torch.Tensor) -> Optional[torch.memory_format]:
+    """``channels_last`` for a 4-d tensor, ``channels_last_3d`` for a 5-d one, else ``None``.
 
     Example:
-        >>> m = to_channels_last(nn.Conv2d(3, 8, 3))
-        >>> m.weight.is_contiguous(memory_format=torch.channels_last)
+        >>> channels_last_format(torch.zeros(1, 2, 3, 4, 5))
+        torch.channels_last_3d
+    """
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+
+
+def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
+    fmt = channels_last_format(t)
+    return t if fmt is None else t.contiguous(memory_format=fmt)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its 4-d parameters and buffers in ``channels_last`` and 5-d ones in ``channels_last_3d``.
+
+    Feed it inputs in the same format (NHWC, NDHWC): convs then keep channels last end to
+    end (on CPU, depthwise ``Conv3d`` is only fast in ``channels_last_3d``).
+
+    Example:
+        >>> m = to_channels_last(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv3d(8, 8, 3)))
+        >>> m[0].weight.is_contiguous(memory_format=torch.channels_last)
+        True
+        >>> m[1].weight.is_contiguous(memory_format=torch.channels_last_3d)
         True
     """
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return copy.deepcopy(model)._apply(_as_channels_last)
 
 
 def prepare_for_deployment(
@@ -84,11 +102,11 @@ def prepare_for_deployment(
     if hoist:
         deployed = hoist_pointwise(deployed, args, inplace=True).model
     if channels_last:
-        deployed = deployed.to(memory_format=torch.channels_last)
+        deployed = deployed._apply(_as_channels_last)  # 4-d: channels_last, 5-d: channels_last_3d
     if check:
         with torch.no_grad(), evaluating(model):
             ref = _flat_outputs(model(*args), "the original model")
-            fed = tuple(a.to(memory_format=torch.channels_last) if channels_last and a.dim() == 4 else a for a in args)
+            fed = tuple(_as_channels_last(a) if channels_last and isinstance(a, torch.Tensor) else a for a in args)
             got = _flat_outputs(deployed(*fed), "the deployed model")
         diff, _ = _max_abs_diff(got, ref, "prepare_for_deployment")
         tol = max(parity_tolerance(r, rtol=rtol, atol=atol) for r in ref)

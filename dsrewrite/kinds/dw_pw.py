@@ -1,5 +1,9 @@
 """The ``dw_pw`` kind: depthwise k×k (``C_in → m·C_in``, ``groups=C_in``), then pointwise 1×1 (MobileNet).
 
+For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`). MACs:
+``K·m·C_in`` per output position (per *input* position for a transposed conv) plus
+``m·C_in·C_out/groups`` per output position.
+
 Initialised from the SVD of the kernel cut per input channel; its least-squares layout
 (:mod:`dsrewrite.lstsq`): spatial ``d (C_in, m, K)``, pointwise ``P (C_out, C_in, m)``;
 the last stage's features are the pointwise input at the output positions, shared by
@@ -25,9 +29,10 @@ from torch import Tensor
 from ..facts import ConvFact
 from ..factorize import PER_INPUT
 from ..refit.lstsq import GramStats, dense_dwpw, refit_dwpw_pointwise, refit_dwpw_spatial
+from ..refit.patches_nd import values_at
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
-from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, kernel_area
+from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
 
 __all__ = ["DwPwKind", "DwPwLayout", "DW_PW"]
 
@@ -37,27 +42,35 @@ class DwPwLayout(SeparableLayout):
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
         super().__init__(block)
-        self.joint_dim: Optional[int] = self.c_in * self.k * self.m
+        # grouped: last stage only, one small problem per output over its group's features
+        self.joint_dim: Optional[int] = self.c_in * self.k * self.m if self.groups == 1 else None
 
     def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         dw, pw, b = self._weights()
-        return dw.reshape(self.c_in, self.m, self.k), pw.reshape(self.c_out, self.c_in, self.m), b
+        return dw.reshape(self.c_in, self.m, self.k), pw.reshape(self.c_out, self.c_in_g, self.m), b
 
     def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
         self._write(first, last, bias)
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
-        p = positions.to(z.device)
-        return z[p[:, 0], :, p[:, 1], p[:, 2]]
+        f = values_at(z, positions)  # (P, C_in·m)
+        if self.groups == 1:
+            return f
+        g, per = self.groups, self.c_out // self.groups  # each output sees its group's C_in/g·m channels
+        return f.reshape(f.shape[0], g, 1, -1).expand(-1, -1, per, -1).reshape(f.shape[0], self.c_out, -1)
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:
         p = patches.reshape(patches.shape[0], self.c_in, self.k)
         return torch.einsum("pck,cmk->pcm", p, first.to(p)).reshape(p.shape[0], self.c_in * self.m)
 
     def pack_last(self, last: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.groups > 1:  # (C_out, C_in/g·m + 1, 1): one problem per output
+            return torch.cat([last.reshape(self.c_out, -1), bias_row(bias, self.c_out, last).T], 1).unsqueeze(-1)
         return torch.cat([last.reshape(self.c_out, -1).T, bias_row(bias, self.c_out, last)], 0)
 
     def unpack_last(self, w: Tensor, has_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if self.groups > 1:
+            return w[:, :-1, 0].reshape(self.c_out, self.c_in_g, self.m), (w[:, -1, 0] if has_bias else None)
         return w[:-1].T.reshape(self.c_out, self.c_in, self.m), (w[-1] if has_bias else None)
 
     def dense(self, first: Tensor, last: Tensor) -> Tensor:
@@ -72,7 +85,12 @@ class DwPwLayout(SeparableLayout):
 
 
 class DwPwKind(SeparableKind):
-    """Depthwise then pointwise; the pointwise runs at the output resolution."""
+    """Depthwise then pointwise; the pointwise runs at the output resolution.
+
+    Any conv :func:`~dsrewrite.kinds.separable_nd.check_separable` accepts: 1/2/3-d, grouped
+    (the pointwise keeps the groups), transposed (the depthwise stage is a ``ConvTransposeNd``,
+    which runs per *input* position, and the pointwise runs at the upsampled resolution).
+    """
 
     name = "dw_pw"
     description = "depthwise k×k then pointwise 1×1 (MobileNet style)"
@@ -82,12 +100,14 @@ class DwPwKind(SeparableKind):
                      "Hint: rewrite with order='pw_dw' (or 'auto')")
 
     def macs(self, fact: ConvFact, m: int) -> int:
-        cin, cout, k, _, out_px = fact_sizes(fact)
-        return k * m * cin * out_px + m * cin * cout * out_px
+        cin, cout, k, in_px, out_px = fact_sizes(fact)
+        # the depthwise stage: per output position (regular), per input position (transposed)
+        spatial = k * m * cin * (in_px if is_transposed(fact) else out_px)
+        return spatial + m * cin * (cout // fact.groups) * out_px
 
     def params(self, fact: ConvFact, m: int) -> int:
         cin, cout = fact.in_channels, fact.out_channels
-        return cin * m * kernel_area(fact) + m * cin * cout + (cout if fact.bias else 0)
+        return cin * m * kernel_area(fact) + m * cin * (cout // fact.groups) + (cout if fact.bias else 0)
 
     def layout(self, block: DepthwiseSeparableConv2d) -> LstsqLayout:  # type: ignore[override]
         return DwPwLayout(block)

@@ -1,5 +1,9 @@
 """The ``pw_dw`` kind: pointwise 1×1 (``C_in → m·C_out``), then a k×k with ``groups=C_out`` (blueprint).
 
+For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`). MACs:
+``m·C_out·C_in/groups`` per input position plus ``K·m·C_out`` per output position (per
+*input* position for a transposed conv: the whole block then runs at the low resolution).
+
 Initialised from the SVD of the kernel cut per output filter; its least-squares layout
 (:mod:`dsrewrite.lstsq`): pointwise ``Q (C_out, m, C_in)``, spatial ``S (C_out, m, K)``;
 the last stage's features are the k×k patches of each output's ``m`` channels, one small
@@ -25,10 +29,11 @@ from torch import Tensor
 
 from ..facts import ConvFact
 from ..factorize import PER_OUTPUT
-from ..refit.lstsq import GramStats, dense_pwdw, gather_patches, refit_pwdw_pointwise, refit_pwdw_spatial
+from ..refit.lstsq import GramStats, dense_pwdw, refit_pwdw_pointwise, refit_pwdw_spatial
+from ..refit.patches_nd import gather_patches_nd
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
-from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, kernel_area
+from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
 
 __all__ = ["PwDwKind", "PwDwLayout", "PW_DW"]
 
@@ -40,18 +45,19 @@ class PwDwLayout(SeparableLayout):
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
         super().__init__(block)
-        self.joint_dim: Optional[int] = self.c_in * self.k
+        # grouped: last stage only (the last stage's features do not depend on the groups)
+        self.joint_dim: Optional[int] = self.c_in * self.k if self.groups == 1 else None
 
     def current(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         dw, pw, b = self._weights()
-        return pw.reshape(self.c_out, self.m, self.c_in), dw.reshape(self.c_out, self.m, self.k), b
+        return pw.reshape(self.c_out, self.m, self.c_in_g), dw.reshape(self.c_out, self.m, self.k), b
 
     def write(self, first: Tensor, last: Tensor, bias: Optional[Tensor]) -> None:
         self._write(last, first, bias)
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
         sp = self.block.depthwise
-        p = gather_patches(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+        p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
         return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:
@@ -76,7 +82,12 @@ class PwDwLayout(SeparableLayout):
 
 
 class PwDwKind(SeparableKind):
-    """Pointwise then a grouped k×k; the pointwise runs at the *input* resolution."""
+    """Pointwise then a grouped k×k; the pointwise runs at the *input* resolution.
+
+    Any conv :func:`~dsrewrite.kinds.separable_nd.check_separable` accepts. For a transposed
+    conv both stages run per *input* position (the pointwise before the upsampling), which
+    is why ``order: auto`` usually picks it for upsampling layers.
+    """
 
     name = "pw_dw"
     description = "pointwise 1×1 then a k×k with groups=C_out (blueprint style)"
@@ -86,11 +97,13 @@ class PwDwKind(SeparableKind):
 
     def macs(self, fact: ConvFact, m: int) -> int:
         cin, cout, k, in_px, out_px = fact_sizes(fact)
-        return m * cout * cin * in_px + k * m * cout * out_px
+        # the k-stage: per output position (regular), per input position (transposed: all at low resolution)
+        spatial = k * m * cout * (in_px if is_transposed(fact) else out_px)
+        return m * cout * (cin // fact.groups) * in_px + spatial
 
     def params(self, fact: ConvFact, m: int) -> int:
         cin, cout = fact.in_channels, fact.out_channels
-        return m * cout * cin + kernel_area(fact) * m * cout + (cout if fact.bias else 0)
+        return m * cout * (cin // fact.groups) + kernel_area(fact) * m * cout + (cout if fact.bias else 0)
 
     def layout(self, block: DepthwiseSeparableConv2d) -> LstsqLayout:  # type: ignore[override]
         return PwDwLayout(block)

@@ -19,13 +19,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedConvError
 from ..facts import ConvFact
 from ..factorize import SliceLayout, rank_for_energy, relative_weight_error
 from ..planning.types import LayerConfig
 from .protocol import LstsqLayout, Stages
-from .separable import DepthwiseSeparableConv2d, check_convertible
+from .separable import DepthwiseSeparableConv2d
+from .separable_nd import SeparableConvNd, check_separable
 
-__all__ = ["SeparableKind", "SeparableLayout", "fact_sizes", "kernel_area", "bias_row"]
+__all__ = ["SeparableKind", "SeparableLayout", "fact_sizes", "kernel_area", "bias_row", "is_transposed"]
 
 
 def kernel_area(fact: ConvFact) -> int:
@@ -37,16 +39,29 @@ def kernel_area(fact: ConvFact) -> int:
 
 
 def fact_sizes(fact: ConvFact) -> tuple[int, int, int, int, int]:
-    """``(C_in, C_out, K, input pixels, output pixels)`` of a fact (pixels over the batch).
+    """``(C_in, C_out, K, input positions, output positions)`` of a fact (positions over the batch, any dims).
 
     Raises:
         ValueError: the fact has no recorded shapes.
     """
     if fact.input_shape is None or fact.output_shape is None:
         raise ValueError(f"conv {fact.name!r} has no recorded shapes")
-    n, _, hi, wi = fact.input_shape
-    _, _, ho, wo = fact.output_shape
-    return fact.in_channels, fact.out_channels, kernel_area(fact), n * hi * wi, n * ho * wo
+    n_in, n_out = fact.input_shape[0], fact.output_shape[0]
+    in_px = n_in * _prod(fact.input_shape[2:])
+    out_px = n_out * _prod(fact.output_shape[2:])
+    return fact.in_channels, fact.out_channels, kernel_area(fact), in_px, out_px
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def is_transposed(fact: ConvFact) -> bool:
+    """Whether the fact is a transposed conv (``ConvTranspose1d/2d/3d``)."""
+    return "Transpose" in fact.conv_type
 
 
 class SeparableKind:
@@ -65,7 +80,7 @@ class SeparableKind:
         return f"<replacement kind {self.name!r}>"
 
     def check(self, conv: nn.Module, *, name: str = "") -> None:
-        check_convertible(conv, name=name)
+        check_separable(conv, name=name)
 
     def macs(self, fact: ConvFact, m: int) -> int:  # pragma: no cover - every subclass has its own
         raise NotImplementedError
@@ -81,7 +96,10 @@ class SeparableKind:
 
     def build(self, conv: nn.Module, config: LayerConfig, *, init: Optional[str] = None,
               name: str = "") -> nn.Module:
-        return DepthwiseSeparableConv2d.from_conv(
+        # a dense regular Conv2d keeps the class earlier versions saved; every other conv the N-d block
+        plain_2d = isinstance(conv, nn.Conv2d) and getattr(conv, "groups", None) == 1
+        cls = DepthwiseSeparableConv2d if plain_2d else SeparableConvNd
+        return cls.from_conv(
             conv,  # type: ignore[arg-type]
             depth_multiplier=config.depth_multiplier,
             order=self.name,
@@ -92,10 +110,10 @@ class SeparableKind:
         )
 
     def owns(self, module: nn.Module) -> bool:
-        return isinstance(module, DepthwiseSeparableConv2d) and module.order == self.name
+        return isinstance(module, SeparableConvNd) and module.order == self.name
 
     def stages(self, block: nn.Module) -> Optional[Stages]:
-        if not self.owns(block) or type(block).forward is not DepthwiseSeparableConv2d.forward:
+        if not self.owns(block) or type(block).forward is not SeparableConvNd.forward:
             return None
         first, last = self.stage_names
         return Stages(first=first, last=last, spatial="depthwise", mid_norm="mid_norm")
@@ -114,11 +132,18 @@ class SeparableLayout:
     relu_refits_first = False
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
+        if block.transposed:
+            raise UnsupportedConvError(
+                "calibration refits regular (not transposed) blocks only: its SVD initialisation is kept. "
+                "Hint: heal it (distillation) instead."
+            )
         self.block = block
-        kh, kw = block.kernel_size
-        self.k = kh * kw
+        self.k = _prod(tuple(block.kernel_size))
         self.m = block.depth_multiplier
         self.c_in, self.c_out = block.in_channels, block.out_channels
+        #: groups of the conv (> 1: the pointwise stage is grouped; the refit is then last-stage only)
+        self.groups = int(block.groups)
+        self.c_in_g = self.c_in // self.groups
         self.linear = block.is_linear
 
     @property

@@ -26,7 +26,9 @@ from .capture import capture
 from .safety import Safety, check_safety, static_safety
 from ..runtime.conv_weight import plain_view
 from ..facts import Capture, ConvFact
+from ..errors import UnsupportedConvError
 from ..kinds import auto_kinds, get_kind
+from ..kinds.separable_nd import dense_kernel
 from ..measure.timing import ratio_key, time_dense_vs_separable, time_orders
 from .types import LayerConfig, Plan, PlanEntry
 from ..recipe import Recipe, load_recipe, select
@@ -117,7 +119,7 @@ def _choose(fact: ConvFact, conv: nn.Conv2d, ranks: dict[str, int], auto_order: 
         return chosen, (f"order auto (measured): {took} (median of {spec.rounds} interleaved rounds), "
                         f"{chosen} chosen; {mac_text}")
     if auto_order == "error" and conv.weight.device.type != "meta":
-        errs = {n: get_kind(n).weight_error(conv.weight, ranks[n]) for n in names}
+        errs = {n: get_kind(n).weight_error(dense_kernel(conv), ranks[n]) for n in names}
         chosen = min(names, key=lambda n: errs[n])
         by_err = " vs ".join(f"{errs[n]:.3f} {n}" for n in names)
         return chosen, f"order auto (by weight error): {by_err}, {chosen} chosen; {mac_text}"
@@ -147,12 +149,16 @@ def _resolve(
     candidates = auto_kinds() if order == AUTO else (get_kind(order),)
     if not candidates:
         raise ValueError("order auto: no registered replacement kind takes part in auto")
+    accepted = tuple(k for k in candidates if _accepts(k, conv, fact.name))  # what a kind takes is its own to say
+    if not accepted:
+        candidates[0].check(conv, name=fact.name)  # raises UnsupportedConvError: why, and a hint
+    candidates = accepted
     ranks: dict[str, int] = {}
     for kind in candidates:
         if energy is not None:
             if conv.weight.device.type == "meta":
                 raise ValueError(f"conv {fact.name!r} is on the meta device: an energy threshold needs weights")
-            ranks[kind.name] = kind.rank_for_energy(conv.weight, energy)
+            ranks[kind.name] = kind.rank_for_energy(dense_kernel(conv), energy)
         else:
             ranks[kind.name] = int(depth_multiplier or 1)
     chosen = candidates[0].name
@@ -171,6 +177,14 @@ def _resolve(
         note="; ".join(notes),
     )
     return cfg, measured
+
+
+def _accepts(kind: Any, conv: nn.Module, name: str) -> bool:
+    try:
+        kind.check(conv, name=name)
+    except UnsupportedConvError:
+        return False
+    return True
 
 
 def plan_from_capture(
@@ -222,6 +236,9 @@ def plan_from_capture(
                 auto_order=spec.auto_order,
                 timing=recipe.latency,
             )
+        except UnsupportedConvError as exc:
+            entries.append(PlanEntry(fact.name, "skip", f"refused by order {spec.order}: {exc}", fact=fact.to_dict()))
+            continue
         except ValueError as exc:
             entries.append(PlanEntry(fact.name, "skip", f"cannot resolve its configuration: {exc}", fact=fact.to_dict()))
             continue

@@ -68,7 +68,7 @@ def load_recipe(source: Union[str, "os.PathLike[str]", Mapping[str, Any], Recipe
         >>> load_recipe("decodr_only")
         Traceback (most recent call last):
         ...
-        dsrewrite.errors.RecipeError: builtin:decodr_only: no built-in recipe 'decodr_only' (did you mean 'decoder_only'?); built-ins: all_3x3, decoder_high_res, decoder_only, post_concat, post_upsample. Or pass the path of a .yaml file.
+        dsrewrite.errors.RecipeError: builtin:decodr_only: no built-in recipe 'decodr_only' (did you mean 'decoder_only'?); built-ins: all_3x3, all_3x3x3, decoder_high_res, decoder_only, post_concat, post_upsample. Or pass the path of a .yaml file.
     """
     if isinstance(source, Recipe):
         return source

@@ -4,7 +4,7 @@ Example:
     >>> builtin_recipe_path("decoder_only").name
     'decoder_only.yaml'
     >>> builtin_names()[:2]
-    ['all_3x3', 'decoder_high_res']
+    ['all_3x3', 'all_3x3x3']
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def builtin_recipes() -> dict[str, str]:
 
     Example:
         >>> sorted(builtin_recipes())
-        ['all_3x3', 'decoder_high_res', 'decoder_only', 'post_concat', 'post_upsample']
+        ['all_3x3', 'all_3x3x3', 'decoder_high_res', 'decoder_only', 'post_concat', 'post_upsample']
     """
     out: dict[str, str] = {}
     for name in builtin_names():

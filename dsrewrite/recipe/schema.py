@@ -56,7 +56,7 @@ __all__ = [
     "Recipe",
 ]
 
-Kernel = tuple[int, int]
+Kernel = tuple[int, ...]
 
 
 def kernel_str(k: tuple[int, ...]) -> str:
@@ -216,13 +216,17 @@ def _graph_predicates(values: dict[str, bool]) -> GraphPredicates:
 class Selector:
     """Which convs a recipe selects (the ``select:`` section).
 
-    ``None`` for ``kernel_sizes``/``strides``/``dilations``/``regions`` means
-    "any". ``when_no_region_matches`` replaces the region test when no conv of
-    the model lies in any of ``regions``.
+    ``None`` for ``kernel_sizes``/``strides``/``dilations``/``regions``/``spatial_dims``
+    means "any"; ``groups=None`` accepts dense and grouped convs, ``transposed=None``
+    regular and transposed ones (the defaults: dense regular convs only).
+    ``when_no_region_matches`` replaces the region test when no conv of the model lies
+    in any of ``regions``.
     """
 
     kernel_sizes: Optional[tuple[Kernel, ...]] = None
-    groups: tuple[int, ...] = (1,)
+    groups: Optional[tuple[int, ...]] = (1,)
+    spatial_dims: Optional[tuple[int, ...]] = None
+    transposed: Optional[bool] = False
     in_channels: Range = Range()
     out_channels: Range = Range()
     strides: Optional[tuple[Kernel, ...]] = None

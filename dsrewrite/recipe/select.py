@@ -1,7 +1,7 @@
 """Matching a recipe against the facts of one model: selected, or a reason a user can read.
 
-Checks run in a fixed order and the first failing one names the skip: conv
-type, transposed, plain forward, ran on the example input, groups, kernel size,
+Checks run in a fixed order and the first failing one names the skip: transposed,
+spatial dims, plain forward, ran on the example input, groups, kernel size,
 channels, stride, dilation, region / include / exclude, output stride, graph
 predicates (the registered ones, :mod:`dsrewrite.predicates`, phrased as each says),
 then per-name overrides. ``select`` sees all facts of a model at
@@ -21,7 +21,7 @@ Example:
     >>> facts = [conv("encoder.conv1", 3, 64, 7), conv("decoder.conv", 64, 32), conv("decoder.proj", 32, 32, 1)]
     >>> for s in select(load_recipe("decoder_only"), facts):
     ...     print(s.fact.name, s.selected, s.reason)
-    encoder.conv1 False 7×7 not in select.kernel_size [3×3]
+    encoder.conv1 False 7×7 not in select.kernel_size [3×3, 3×3×3, 3]
     decoder.conv True 3×3, region 'decoder'
     decoder.proj False 1×1: already pointwise
 """
@@ -115,21 +115,32 @@ def _shortlist(items: Sequence[str], n: int = 4) -> str:
     return shown + (f", … {len(items)} in all" if len(items) > n else "")
 
 
+def _size_matches(value: tuple[int, ...], accepted: tuple[int, ...]) -> bool:
+    """A stride/dilation: equal, or a square ``n×n`` (a plain ``n`` in the recipe) and ``n`` in every dim."""
+    if value == accepted:
+        return True
+    return len(accepted) == 2 and accepted[0] == accepted[1] and all(v == accepted[0] for v in value)
+
+
 def _hyper_skip(fact: ConvFact, sel: Selector) -> Optional[str]:
     """Skip reason from the conv's type and hyperparameters, or None."""
-    if "Transpose" in fact.conv_type:
-        return f"{fact.conv_type}: transposed convs are not separated"
-    if fact.conv_type != "Conv2d":
-        return f"{fact.conv_type}: only Conv2d can be separated"
+    dims = len(fact.kernel_size)
+    transposed = "Transpose" in fact.conv_type
+    if sel.transposed is not None and transposed != sel.transposed:
+        return (f"{fact.conv_type}: transposed (select.transposed: false; write true or any to take it)"
+                if transposed else f"{fact.conv_type}: not transposed (select.transposed: true)")
+    if sel.spatial_dims is not None and dims not in sel.spatial_dims:
+        return f"{fact.conv_type}: {dims}-d not in select.spatial_dims {list(sel.spatial_dims)}"
     if not fact.plain:
         return (f"{fact.cls.rsplit('.', 1)[-1]} has its own forward (e.g. SAME padding, weight "
                 "standardisation): a plain separable conv would change the output")
     if fact.calls == 0:
         return "never ran on the example input: its shapes and graph position are unknown"
-    if fact.groups not in sel.groups:
-        if fact.groups == fact.in_channels:
-            return f"depthwise (groups={fact.groups}): already separable"
-        return f"grouped (groups={fact.groups}): only dense convs (groups=1) can be separated"
+    if fact.groups > 1 and fact.groups == fact.in_channels:
+        return f"depthwise (groups={fact.groups}): already separable"
+    if sel.groups is not None and fact.groups not in sel.groups:
+        return (f"grouped (groups={fact.groups}) not in select.groups [{', '.join(map(str, sel.groups))}] "
+                "(write groups: any to take grouped convs)")
     k = tuple(fact.kernel_size)
     if all(v == 1 for v in k):
         return f"{kernel_str(k)}: already pointwise"
@@ -141,7 +152,7 @@ def _hyper_skip(fact: ConvFact, sel: Selector) -> Optional[str]:
             return why
     for value, accepted, label in ((tuple(fact.stride), sel.strides, "stride"),
                                    (tuple(fact.dilation), sel.dilations, "dilation")):
-        if accepted is not None and value not in accepted:
+        if accepted is not None and not any(_size_matches(value, a) for a in accepted):
             return f"{label} {kernel_str(value)} not in select.{label} [{', '.join(map(kernel_str, accepted))}]"
     return None
 

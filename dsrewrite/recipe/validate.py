@@ -12,7 +12,7 @@ Example:
     >>> parse_recipe({"select": {"after_concatt": True}})
     Traceback (most recent call last):
     ...
-    dsrewrite.errors.RecipeError: <mapping>: select.after_concatt: unknown key 'after_concatt' (did you mean 'after_concat'?); valid keys here: kernel_size, groups, in_channels, out_channels, stride, dilation, regions, when_no_region_matches, include, exclude, output_stride, after_concat, after_upsample, downstream_of_upsample, final_predictor, after_bottleneck.
+    dsrewrite.errors.RecipeError: <mapping>: select.after_concatt: unknown key 'after_concatt' (did you mean 'after_concat'?); valid keys here: kernel_size, groups, spatial_dims, transposed, in_channels, out_channels, stride, dilation, regions, when_no_region_matches, include, exclude, output_stride, after_concat, after_upsample, downstream_of_upsample, final_predictor, after_bottleneck.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ..errors import did_you_mean
 from .choices import predicate_keys
 from .fields import Ctx, KeyPath, as_mapping, check_keys, int_value, number_value, tristate, wrong_type
 from .names import extend
@@ -44,11 +45,13 @@ TOP_KEYS: tuple[str, ...] = ("name", "description", "extends", "select", "replac
 LATENCY_KEYS: tuple[str, ...] = ("min_speedup", "rounds", "warmup", "channels_last")
 #: The keys of ``select:`` besides the graph predicates.
 SELECT_FIXED_KEYS: tuple[str, ...] = (
-    "kernel_size", "groups", "in_channels", "out_channels", "stride", "dilation", "regions",
-    "when_no_region_matches", "include", "exclude", "output_stride",
+    "kernel_size", "groups", "spatial_dims", "transposed", "in_channels", "out_channels", "stride", "dilation",
+    "regions", "when_no_region_matches", "include", "exclude", "output_stride",
 )
 OVERRIDE_KEYS: tuple[str, ...] = ("match", "replace", "skip")
-_KERNEL_RE = re.compile(r"^\s*(\d+)\s*(?:[x×X*]\s*(\d+)\s*)?$")
+_KERNEL_RE = re.compile(r"^\s*(\d+)\s*(?:[x×X*]\s*(\d+)\s*)?(?:[x×X*]\s*(\d+)\s*)?$")
+#: ``select.groups: any`` / ``select.transposed: any``
+ANY = "any"
 
 
 def select_keys() -> tuple[str, ...]:
@@ -121,25 +124,72 @@ def _latency(ctx: Ctx, value: Any) -> Optional[LatencySpec]:
 
 
 def _pair(ctx: Ctx, path: KeyPath, value: Any, what: str) -> Kernel:
-    """``3``, ``"3x3"``, ``"3×3"``, ``[3, 3]`` → ``(3, 3)``."""
-    expected = f"a {what} like 3, '3x3' or [3, 3]"
+    """``3``, ``"3x3"``, ``"3×3"``, ``[3, 3]`` → ``(3, 3)``; ``"3x3x3"``, ``[3, 3, 3]`` → ``(3, 3, 3)``; ``[3]`` → ``(3,)``.
+
+    A plain number (``3``, ``"3"``) is square, ``n×n``, as it always was.
+    """
+    expected = f"a {what} like 3, '3x3', '3x3x3', [3, 3] or [3] (1-d)"
     if isinstance(value, bool):
         raise wrong_type(ctx, path, value, expected)
     if isinstance(value, int):
-        pair = (value, value)
+        pair: Kernel = (value, value)
     elif isinstance(value, str):
         m = _KERNEL_RE.match(value)
         if not m:
             raise wrong_type(ctx, path, value, expected)
-        pair = (int(m.group(1)), int(m.group(2) or m.group(1)))
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        nums = [int(g) for g in m.groups() if g is not None]
+        pair = (nums[0], nums[0]) if len(nums) == 1 else tuple(nums)
+    elif isinstance(value, (list, tuple)) and 1 <= len(value) <= 3 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
-        pair = (int(value[0]), int(value[1]))
+        pair = tuple(int(v) for v in value)
     else:
         raise wrong_type(ctx, path, value, expected)
     if min(pair) < 1:
         raise ctx.error(path, f"{value!r} is out of range: each {what} must be ≥ 1.")
     return pair
+
+
+def _groups(ctx: Ctx, path: KeyPath, value: Any) -> Optional[tuple[int, ...]]:
+    """``[1]`` (dense only, the default), a list of accepted groups, or ``any`` (``None``: dense and grouped)."""
+    if value == ANY:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ctx.error(path, "an empty list accepts no conv; write [1] (dense) or 'any'.")
+    out = []
+    for i, g in enumerate(items):
+        where = (*path, i) if items is value else path
+        if isinstance(g, str):
+            raise ctx.error(where, f"{g!r} is not a number of groups{did_you_mean(g, [ANY])}; "
+                            f"valid options: an integer ≥ 1, a list of them, or '{ANY}'.")
+        out.append(int_value(ctx, where, g, minimum=1))
+    return tuple(dict.fromkeys(out))
+
+
+def _spatial_dims(ctx: Ctx, path: KeyPath, value: Any) -> Optional[tuple[int, ...]]:
+    """``[3]``, ``[1, 2]`` or ``3``: the accepted numbers of spatial dims (absent: any)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ctx.error(path, "an empty list accepts no conv; remove the key to accept any.")
+    out = []
+    for i, d in enumerate(items):
+        where = (*path, i) if items is value else path
+        if isinstance(d, bool) or d not in (1, 2, 3):
+            raise ctx.error(where, f"{d!r} is not a number of spatial dims; valid options: 1, 2, 3.")
+        out.append(int(d))
+    return tuple(dict.fromkeys(out))
+
+
+def _transposed(ctx: Ctx, path: KeyPath, value: Any) -> Optional[bool]:
+    """``false`` (regular convs only, the default), ``true`` (transposed only) or ``any`` (``None``)."""
+    if isinstance(value, bool):
+        return value
+    if value == ANY:
+        return None
+    raise ctx.error(path, f"{value!r} is not valid{did_you_mean(str(value), ['true', 'false', ANY])}; "
+                    f"valid options: false (regular convs only, the default), true (transposed only), {ANY}.")
 
 
 def _pairs(ctx: Ctx, path: KeyPath, value: Any, what: str) -> Optional[tuple[Kernel, ...]]:
@@ -222,18 +272,11 @@ def _selector(ctx: Ctx, value: Any) -> Selector:
     check_keys(ctx, path, data, select_keys())
     kernels = _pairs(ctx, (*path, "kernel_size"), data.get("kernel_size"), "kernel size")
     for i, k in enumerate(kernels or ()):
-        if k == (1, 1):
+        if all(v == 1 for v in k):
             raise ctx.error((*path, "kernel_size", i) if isinstance(data.get("kernel_size"), list) else
                             (*path, "kernel_size"), "1x1 convs are already pointwise: there is nothing to "
                             "separate. Remove '1x1'.")
-    groups_raw = data.get("groups", [1])
-    groups_items = groups_raw if isinstance(groups_raw, list) else [groups_raw]
-    for i, g in enumerate(groups_items):
-        where = (*path, "groups", i) if groups_items is groups_raw else (*path, "groups")
-        int_value(ctx, where, g, minimum=1)
-        if g != 1:
-            raise ctx.error(where, f"{g!r} is not supported: only dense convs can be separated; "
-                            "valid options: 1.")
+    groups = _groups(ctx, (*path, "groups"), data.get("groups", [1]))
     regions = _regions(ctx, (*path, "regions"), data.get("regions"))
     fallback_raw = data.get("when_no_region_matches")
     fallback = None
@@ -246,7 +289,9 @@ def _selector(ctx: Ctx, value: Any) -> Selector:
         fallback = _predicates(ctx, fpath, fdata)
     return Selector(
         kernel_sizes=kernels,
-        groups=(1,),
+        groups=groups,
+        spatial_dims=_spatial_dims(ctx, (*path, "spatial_dims"), data.get("spatial_dims")),
+        transposed=_transposed(ctx, (*path, "transposed"), data.get("transposed", False)),
         in_channels=_range(ctx, (*path, "in_channels"), data.get("in_channels"), integer=True),
         out_channels=_range(ctx, (*path, "out_channels"), data.get("out_channels"), integer=True),
         strides=_pairs(ctx, (*path, "stride"), data.get("stride"), "stride"),

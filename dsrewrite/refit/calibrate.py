@@ -60,15 +60,18 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..errors import CalibrationError, did_you_mean
 from ..kinds import kind_of
+from .coverage import least_squares_ready, not_refit
 from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
 from ..runtime.run import call_model, evaluating, flatten_outputs
 from .activation import following_relus
 from .batches import batch_size_of, input_spec, iter_inputs, to_device
 from .layer_fit import LayerFit
-from .lstsq import GramStats, sample_positions
+from .lstsq import GramStats
+from .patches_nd import sample_positions_nd, values_at
 from .replay import CallTracer, Key, Stop, StructureChanged
 from .results import CalibrationResult, CalibrationUsageError, LayerCalibration
 
@@ -104,7 +107,7 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
-    """Qualified names of the separable blocks of ``rewritten`` that are ``nn.Conv2d`` in ``original``.
+    """Qualified names of the replacement blocks of ``rewritten`` that are convs (any ``ConvNd``/``ConvTransposeNd``) in ``original``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
@@ -112,7 +115,7 @@ def replaced_names(original: nn.Module, rewritten: nn.Module) -> list[str]:
         >>> replaced_names(net, light)
         ['1']
     """
-    convs = {n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = {n for n, m in original.named_modules() if isinstance(m, _ConvNd)}
     return [n for n, m in rewritten.named_modules() if kind_of(m) is not None and n in convs]
 
 
@@ -126,11 +129,17 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
     blocks = {n: m for n, m in rewritten.named_modules() if kind_of(m) is not None}
-    convs = {n: m for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = {n: m for n, m in original.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
     if names is None:
-        names = [n for n in blocks if n in convs]
+        names = [n for n in blocks if n in convs and least_squares_ready(blocks[n])]
     out = []
     for name in names:
+        if name in blocks and not least_squares_ready(blocks[name]):
+            raise CalibrationUsageError(
+                f"calibrate(names=...): {name!r} is a transposed block: the least-squares refit "
+                "covers regular blocks only, so its SVD initialisation stays. Hint: leave it out of "
+                "names, or heal the model (distillation) instead."
+            )
         if name not in blocks:
             raise CalibrationUsageError(
                 f"calibrate(names=...): {name!r} is not a replacement block (a DepthwiseSeparableConv2d or "
@@ -140,7 +149,7 @@ def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence
             )
         if name not in convs:
             raise CalibrationUsageError(
-                f"calibrate(names=...): {name!r} is not an nn.Conv2d in the original model"
+                f"calibrate(names=...): {name!r} is not an nn.Conv1d/2d/3d in the original model"
                 f"{did_you_mean(name, convs)}. Hint: the original must be the model before the rewrite."
             )
         b, c = blocks[name], convs[name]
@@ -244,6 +253,9 @@ def calibrate(
     images = sum(batch_size_of(b) for b in data)
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
+    if names is None and (kept := not_refit(rewritten)):
+        notes.append(f"{len(kept)} block(s) are transposed: calibration does not refit those yet, "
+                     f"they keep their SVD initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
 
     def say(msg: str) -> None:
         if progress:
@@ -280,12 +292,11 @@ def _original_pass(original: nn.Module, data: list[Any], layers: list[LayerFit],
         layer.calls_orig += 1
         if layer.calls_orig > 1:
             return
-        n, _, h, w = output.shape
+        n = output.shape[0]
         g = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 7919 + state["b"])
-        pos = sample_positions((n, h, w), per_image * n, generator=g)
-        p = pos.to(output.device)
+        pos = sample_positions_nd((n, *output.shape[2:]), per_image * n, generator=g)  # (P, 1 + d)
         layer.positions.append(pos)
-        layer.targets.append(output[p[:, 0], :, p[:, 1], p[:, 2]].detach().clone())
+        layer.targets.append(values_at(output, pos).detach().clone())
 
     for l in layers:
         handles.append(l.conv.register_forward_hook(hook))

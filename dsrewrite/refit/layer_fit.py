@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..kinds import LAYOUT_MEMBERS, kind_of, missing_members
 from .activation import FollowingReLU
-from .lstsq import GramStats, block_error, gather_patches, gram_matrix, quadratic_error, ridge_solve
+from .lstsq import GramStats, block_error, gram_matrix, quadratic_error, ridge_solve
+from .patches_nd import gather_patches_nd
 from .relu_fit import cross_product, fit_through_relu, predict, relu_error
 from .results import LayerCalibration
 
@@ -38,11 +39,10 @@ class LayerFit:
         if missing:  # a kind's programming error, reported as such
             raise TypeError(f"kind {kind.name!r}: layout() returned a {type(self.lay).__name__} that lacks "
                             f"{', '.join(missing)} (see dsrewrite.kinds.LstsqLayout)")
-        kh, kw = conv.kernel_size
-        self.k = kh * kw
+        self.k = math.prod(conv.kernel_size)
         self.m = int(block.depth_multiplier)
         self.c_in, self.c_out = conv.in_channels, conv.out_channels
-        self.positions: list[Optional[Tensor]] = []  # per batch, (P, 3)
+        self.positions: list[Optional[Tensor]] = []  # per batch, (P, 1 + spatial dims)
         self.targets: list[Optional[Tensor]] = []  # per batch, (P, C_out)
         self.calls_orig = 0
         self.skip: str = ""
@@ -74,7 +74,7 @@ class LayerFit:
         if self.joint:
             c = self.conv
             assert x is not None  # internal invariant
-            p = gather_patches(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
+            p = gather_patches_nd(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
             return p.reshape(p.shape[0], -1)
         assert z is not None  # internal invariant
         return self.lay.last_features(z, pos)
@@ -253,7 +253,8 @@ class LayerFit:
             method = "last_stage"
             if alternate > 0:
                 why = ("the block is not linear (mid_norm/mid_act)" if not self.lay.linear
-                       else f"kind {self.kind} has no joint refit" if self.lay.joint_dim is None
+                       else ("a grouped block has no joint refit" if getattr(self.block, "groups", 1) > 1
+                             else f"kind {self.kind} has no joint refit") if self.lay.joint_dim is None
                        else f"joint size {self.lay.joint_dim} > max_joint_dim")
                 note = (note + "; " if note else "") + f"first stage kept: {why}"
         if steps:
