@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..errors import UnsupportedConvError
 from ..factorize import PER_INPUT, SliceLayout, factorize, layout_of
@@ -158,8 +159,11 @@ def check_separable(conv: nn.Module, *, name: str = "") -> None:
             "with its own forward (e.g. SAME padding or weight standardisation): swapping it as a "
             "plain conv would change the output. Hint: exclude it in the recipe."
         )
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        raise UnsupportedConvError(f"conv{where} is lazy and not initialised yet. Hint: run the model once first.")
+    if isinstance(conv, LazyModuleMixin) and conv.has_uninitialized_params():  # reads no weight: a parametrized
+        raise UnsupportedConvError(  # weight read here would run its parametrization (a power iteration in train)
+            f"conv{where} is lazy ({type(conv).__name__}) and its parameters are not initialised: there is nothing "
+            "to factorise, and dsrewrite does not materialise your module. Hint: run one forward pass first."
+        )
     g = conv.groups
     if g > 1 and g == conv.in_channels:
         raise UnsupportedConvError(

@@ -151,11 +151,13 @@ def leaf_memo(model: nn.Module) -> dict[int, Any]:
         ...     net = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(2, 2, 3)))
         >>> copy.deepcopy(net, leaf_memo(net))[0].weight.shape
         torch.Size([2, 2, 3, 3])
+
+    Any other non-leaf tensor a module keeps as a plain attribute (a forward that stores
+    ``self.last = features(x)`` after a run with gradients) is mapped the same way.
     """
     memo: dict[int, Any] = {}
     for module in model.modules():
-        for hook in norm_hooks(module):
-            value = module.__dict__.get(getattr(hook, "name", "weight"))
+        for value in module.__dict__.values():  # parameters and buffers live in their own dicts: leaves
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach()
     return memo
