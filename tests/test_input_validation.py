@@ -326,3 +326,22 @@ def test_shapes_too_large_to_allocate_are_refused_before_allocating() -> None:
     finally:
         tracemalloc.stop()
     assert peak < MAX_TENSOR_BYTES // 1000
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": math.inf}, {"lr": math.nan}, {"lr": 0.0}, {"layer_weight": math.inf}])
+def test_heal_numbers_are_finite(kwargs: dict[str, float]) -> None:
+    from dsrewrite.heal import heal
+
+    net = _net()
+    light = apply_plan(net, dsrewrite.plan(net, "all_3x3", torch.zeros(1, 3, 8, 8)))
+    with pytest.raises(UsageError, match="finite lr > 0"):
+        heal(light, net, [torch.randn(2, 3, 8, 8)], steps=1, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("ridge", [math.nan, math.inf, -1.0])
+def test_calibration_ridge_is_finite(ridge: float) -> None:
+    net = _net()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(UsageError, match="ridge >= 0"):
+        dsrewrite.rewrite_with_plan(net, dsrewrite.plan(net, "all_3x3", x), x, calibration=[torch.randn(2, 3, 8, 8)],
+                                    calibration_options={"ridge": ridge})
