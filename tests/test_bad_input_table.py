@@ -3,8 +3,8 @@
 Each row runs one ``dsrewrite`` command in-process (click's CliRunner) on files made for it and
 asserts: exit 2, exactly one ``error:`` line holding the expected fragment, no traceback, the
 input folder's listing and every input file's bytes unchanged, nothing written to the output
-folder, no marker file from any payload, and that it finished within a time bound (hangs and
-resource bombs are bad input too). Rows are data: ``R(id, argv, fragment, files=...)``.
+folder and no marker file from any payload. A row still running after TIME_LIMIT_S fails (a hang
+guard, not a timing claim: hangs and resource bombs are bad input too). Rows are data: ``R(id, argv, fragment, files=...)``.
 
 Placeholders in argv: ``{d}`` the input folder, ``{o}`` the (empty) output folder, ``{m}`` the
 marker a payload would create, ``{F}`` this module (its factories are arch specs). ``apply``,
@@ -24,7 +24,6 @@ import pickle
 import shlex
 import signal
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from cli_checks import assert_clean_cli_error, run_cli
 
 F = __name__
 SHAPE_ARG = "1,3,16,16"
-TIME_LIMIT_S = 20  # per row: a bomb or a hang fails the row instead of the suite
+TIME_LIMIT_S = 60  # per row, a hang guard: a bomb or a hang fails the row instead of stalling the suite
 
 
 # ----------------------------------------------------------------------------- factories (arch specs)
@@ -174,6 +173,7 @@ TEXTS: dict[str, Any] = {
     "notjson.json": "{not json",
     "hello.pt": "hello, I am not a torch file\n",
     "model.json": '{"model": "resnet"}',
+    "keys.yaml": "name: x\nselect:\n" + "".join(f"  k{i}: 1\n" for i in range(60_000)),
 }
 
 
@@ -281,6 +281,31 @@ def _entry(**kv: Any) -> Callable[[dict[str, Any]], None]:
     return lambda plan: next(e for e in plan["entries"] if e["action"] == "replace").update(kv)
 
 
+def _lying_npy(p: Path) -> None:
+    """A .npy whose header claims more samples than the file holds."""
+    np.save(p, np.zeros((2, 3, 16, 16), np.float32))
+    p.write_bytes(p.read_bytes().replace(b"(2, 3, 16, 16)", b"(9, 3, 16, 16)"))
+
+
+def _unreadable(maker: Callable[[Path], None]) -> Callable[[Path], None]:
+    def make(p: Path) -> None:
+        maker(p)
+        p.chmod(0)
+    return make
+
+
+def _plan_fifo(p: Path) -> None:
+    _rewrite_pair(p, lambda plan: None)
+    (p.parent / "light.plan.json").unlink()
+    os.mkfifo(p.parent / "light.plan.json")
+
+
+def _plan_dir(p: Path) -> None:
+    _rewrite_pair(p, lambda plan: None)
+    (p.parent / "light.plan.json").unlink()
+    (p.parent / "light.plan.json").mkdir()
+
+
 #: other input files: name -> maker(path)
 MAKERS: dict[str, Callable[[Path], None]] = {
     "net.pt": _save(small_net),
@@ -368,6 +393,13 @@ MAKERS: dict[str, Callable[[Path], None]] = {
     "p_midact": lambda p: _rewrite_pair(p, _cfg("mid_act", "os.system")),
     "p_arch_args": lambda p: _rewrite_pair(p, _set(arch_args=[1, 2])),
     "p_shape": lambda p: _rewrite_pair(p, _set(input_shape="big")),
+    "c_lie.npy": _lying_npy,
+    "x.fifo.pt": _fifo,
+    "ro_net.pt": _unreadable(_save(small_net)),
+    "ro_recipe.yaml": _unreadable(lambda p: p.write_text("name: x\n")),
+    "ro_calib.pt": _unreadable(_save(_x((4, 3, 16, 16)))),
+    "p_fifo": _plan_fifo,
+    "p_dir": _plan_dir,
     "p_huge": lambda p: _rewrite_pair(p, lambda plan: json.dumps(plan)[:-1] + ', "pad": "' + "x" * (20 << 20)
                                        + '"}'),
 }
@@ -681,6 +713,20 @@ ROWS: list[Row] = [
     R("calib name too long", NET + " --calib {d}/" + "c" * 300 + ".pt", "too long", "net.pt"),
     R("calib demo for a 1-channel model", "{d}/net.pt --recipe all_3x3 --calib demo --input-shape 1,1,16,16",
       "demo", "net.pt"),
+    # --- found by a second probe
+    R("recipe with 60,000 keys", NET.replace("all_3x3", "{d}/keys.yaml"), "100,000 nodes", "net.pt keys.yaml"),
+    R("--example-inputs is a FIFO", NET + " --example-inputs {d}/x.fifo.pt", "not a regular file", "net.pt x.fifo.pt"),
+    R("calib .npy header lies about its size", NET + " --calib {d}/c_lie.npy", "c_lie.npy", "net.pt c_lie.npy"),
+    R("arch-arg dunder name", "timm:resnet18 --arch-arg __class__=1 --recipe all_3x3", "__class__", ""),
+    R("built-in recipe name with NUL", "{d}/net.pt --recipe decoder_only\0", "did you mean 'decoder_only'", "net.pt"),
+    R("model name too long, no folder", "m" * 300 + " --recipe all_3x3", "neither a file nor a model spec", ""),
+    R("plan file is a FIFO", PAIR, "not a regular file", "p_fifo"),
+    R("plan file is a folder", PAIR, "is a directory", "p_dir"),
+    # unreadable files: root reads anything, so these skip when run as root (tests/test_input_validation.py
+    # simulates the refusal of open() instead)
+    R("model file unreadable", "{d}/ro_net.pt --recipe all_3x3", "Permission denied", "ro_net.pt"),
+    R("recipe unreadable", NET.replace("all_3x3", "{d}/ro_recipe.yaml"), "Permission denied", "net.pt ro_recipe.yaml"),
+    R("calib unreadable", NET + " --calib {d}/ro_calib.pt", "Permission denied", "net.pt ro_calib.pt"),
     # --- outputs (13b owns these; a few that work already)
     R("-o is the input", NET + " -o {d}/net.pt", "net.pt"),
     R("-o exists, no --force", NET + " -o {d}/c.pt", "exists", "net.pt c.pt"),
@@ -709,6 +755,9 @@ def _digest(d: Path) -> dict[str, str]:
             out[rel] = "fifo"
         elif p.is_dir():
             out[rel] = "dir"
+        elif not os.access(p, os.R_OK):  # an unreadable input: its size and time stand for its bytes
+            st = p.stat()
+            out[rel] = f"unreadable {st.st_size} {st.st_mtime_ns}"
         else:
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -733,6 +782,8 @@ def test_the_table_is_wide_and_ids_are_unique() -> None:
 def test_bad_input_fails_cleanly(row: Row, tmp_path: Path) -> None:
     if sys.platform == "win32":
         pytest.skip("POSIX paths")
+    if any(f.startswith("ro_") for f in row.files) and os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop root from reading")
     d, o = tmp_path / "in", tmp_path / "out"
     d.mkdir()
     o.mkdir()
@@ -747,7 +798,6 @@ def test_bad_input_fails_cleanly(row: Row, tmp_path: Path) -> None:
     before = _digest(d)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIME_LIMIT_S)
-    t0 = time.perf_counter()
     try:
         r = run_cli([*row.cmd.split(), *args])
     except _Timeout:
@@ -755,10 +805,8 @@ def test_bad_input_fails_cleanly(row: Row, tmp_path: Path) -> None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    elapsed = time.perf_counter() - t0
     assert_clean_cli_error(row.id, r, (row.fragment,))
     assert r.exit_code == row.code
     assert _digest(d) == before, f"{row.id}: the inputs changed"
     assert sorted(p.name for p in o.iterdir()) == [], f"{row.id}: wrote {list(o.iterdir())}"
     assert not (d / "PWNED").exists() and not (o / "PWNED").exists(), f"{row.id}: a payload ran"
-    assert elapsed < TIME_LIMIT_S

@@ -15,6 +15,7 @@ import re
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -36,6 +37,27 @@ from dsrewrite.runtime.input_files import MAX_TENSOR_BYTES, check_alloc, input_f
 from dsrewrite.runtime.yaml_bounded import LIMITS, YamlLimitError, expanded_size, load_bounded
 
 
+def _best_of(n: int, fn: Callable[[], object]) -> float:
+    """The best of ``n`` wall times of ``fn()`` (exceptions count as returns): a timing robust to load."""
+    best = math.inf
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the refusal is what is timed
+            pass
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+#: The yardstick: reading a flat 20,000-character list (about 6,700 nodes) that is within every limit.
+_FLAT_TEXT = "x: [" + "1, " * 6_665 + "1]"
+
+
+def _reference() -> float:
+    return _best_of(1, lambda: load_bounded(_FLAT_TEXT))
+
+
 def _bomb(levels: int, width: int = 9) -> str:
     lines = ["l0: &l0 [" + ", ".join(["x"] * width) + "]"]
     for i in range(1, levels + 1):
@@ -48,19 +70,22 @@ def _bomb(levels: int, width: int = 9) -> str:
 
 def test_alias_bomb_is_refused_fast_and_its_size_is_counted_in_linear_time() -> None:
     text = _bomb(30)  # 9^30 nodes expanded; 2 KB of text
-    t0 = time.perf_counter()
     with pytest.raises(YamlLimitError, match="alias bomb"):
         load_bounded(text, max_aliases=10_000)  # the expansion bound, not the alias count, refuses it
     with pytest.raises(YamlLimitError, match="more than 100 aliases"):
         load_bounded(text)
-    assert time.perf_counter() - t0 < 2.0
+    # refused faster than a 20 KB flat list is read (the issue saw 83 s, then out of memory)
+    t_bomb, t_ref = _best_of(3, lambda: load_bounded(text, max_aliases=10_000)), _reference()
+    assert t_bomb < 5 * t_ref, f"refusing the bomb took {t_bomb:.4f} s, reading 20 KB of flat YAML {t_ref:.4f} s"
     # the memoised count: exact for a small bomb, and fast for a huge one
     node = yaml.compose(_bomb(3, width=3), Loader=yaml.SafeLoader)
     # 4 keys + 4 sequences; l_i holds 3 copies of l_{i-1}: sizes 4, 13, 40, 121 (+1 for the root)
     assert expanded_size(node, 10**9) == 1 + 4 + 4 + 13 + 40 + 121
-    t0 = time.perf_counter()
-    assert expanded_size(yaml.compose(_bomb(60, width=2), Loader=yaml.SafeLoader), 10**30) > 2**60
-    assert time.perf_counter() - t0 < 1.0
+    # linear in the document, not in its expansion: twice the levels, about twice the time (not 2^30 times)
+    n30, n60 = (yaml.compose(_bomb(k, width=2), Loader=yaml.SafeLoader) for k in (30, 60))
+    assert expanded_size(n60, 10**30) > 2**60
+    t30, t60 = _best_of(5, lambda: expanded_size(n30, 10**30)), _best_of(5, lambda: expanded_size(n60, 10**30))
+    assert t60 < 10 * t30, f"60 levels took {t60:.2e} s, 30 levels {t30:.2e} s: the count is not memoised"
 
 
 def test_a_few_aliases_within_the_limits_still_load() -> None:
@@ -78,10 +103,10 @@ def test_a_few_aliases_within_the_limits_still_load() -> None:
     ("# pad\n" * 200_000, "too large"),
 ])
 def test_bounded_loader_refuses_with_a_limit_error_not_a_recursion_error(text: str, match: str) -> None:
-    t0 = time.perf_counter()
     with pytest.raises(YamlLimitError, match=match):
         load_bounded(text)
-    assert time.perf_counter() - t0 < 2.0
+    t_refuse, t_ref = _best_of(3, lambda: load_bounded(text)), _reference()
+    assert t_refuse < 5 * t_ref, f"refusing took {t_refuse:.4f} s, reading 20 KB of flat YAML {t_ref:.4f} s"
 
 
 def test_recipe_reader_uses_the_bounds_and_names_the_file() -> None:
@@ -119,11 +144,9 @@ def test_arch_args_use_the_bounds(arg: str, match: str) -> None:
     r"(.*.*.*)*X", r"(a+)+$", r"(a*)*b", r"(\w+\s?)*$", r"((\d+)*\.)*x", r"(x+x+)+y", r"(ab|a)*c", r"(.|x)+y",
     r"(?:a|a)+b", r"a{1001}", r"a{5,2000}", "a" * 1001,
 ])
-def test_costly_regexes_are_refused_fast(pattern: str) -> None:
-    t0 = time.perf_counter()
+def test_costly_regexes_are_refused_at_load(pattern: str) -> None:
     with pytest.raises(UnsafeRegexError, match="regex"):
         check_regex(pattern)
-    assert time.perf_counter() - t0 < 0.1
 
 
 @pytest.mark.parametrize("pattern", [

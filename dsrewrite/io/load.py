@@ -248,7 +248,7 @@ def _fit_rewritten(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
     from .paths import plan_path_for
 
     plan_file = plan_path_for(path)
-    if not plan_file.is_file():
+    if not path_exists(plan_file):
         fit_state_dict(model, sd, source=str(path), arch=arch)  # raises the plain error
     from ..planning.apply import apply_plan
     from ..planning.types import Plan

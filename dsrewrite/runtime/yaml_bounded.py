@@ -120,8 +120,8 @@ def load_bounded(text: str, loader: type[BoundedSafeLoader] = BoundedSafeLoader,
         node = ldr.get_single_node()
         n = expanded_size(node, lim["max_nodes"])
         if n > lim["max_nodes"]:
-            raise YamlLimitError(f"expands to more than {lim['max_nodes']:,} nodes through its aliases (an alias "
-                                 "bomb); write the values out, or use fewer aliases.")
+            raise YamlLimitError(f"holds more than {lim['max_nodes']:,} nodes once its aliases are expanded (a recipe "
+                                 "has a few dozen; many aliases of aliases make an alias bomb).")
         try:
             data = ldr.construct_document(node) if node is not None else None
         except ValueError as exc:  # e.g. an integer of more than 4300 digits
