@@ -31,6 +31,7 @@ __all__ = [
     "UnsupportedModelError",
     "CaptureError",
     "PlanError",
+    "PlanFileError",
     "RewriteError",
     "CalibrationError",
     "did_you_mean",
@@ -84,6 +85,11 @@ class CaptureError(DsRewriteError):
 
 class PlanError(DsRewriteError):
     """A plan does not fit the model it is applied to."""
+
+
+class PlanFileError(PlanError, UsageError):
+    """A plan (a ``.plan.json`` file, or a Plan's values) is malformed or does not fit the model's weights
+    (CLI exit 2: bad input, found before anything is built)."""
 
 
 class RewriteError(DsRewriteError):

@@ -21,7 +21,29 @@ from .plan import inspect, plan_cmd, recipes
 __all__ = ["main", "CliError"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """click's usage errors (a bad option value, a missing argument) as one ``error:`` line and exit 2,
+    like every other bad input, instead of click's four-line usage block."""
+
+    @staticmethod
+    def _one_line(exc: click.UsageError) -> CliError:
+        where = exc.ctx.command_path if exc.ctx is not None else "dsrewrite"
+        return CliError(f"{exc.format_message()} (see '{where} --help')", 2)
+
+    def make_context(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from exc
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from exc
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="dsrewrite")
 def main(debug: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import click
 
+from ..runtime.input_files import path_exists
 from .common import (check_report_path, handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options, RegistryChoice, presets, save_formats)
 from ..errors import UsageError
 
@@ -31,7 +32,7 @@ from ..errors import UsageError
                    "overridden by --calib-mean/--calib-std).")
 @click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values), e.g. 0.485,0.456,0.406.")
 @click.option("--calib-std", default=None, help="Per-channel std (1 or C values), e.g. 0.229,0.224,0.225.")
-@click.option("--calib-limit", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--calib-limit", type=click.IntRange(min=1, max=1_000_000), default=64, show_default=True,
               help="Use at most this many calibration samples (only these are decoded).")
 @click.option("--calib-activation", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: fit blocks whose conv feeds a (BatchNorm +) ReLU through that ReLU; none: linear fit only.")
@@ -61,7 +62,7 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
         out_path = out_path.with_suffix(".safetensors")
     if save_format == "safetensors" and out_path.suffix != ".safetensors":
         raise UsageError(f"-o {out_path}: --save-format safetensors needs a .safetensors output name.")
-    input_path = Path(model) if Path(model).exists() else None
+    input_path = Path(model) if path_exists(model) else None
     if not dry_run:
         check_output_path(out_path, input_path=input_path, force=force)
         check_output_path(plan_path_for(out_path), input_path=input_path, force=force)

@@ -16,6 +16,9 @@ import click
 
 from ..errors import DsRewriteError, TrustedPickleWarning, UsageError
 
+#: dsrewrite.recipe.replace_keys.MAX_DEPTH_MULTIPLIER (not imported: the CLI starts without torch); a test keeps them equal.
+MAX_DEPTH_MULTIPLIER = 4096
+
 
 def parse_shape(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[int, ...]]:
     if value is None:
@@ -27,6 +30,13 @@ def parse_shape(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[
     if len(shape) < 3 or any(s <= 0 for s in shape):
         raise click.BadParameter(f"{value!r} must have at least 3 positive dimensions, e.g. 1,3,512,512")
     return shape
+
+
+def positive_float(_ctx: Any, param: Any, value: Optional[float]) -> Optional[float]:
+    """A finite number > 0 (``--lr``): NaN, inf, 0 and negatives are refused."""
+    if value is not None and not (0 < value < float("inf")):
+        raise click.BadParameter(f"{value!r} must be a finite number > 0, e.g. 1e-4")
+    return value
 
 
 def progress(msg: str) -> None:
@@ -165,7 +175,7 @@ def recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Override the recipe's init.")(fn)
     fn = click.option("--order", type=RegistryChoice(orders), default=None,
                       help="Override the recipe's order: a replacement kind, or auto.")(fn)
-    fn = click.option("--depth-multiplier", type=click.IntRange(min=1), default=None,
+    fn = click.option("--depth-multiplier", type=click.IntRange(min=1, max=MAX_DEPTH_MULTIPLIER), default=None,
                       help="Override the recipe's depth multiplier (or energy threshold).")(fn)
     fn = click.option("--recipe", "recipe", required=True, help="Built-in recipe name or path to a YAML recipe.")(fn)
     return fn

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import click
 
-from .common import (handle_errors, example_inputs_of, load_model_arg, model_options, RegistryChoice, presets, trust_warnings)
+from ..runtime.input_files import path_exists
+from .common import (positive_float, handle_errors, example_inputs_of, load_model_arg, model_options, RegistryChoice, presets, trust_warnings)
 from ..errors import UsageError
 
 
@@ -24,9 +25,9 @@ from ..errors import UsageError
               help="Normalisation of images (default: imagenet for 3 channels, none otherwise).")
 @click.option("--calib-mean", default=None, help="Per-channel mean (1 or C values).")
 @click.option("--calib-std", default=None, help="Per-channel std (1 or C values).")
-@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1, max=1_000_000), default=200, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, callback=positive_float)
+@click.option("--batch-size", type=click.IntRange(min=1, max=65_536), default=8, show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file (written at the end; with --resume, continued from).")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
@@ -42,7 +43,7 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     from ..heal import heal as heal_fn
     from ..io import atomic_save, check_output_path, load_model
 
-    inputs = [Path(rewritten)] + ([Path(model)] if Path(model).exists() else [])
+    inputs = [Path(rewritten)] + ([Path(model)] if path_exists(model) else [])
     outputs = [Path(output)] + ([Path(checkpoint)] if checkpoint and not resume else [])
     for out in outputs:  # every output checked before any work: never an input, never clobbered silently
         for inp in inputs:

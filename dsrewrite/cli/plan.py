@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import click
 
+from ..runtime.input_files import path_exists
 from .common import handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options
 
 
@@ -79,6 +80,6 @@ def recipes_show(name: str) -> None:
     """Print a built-in recipe (or a recipe file) as YAML."""
     from ..recipe import builtin_recipe_path, load_recipe
 
-    path = Path(name) if Path(name).exists() else builtin_recipe_path(name)
+    path = Path(name) if path_exists(name) else builtin_recipe_path(name)
     load_recipe(str(path))  # validate
     click.echo(path.read_text(encoding="utf-8"), nl=False)

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import yaml
 
 from ..errors import ModelLoadError
+from ..runtime.yaml_bounded import YamlLimitError, load_bounded
 
 __all__ = [
     "DEMO_MODELS", "ArchSpec", "arch_spec", "parse_arch_args", "ARCH_EXAMPLES", "ARCH_FLAG_EXAMPLES", "WEIGHT_ARGS"]
@@ -42,6 +43,9 @@ WEIGHT_ARGS = frozenset({
 
 #: Modules (besides the standard library) never used as factories: debuggers, shells, downloaders.
 _REFUSED_MODULES = ("torch.hub", "IPython", "ipdb", "pudb", "debugpy", "pydevd", "pdbpp")
+
+#: The longest ``--arch-arg`` value read (its YAML is also bounded in depth and aliases).
+MAX_ARCH_ARG_CHARS = 10_000
 
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
@@ -203,8 +207,13 @@ def parse_arch_args(items: Iterable[str]) -> dict[str, Any]:
             raise ModelLoadError(f"--arch-arg {item!r}: {name!r} is not an argument name (NAME=VALUE, e.g. classes=3).")
         if name in out:
             raise ModelLoadError(f"--arch-arg {name} is given twice ({out[name]!r} and {text!r}); keep one.")
+        if len(text) > MAX_ARCH_ARG_CHARS:
+            raise ModelLoadError(f"--arch-arg {name}: the value is {len(text):,} characters long; the bound is "
+                                 f"{MAX_ARCH_ARG_CHARS:,} (arch args are short: numbers, names, small lists).")
         try:
-            value = yaml.safe_load(text)
+            value = load_bounded(text, max_chars=MAX_ARCH_ARG_CHARS)[0]
+        except YamlLimitError as exc:
+            raise ModelLoadError(f"--arch-arg {name}: refused: {exc}") from None
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ModelLoadError(

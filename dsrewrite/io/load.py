@@ -55,6 +55,7 @@ from .state_dict import (  # noqa: F401  (re-exported: dsrewrite.io.load.X, old 
     is_tensor_mapping,
     load_state_dict_checked,
 )
+from ..runtime.input_files import input_file, is_missing, path_exists
 from ..runtime.preflight import unwrap_parallel
 
 __all__ = [
@@ -112,8 +113,9 @@ def _looks_like_arch(spec: str) -> bool:
 
 def _check_file(path: Path) -> str:
     """Return the format ('zip', 'legacy', 'safetensors') or raise a ModelLoadError."""
-    if not path.exists():
+    if is_missing(path):
         raise ModelLoadError(f"model file not found: {path}. Check the path, or pass an arch spec ({ARCH_EXAMPLES}) or 'demo'.")
+    input_file(path, "model file", ModelLoadError, folder_ok=True)  # names the OS refuses, FIFOs, devices, unreadable
     if path.is_dir():
         raise ModelLoadError(f"{path} is a directory; pass the model file written by torch.save.")
     size = path.stat().st_size
@@ -246,13 +248,22 @@ def _fit_rewritten(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
     from .paths import plan_path_for
 
     plan_file = plan_path_for(path)
-    if not plan_file.is_file():
+    if not path_exists(plan_file):
         fit_state_dict(model, sd, source=str(path), arch=arch)  # raises the plain error
     from ..planning.apply import apply_plan
     from ..planning.types import Plan
 
-    plan = Plan.from_json(plan_file.read_text(encoding="utf-8"), source=str(plan_file))
-    rewritten = apply_plan(model, plan, inplace=False, init="random")
+    from ..errors import PlanError, PlanFileError
+    from ..planning.types import MAX_PLAN_CHARS
+
+    data = input_file(plan_file, "plan file", PlanFileError, max_bytes=MAX_PLAN_CHARS).read_bytes()
+    plan = Plan.from_json(data, source=str(plan_file))
+    try:  # checked against the model's convs (names, kinds, ranks ≤ kh·kw) before anything is built
+        rewritten = apply_plan(model, plan, inplace=False, init="random")
+    except PlanError as exc:
+        if str(exc).startswith(str(plan_file)):
+            raise
+        raise PlanFileError(f"{plan_file}: {exc}") from None
     note = fit_state_dict(rewritten, sd, source=str(path), arch=f"{arch} + plan {plan_file.name}")
     return rewritten, ", ".join(x for x in (f"rewritten per {plan_file.name}", note) if x)
 
@@ -285,7 +296,7 @@ def load_model(
     """
     text = os.fspath(spec)
     path = Path(text)
-    if not isinstance(spec, os.PathLike) and not path.exists():
+    if not isinstance(spec, os.PathLike) and not path_exists(path):
         if text in DEMO_MODELS:
             from ..demo import demo_defaults
 

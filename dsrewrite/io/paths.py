@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..errors import OutputError
 from ..runtime.files import PathLike, create_temp
+from ..runtime.input_files import path_exists
 
 __all__ = ["check_output_path", "default_output_path", "plan_path_for"]
 
@@ -87,7 +88,7 @@ def default_output_path(input_spec: PathLike) -> Path:
     """
     text = os.fspath(input_spec)
     p = Path(text)
-    is_file_like = isinstance(input_spec, os.PathLike) or p.exists() or "/" in text or os.sep in text \
+    is_file_like = isinstance(input_spec, os.PathLike) or path_exists(p) or "/" in text or os.sep in text \
         or (p.suffix in _KEEP_SUFFIXES + (".bin", ".ckpt", ".safetensors", ".tar", ".pkl") and ":" not in text)
     if is_file_like:
         suffix = p.suffix if p.suffix in _KEEP_SUFFIXES else ".pt"

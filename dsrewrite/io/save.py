@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, OutputError, did_you_mean
-from ..planning.types import Plan
+from ..planning.types import MAX_PLAN_CHARS, Plan
+from ..runtime.input_files import input_file
 from ..runtime.files import PathLike, atomic_save, atomic_write_all, atomic_write_bytes
 from .paths import check_output_path, default_output_path, plan_path_for
 from .saveable import check_saveable
@@ -156,9 +157,10 @@ def load_rewrite(fresh_model: Optional[nn.Module], plan_path: PathLike, weights_
     from ..runtime.preflight import unwrap_parallel
     from .load import extract_state_dict, fit_state_dict, read_torch_file
 
-    plan_path = Path(plan_path)
+    plan_path = input_file(plan_path, "plan file", ModelLoadError, max_bytes=MAX_PLAN_CHARS,
+                           hint="Pass the .plan.json written next to the rewritten model.")
     try:
-        text = plan_path.read_text(encoding="utf-8")
+        text = plan_path.read_bytes()
     except OSError as exc:
         raise ModelLoadError(f"cannot read plan file {plan_path}: {exc.strerror or exc}. Pass the .plan.json "
                              "written next to the rewritten model.") from exc

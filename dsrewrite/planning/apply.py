@@ -23,12 +23,14 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..errors import DsRewriteError, PlanError, RewriteError, UnsupportedModelError, did_you_mean
+from ..errors import DsRewriteError, PlanError, PlanFileError, RewriteError, UnsupportedModelError, did_you_mean
 from ..kinds import get_kind, kind_names
+from ..recipe.choices import MID_ACT_NAMES, MID_NORMS
 from ..runtime.conv_weight import leaf_memo, plain_view, raw_weight
 from ..runtime.modules import set_submodule
 from .hooks import blocking_hooks, carry_hooks
 from ..runtime.preflight import check_rewritable
+from .plan_checks import check_finite_weights, check_rank
 from .types import Plan
 
 __all__ = ["apply_plan"]
@@ -94,6 +96,12 @@ def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: 
             get_kind(e.config.order).check(modules[e.name], name=e.name)
         except DsRewriteError as exc:
             raise PlanError(f"plan entry {e.name!r} cannot be applied: {exc}") from exc
+        check_rank(e.name, modules[e.name], e.config.depth_multiplier, PlanFileError)  # before anything is built
+        for key, options in (("mid_norm", MID_NORMS), ("mid_act", MID_ACT_NAMES)):
+            value = getattr(e.config, key)
+            if value is not None and value not in options:
+                raise PlanFileError(f"plan entry {e.name!r}: {key} {value!r} is not one of "
+                                    f"{', '.join(map(repr, options))} (or null){did_you_mean(str(value), options)}.")
         blocked = blocking_hooks(modules[e.name])
         if blocked:
             raise PlanError(f"plan entry {e.name!r} cannot be applied: {blocked}.")
@@ -103,6 +111,7 @@ def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: 
                 f"plan entry {e.name!r}: the conv lives on the meta device, so it has no weights to factorise "
                 "(init 'svd'). Load the weights first, or pass init='random' for a structure-only rewrite."
             )
+    check_finite_weights(model, [e.name for e in plan.replaced if (init or (e.config and e.config.init)) == "svd"])
     target = model if inplace else _copy_without_replaced_weights(model, plan)
     done: dict[int, nn.Module] = {}
     try:

@@ -30,7 +30,9 @@ from ..errors import UnsupportedConvError
 from ..kinds import auto_kinds, get_kind
 from ..kinds.separable_nd import dense_kernel
 from ..measure.timing import ratio_key, time_dense_vs_separable, time_orders
+from .plan_checks import check_finite_weights, check_rank
 from .types import LayerConfig, Plan, PlanEntry
+from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe, select
 from ..recipe.schema import AUTO, LatencySpec
 from ..runtime.preflight import preflight  # DataParallel/DDP: plan the inner model (names without 'module.')
@@ -223,6 +225,7 @@ def plan_from_capture(
             entries.append(PlanEntry(fact.name, "skip", f"kept dense: {why}", fact=fact.to_dict()))
             continue
         conv = plain_view(modules[fact.name])  # type: ignore[arg-type]  # parametrized: read without side effects
+        check_finite_weights(model, [fact.name])  # NaN/inf: refused, naming the conv
         try:
             cfg, measured = _resolve(
                 fact,
@@ -242,6 +245,7 @@ def plan_from_capture(
         except ValueError as exc:
             entries.append(PlanEntry(fact.name, "skip", f"cannot resolve its configuration: {exc}", fact=fact.to_dict()))
             continue
+        check_rank(fact.name, conv, cfg.depth_multiplier, RecipeError, source=f"recipe {recipe.name!r}")
         lat = recipe.latency
         if lat is not None and fact.input_shape is not None and conv.weight.device.type != "meta":  # type: ignore[union-attr]
             t = time_dense_vs_separable(conv, cfg, fact.input_shape, rounds=lat.rounds,  # type: ignore[arg-type]

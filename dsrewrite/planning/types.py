@@ -15,13 +15,92 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from ..errors import PlanError
+from ..errors import PlanError, PlanFileError
 
 __all__ = ["LayerConfig", "PlanEntry", "Plan", "PLAN_FORMAT_VERSION"]
 
 PLAN_FORMAT_VERSION = 1
+
+#: The largest plan read (a plan lists each candidate conv once: a few hundred KB for a large model).
+MAX_PLAN_CHARS = 16 << 20
+#: The deepest nesting of a plan's JSON (a plan is about five levels deep; a ConvFact's lists add one or two).
+MAX_PLAN_DEPTH = 32
+_ENTRY_KEYS = ("name", "action", "reason", "config", "fact", "measured")
+_CONFIG_KEYS = ("order", "depth_multiplier", "init", "mid_norm", "mid_act", "note")
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of brackets in JSON text (strings skipped), in one linear pass."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _entry(e: Any, i: int, source: str) -> "PlanEntry":
+    where = f"{source}: entries[{i}]"
+    if not isinstance(e, dict):
+        raise PlanFileError(f"{where} is {_json_type(e)}; expected an object with 'name', 'action', 'reason'.")
+    for key in e:
+        if key not in _ENTRY_KEYS:
+            raise PlanFileError(f"{where}: unknown key {key!r}; valid keys: {', '.join(_ENTRY_KEYS)}.")
+    for key in ("name", "action", "reason"):
+        if not isinstance(e.get(key), str):
+            raise PlanFileError(f"{where}: {key!r} is {_short(e.get(key))}; expected a string.")
+    if e["action"] not in ("replace", "skip"):
+        raise PlanFileError(f"{where} ({e['name']!r}): action {_short(e['action'])} is not 'replace' or 'skip'.")
+    cfg = e.get("config")
+    config = None
+    if cfg is not None:
+        if not isinstance(cfg, dict):
+            raise PlanFileError(f"{where} ({e['name']!r}): 'config' is {_json_type(cfg)}; expected an object.")
+        for key in cfg:
+            if key not in _CONFIG_KEYS:
+                raise PlanFileError(f"{where} ({e['name']!r}): unknown config key {key!r}; valid keys: "
+                                    f"{', '.join(_CONFIG_KEYS)}.")
+        m = cfg.get("depth_multiplier", 1)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise PlanFileError(f"{where} ({e['name']!r}): depth_multiplier {_short(m)} is not an integer ≥ 1.")
+        for key in ("order", "init", "note"):
+            if key in cfg and not isinstance(cfg[key], str):
+                raise PlanFileError(f"{where} ({e['name']!r}): {key} {_short(cfg[key])} is not a string.")
+        if cfg.get("init", "svd") not in ("svd", "random"):
+            raise PlanFileError(f"{where} ({e['name']!r}): init {_short(cfg['init'])} is not 'svd' or 'random'.")
+        for key in ("mid_norm", "mid_act"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                raise PlanFileError(f"{where} ({e['name']!r}): {key} {_short(cfg[key])} is not a string or null.")
+        config = LayerConfig(**cfg)
+    for key in ("fact", "measured"):
+        if e.get(key) is not None and not isinstance(e[key], dict):
+            raise PlanFileError(f"{where} ({e['name']!r}): {key!r} is {_json_type(e[key])}; expected an object.")
+    return PlanEntry(name=e["name"], action=e["action"], reason=e["reason"], config=config, fact=e.get("fact"),
+                     measured=e.get("measured"))
 
 
 @dataclass(frozen=True)
@@ -98,49 +177,74 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "Plan":
-        try:
-            version = d.get("format_version", PLAN_FORMAT_VERSION)
-            if version != PLAN_FORMAT_VERSION:
-                raise PlanError(
-                    f"{source}: plan format_version {version!r} is not supported "
-                    f"(this dsrewrite reads {PLAN_FORMAT_VERSION})."
-                )
-            entries = tuple(
-                PlanEntry(
-                    name=e["name"],
-                    action=e["action"],
-                    reason=e["reason"],
-                    config=LayerConfig(**e["config"]) if e.get("config") else None,
-                    fact=e.get("fact"),
-                    measured=e.get("measured"),
-                )
-                for e in d["entries"]
+    def from_dict(cls, d: Any, *, source: str = "<dict>") -> "Plan":
+        """A plan from its JSON form, every field's type and range checked (nothing is built).
+
+        Raises:
+            PlanFileError: not a plan (not a mapping, a missing or mistyped field, an unknown
+                action or config key, a depth multiplier that is not an integer ≥ 1).
+        """
+        if not isinstance(d, dict):
+            raise PlanFileError(f"{source}: not a dsrewrite plan: the JSON holds {_json_type(d)}, not an object "
+                                "with 'entries', 'recipe' and 'capture'.")
+        version = d.get("format_version", PLAN_FORMAT_VERSION)
+        if version != PLAN_FORMAT_VERSION:
+            raise PlanFileError(
+                f"{source}: plan format_version {version!r} is not supported "
+                f"(this dsrewrite reads {PLAN_FORMAT_VERSION})."
             )
-            shape = d.get("input_shape")
-            arch, arch_args = d.get("arch"), d.get("arch_args") or {}
-            if arch is not None and not isinstance(arch, str):
-                raise PlanError(f"{source}: 'arch' is {arch!r}; expected an arch spec string or null.")
-            if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
-                raise PlanError(f"{source}: 'arch_args' is {arch_args!r}; expected a mapping of argument names.")
-            return cls(
-                entries=entries,
-                recipe=d["recipe"],
-                capture=d["capture"],
-                input_shape=tuple(shape) if shape is not None else None,
-                notes=tuple(d.get("notes", ())),
-                arch=arch,
-                arch_args=dict(arch_args),
-            )
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"{source}: not a dsrewrite plan ({type(exc).__name__}: {exc}).") from exc
+        for key, kinds in (("entries", list), ("recipe", str), ("capture", str)):
+            if not isinstance(d.get(key), kinds):
+                raise PlanFileError(f"{source}: not a dsrewrite plan: '{key}' is {_json_type(d.get(key))}; expected "
+                                    f"{'a list' if kinds is list else 'a string'}.")
+        entries = tuple(_entry(e, i, source) for i, e in enumerate(d["entries"]))
+        shape = d.get("input_shape")
+        if shape is not None and not (isinstance(shape, list) and all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise PlanFileError(f"{source}: 'input_shape' is {_short(shape)}; expected a list of sizes or null.")
+        arch, arch_args = d.get("arch"), d.get("arch_args") or {}
+        if arch is not None and not isinstance(arch, str):
+            raise PlanFileError(f"{source}: 'arch' is {_short(arch)}; expected an arch spec string or null.")
+        if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
+            raise PlanFileError(f"{source}: 'arch_args' is {_short(arch_args)}; expected a mapping of argument names.")
+        notes = d.get("notes", ())
+        if not isinstance(notes, (list, tuple)) or not all(isinstance(n, str) for n in notes):
+            raise PlanFileError(f"{source}: 'notes' is {_short(notes)}; expected a list of strings.")
+        return cls(
+            entries=entries,
+            recipe=d["recipe"],
+            capture=d["capture"],
+            input_shape=tuple(shape) if shape is not None else None,
+            notes=tuple(notes),
+            arch=arch,
+            arch_args=dict(arch_args),
+        )
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "<string>") -> "Plan":
+    def from_json(cls, text: Union[str, bytes], *, source: str = "<string>") -> "Plan":
+        """A plan from JSON text (or UTF-8 bytes), at most :data:`MAX_PLAN_CHARS` long and nested at most
+        :data:`MAX_PLAN_DEPTH` deep.
+
+        Raises:
+            PlanFileError: not UTF-8, too large, too deep, not valid JSON, or not a plan.
+        """
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PlanFileError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start}); a plan is the "
+                                    "JSON file dsrewrite wrote.") from None
+        if len(text) > MAX_PLAN_CHARS:
+            raise PlanFileError(f"{source}: the plan is too large ({len(text):,} characters; the bound is "
+                                f"{MAX_PLAN_CHARS:,}).")
+        depth = _json_depth(text)
+        if depth > MAX_PLAN_DEPTH:
+            raise PlanFileError(f"{source}: the JSON is nested {depth} deep (the bound is {MAX_PLAN_DEPTH}); a plan "
+                                "is a few levels deep.")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{source}: not valid JSON ({exc}).") from exc
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+            raise PlanFileError(f"{source}: not valid JSON ({str(exc).splitlines()[0][:200]}).") from None
         return cls.from_dict(data, source=source)
 
     def table(self) -> str:

@@ -16,13 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import RecipeError, did_you_mean
 
 __all__ = ["KeyPath", "Ctx", "path_str", "options_text", "type_name", "wrong_type", "as_mapping", "check_keys",
-           "int_value", "number_value", "choice", "tristate"]
+           "int_value", "number_value", "MAX_VALUE", "choice", "tristate"]
 
 KeyPath = tuple[Union[str, int], ...]
 
@@ -79,19 +80,30 @@ def check_keys(ctx: Ctx, path: KeyPath, data: Mapping[Any, Any], allowed: Sequen
                             f"valid keys here: {', '.join(allowed)}.")
 
 
-def int_value(ctx: Ctx, path: KeyPath, value: Any, *, minimum: int, what: str = "an integer") -> int:
+#: The largest integer or number a recipe field takes unless the field says less (a channel count, a size).
+MAX_VALUE = 2**31 - 1
+
+
+def int_value(ctx: Ctx, path: KeyPath, value: Any, *, minimum: int, maximum: int = MAX_VALUE,
+              what: str = "an integer") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise wrong_type(ctx, path, value, what)
-    if value < minimum:
-        raise ctx.error(path, f"{value!r} is out of range: must be ≥ {minimum}.")
+    if not minimum <= value <= maximum:
+        shown = repr(value) if len(str(value)) <= 24 else f"{str(value)[:12]}… ({len(str(value))} digits)"
+        raise ctx.error(path, f"{shown} is out of range: must be ≥ {minimum}" +
+                        (f" and ≤ {maximum}." if value > maximum else "."))
     return value
 
 
-def number_value(ctx: Ctx, path: KeyPath, value: Any, *, minimum: float = 0.0) -> float:
+def number_value(ctx: Ctx, path: KeyPath, value: Any, *, minimum: float = 0.0, maximum: float = MAX_VALUE) -> float:
+    """A finite number in [minimum, maximum] (NaN and ±inf refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise wrong_type(ctx, path, value, "a number")
-    if value < minimum:
-        raise ctx.error(path, f"{value!r} is out of range: must be ≥ {minimum:g}.")
+    if not math.isfinite(value):
+        raise ctx.error(path, f"{value!r} is not a finite number; give a number ≥ {minimum:.10g} and ≤ {maximum:.10g}.")
+    if not minimum <= value <= maximum:
+        raise ctx.error(path, f"{value!r} is out of range: must be ≥ {minimum:.10g}" +
+                        (f" and ≤ {maximum:.10g}." if value > maximum else "."))
     return float(value) if isinstance(value, float) else value
 
 

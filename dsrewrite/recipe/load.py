@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import RecipeError, did_you_mean
+from ..runtime.input_files import MAX_TEXT_BYTES, input_file, is_missing, path_exists
 from .names import BUILTIN_DIR, builtin_names, builtin_recipe_path, builtin_recipes
 from .replace_keys import REPLACE_KEYS, parse_replace_changes
 from .schema import Recipe
@@ -81,15 +82,16 @@ def load_recipe(source: Union[str, "os.PathLike[str]", Mapping[str, Any], Recipe
     text = os.fspath(source)
     path = Path(text)
     looks_like_name = isinstance(source, str) and os.sep not in text and "/" not in text and not path.suffix
-    if looks_like_name and not path.is_file():
+    if looks_like_name and not (path_exists(path) and path.is_file()):
         return _load_file(builtin_recipe_path(text), f"builtin:{text}")
-    if not path.exists():
+    if is_missing(path):
         names = builtin_names()
         raise RecipeError(
             f"{text}: recipe file not found{did_you_mean(path.stem, names)}. "
             f"Give an existing .yaml path or a built-in name ({', '.join(names)})."
         )
-    if not path.is_file():
+    input_file(path, "recipe", RecipeError, folder_ok=True, max_bytes=MAX_TEXT_BYTES)  # name, FIFO, size, access
+    if path.is_dir():
         raise RecipeError(f"{text}: is a directory, not a recipe file. Give the path of a .yaml file.")
     return _load_file(path, text)
 

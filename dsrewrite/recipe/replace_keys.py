@@ -17,7 +17,10 @@ from typing import Any
 from .choices import AUTO_ORDERS, INITS, MID_ACT_NAMES, MID_NORMS, order_choices
 from .fields import Ctx, KeyPath, check_keys, choice, int_value, wrong_type
 
-__all__ = ["REPLACE_KEYS", "replace_values", "parse_replace_changes"]
+__all__ = ["MAX_DEPTH_MULTIPLIER", "REPLACE_KEYS", "replace_values", "parse_replace_changes"]
+
+#: The largest depth multiplier read (a 64×64 kernel's kh·kw); the plan refuses m > kh·kw of each conv.
+MAX_DEPTH_MULTIPLIER = 4096
 
 REPLACE_KEYS: tuple[str, ...] = ("order", "auto_order", "depth_multiplier", "energy", "init", "mid_norm", "mid_act")
 
@@ -31,7 +34,8 @@ def replace_values(ctx: Ctx, path: KeyPath, data: Mapping[Any, Any]) -> dict[str
     if "auto_order" in data:
         out["auto_order"] = choice(ctx, (*path, "auto_order"), data["auto_order"], AUTO_ORDERS, "auto_order")
     if data.get("depth_multiplier") is not None:
-        out["depth_multiplier"] = int_value(ctx, (*path, "depth_multiplier"), data["depth_multiplier"], minimum=1)
+        out["depth_multiplier"] = int_value(ctx, (*path, "depth_multiplier"), data["depth_multiplier"], minimum=1,
+                                            maximum=MAX_DEPTH_MULTIPLIER)
     if data.get("energy") is not None:
         e = data["energy"]
         if isinstance(e, bool) or not isinstance(e, (int, float)):

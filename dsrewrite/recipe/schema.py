@@ -20,6 +20,7 @@ from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from . import choices
+from .regex_cost import compile_checked
 from .choices import (
     AUTO,
     AUTO_ORDERS,
@@ -132,7 +133,7 @@ class NamePattern:
 
     def __post_init__(self) -> None:
         if self.is_regex:
-            object.__setattr__(self, "_regex", re.compile(self.text[3:]))
+            object.__setattr__(self, "_regex", compile_checked(self.text[3:]))  # costly shapes refused
 
     @property
     def is_regex(self) -> bool:

@@ -23,9 +23,10 @@ from typing import Any, Optional
 
 from ..errors import did_you_mean
 from .choices import predicate_keys
-from .fields import Ctx, KeyPath, as_mapping, check_keys, int_value, number_value, tristate, wrong_type
+from .fields import MAX_VALUE, Ctx, KeyPath, as_mapping, check_keys, int_value, number_value, tristate, wrong_type
 from .names import extend
 from .replace_keys import replace_values
+from .regex_cost import UnsafeRegexError
 from .schema import (
     GraphPredicates,
     Kernel,
@@ -49,6 +50,10 @@ SELECT_FIXED_KEYS: tuple[str, ...] = (
     "regions", "when_no_region_matches", "include", "exclude", "output_stride",
 )
 OVERRIDE_KEYS: tuple[str, ...] = ("match", "replace", "skip")
+#: latency: the largest min_speedup (a bound, not a goal: a test keeps a conv dense with 1000) and rounds/warmup (each round times every candidate).
+MAX_MIN_SPEEDUP = 1e6
+MAX_ROUNDS = 10_000
+
 _KERNEL_RE = re.compile(r"^\s*(\d+)\s*(?:[x×X*]\s*(\d+)\s*)?(?:[x×X*]\s*(\d+)\s*)?$")
 #: ``select.groups: any`` / ``select.transposed: any``
 ANY = "any"
@@ -108,13 +113,14 @@ def _latency(ctx: Ctx, value: Any) -> Optional[LatencySpec]:
         v = data["min_speedup"]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise wrong_type(ctx, (*path, "min_speedup"), v, "a number > 0, e.g. 1.1")
-        if not v > 0:
-            raise ctx.error((*path, "min_speedup"), f"{v!r} is out of range: must be > 0 (1.1 = at least 10% faster).")
+        if not 0 < v <= MAX_MIN_SPEEDUP:  # NaN fails both
+            raise ctx.error((*path, "min_speedup"), f"{v!r} is out of range: must be > 0 and ≤ {MAX_MIN_SPEEDUP:g} "
+                            "(1.1 = at least 10% faster).")
         out["min_speedup"] = float(v)
     if data.get("rounds") is not None:
-        out["rounds"] = int_value(ctx, (*path, "rounds"), data["rounds"], minimum=1)
+        out["rounds"] = int_value(ctx, (*path, "rounds"), data["rounds"], minimum=1, maximum=MAX_ROUNDS)
     if data.get("warmup") is not None:
-        out["warmup"] = int_value(ctx, (*path, "warmup"), data["warmup"], minimum=0)
+        out["warmup"] = int_value(ctx, (*path, "warmup"), data["warmup"], minimum=0, maximum=MAX_ROUNDS)
     if data.get("channels_last") is not None:
         v = data["channels_last"]
         if not isinstance(v, bool):
@@ -144,8 +150,8 @@ def _pair(ctx: Ctx, path: KeyPath, value: Any, what: str) -> Kernel:
         pair = tuple(int(v) for v in value)
     else:
         raise wrong_type(ctx, path, value, expected)
-    if min(pair) < 1:
-        raise ctx.error(path, f"{value!r} is out of range: each {what} must be ≥ 1.")
+    if min(pair) < 1 or max(pair) > MAX_VALUE:
+        raise ctx.error(path, f"{value!r} is out of range: each {what} must be ≥ 1 and ≤ {MAX_VALUE}.")
     return pair
 
 
@@ -239,6 +245,8 @@ def _patterns(ctx: Ctx, path: KeyPath, value: Any, *, allow_empty: bool = True) 
             raise wrong_type(ctx, where, v, "a qualified-name glob like 'decoder.*' or a regex 're:...'")
         try:
             out.append(NamePattern(v.strip()))
+        except UnsafeRegexError as exc:
+            raise ctx.error(where, f"refused: {exc}") from None
         except re.error as exc:
             raise ctx.error(where, f"{v!r} is not a valid regex: {exc}. Escape literal dots as '\\.'; "
                             "or drop the 're:' prefix to use a glob.") from None

@@ -20,13 +20,14 @@ from typing import Any, Optional
 import yaml
 
 from ..errors import RecipeError
+from ..runtime.yaml_bounded import BoundedSafeLoader, YamlLimitError, load_bounded
 from .fields import KeyPath
 
 __all__ = ["read_yaml"]
 
 
-class _StrictSafeLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader (no Python tags), refusing duplicate keys."""
+class _StrictSafeLoader(BoundedSafeLoader):
+    """PyYAML's SafeLoader (no Python tags), refusing duplicate keys, with bounded depth and aliases."""
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
@@ -44,27 +45,37 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _key_lines(node: Optional[yaml.Node], path: KeyPath = (),
-               out: Optional[dict[KeyPath, int]] = None) -> dict[KeyPath, int]:
-    """Map each key path of a composed YAML document to its 1-based line."""
+def _key_lines(node: Optional[yaml.Node], path: KeyPath = (), out: Optional[dict[KeyPath, int]] = None,
+               seen: Optional[set[int]] = None) -> dict[KeyPath, int]:
+    """Map each key path of a composed YAML document to its 1-based line.
+
+    Memoised by node: a node reached again through an alias is not walked again (its keys'
+    lines are those under its anchor), so the walk is linear in the document, not its expansion.
+    """
     out = {} if out is None else out
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode):
                 sub = (*path, k.value)
                 out[sub] = k.start_mark.line + 1
-                _key_lines(v, sub, out)
+                _key_lines(v, sub, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out[(*path, i)] = v.start_mark.line + 1
-            _key_lines(v, (*path, i), out)
+            _key_lines(v, (*path, i), out, seen)
     return out
 
 
 def read_yaml(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
     try:
-        data = yaml.load(text, Loader=_StrictSafeLoader)  # a SafeLoader: no object construction
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        data, node = load_bounded(text, _StrictSafeLoader)  # a SafeLoader: no object construction
+        lines = _key_lines(node)
+    except YamlLimitError as exc:
+        raise RecipeError(f"{source}: refused: {exc}") from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         line = f", line {mark.line + 1}" if mark is not None else ""

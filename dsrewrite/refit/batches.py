@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError, did_you_mean
+from .batch_checks import check_batch
 
 __all__ = ["BatchError", "InputSpec", "input_spec", "model_inputs", "iter_inputs", "batch_size_of",
            "positional_count", "to_device", "check_iterable"]
@@ -68,6 +69,7 @@ class InputSpec:
     input_key: Optional[Hashable] = None
     input_fn: Optional[Callable[[Any], Any]] = None
     where: str = "calibration"
+    example: Any = None
 
 
 def _forward_params(model: nn.Module) -> Optional[list[inspect.Parameter]]:
@@ -125,7 +127,7 @@ def input_spec(
     else:
         keywords = tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
     return InputSpec(positional_count(model, example_inputs), keywords, isinstance(example_inputs, Mapping),
-                     input_key, input_fn, where)
+                     input_key, input_fn, where, example_inputs)
 
 
 def _describe(obj: Any, depth: int = 0) -> str:
@@ -172,6 +174,14 @@ def _convert(obj: Any) -> Any:
 
 
 def model_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
+    """:func:`_map_inputs`, then the values checked (:func:`~dsrewrite.refit.batch_checks.check_batch`:
+    real, non-empty, finite, the example's channels)."""
+    out = _map_inputs(batch, index, spec)
+    check_batch(out, index, spec.where, spec.example, BatchError)
+    return out
+
+
+def _map_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
     """The model's inputs for one user ``batch`` (the ``index``-th, for messages).
 
     Returns a tensor (one input), a tuple (positional inputs) or a dict (keyword inputs).
@@ -224,7 +234,7 @@ def model_inputs(batch: Any, index: int, spec: InputSpec) -> Any:
                     f"{did_you_mean(str(spec.input_key), keys)}. Hint: pass one of its keys as input_key."
                 )
             inner = InputSpec(n, spec.keywords, spec.kwargs_example, None, None, where)
-            return model_inputs(batch[spec.input_key], index, inner)
+            return _map_inputs(batch[spec.input_key], index, inner)
         names = [str(k) for k in batch]
         if (spec.kwargs_example or spec.keywords is None or all(k in spec.keywords for k in names)) \
                 and _leaves_ok(dict(batch)):

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UsageError, did_you_mean
+from ..runtime.input_files import check_alloc, input_file, is_missing, path_exists
+from .batch_checks import check_batch
 
 __all__ = ["open_calibration", "CalibrationData", "ImageFolderDataset", "example_inputs_for", "PRESETS",
            "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
@@ -51,6 +53,9 @@ PRESETS: dict[str, Optional[tuple[tuple[float, ...], tuple[float, ...]]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "none": None,
 }
+#: The smallest --calib-std value (dividing by less turns [0, 1] pixels into values near float32's range).
+MIN_STD = 1e-6
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ARRAY_SUFFIXES = (".npy",)
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -85,6 +90,11 @@ def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
         vals = ()
     if not vals:
         raise UsageError(f"--calib-{what} {text!r} is not a comma-separated list of numbers, e.g. 0.5,0.5,0.5")
+    lo, hi = (MIN_STD, 1e6) if what == "std" else (-1e6, 1e6)
+    bad = [v for v in vals if not (lo <= v <= hi)]  # NaN fails both comparisons
+    if bad:
+        raise UsageError(f"--calib-{what} {text!r}: {bad[0]!r} is out of range; each value must be a finite number "
+                         f"≥ {lo:g} and ≤ {hi:g}" + (" (a std of 0 divides by zero)." if bad[0] == 0 and what == "std" else "."))
     return vals
 
 
@@ -100,6 +110,7 @@ def _size(text: Union[str, Sequence[int], None], input_shape: Sequence[int]) -> 
             parts = parts * 2
         if len(parts) != 2 or min(parts) <= 0:
             raise UsageError(f"--calib-size {text!r} must be H,W (or one number), e.g. 256,256")
+        check_alloc((int(input_shape[1]) if len(input_shape) > 1 else 1, *parts), 4, "--calib-size (one image)")
         return parts[0], parts[1]
     h, w = text
     return int(h), int(w)
@@ -285,6 +296,10 @@ def _tensor_file(p: Path, input_shape: Optional[Sequence[int]], limit: Optional[
             "models) a list of batches each a tuple or dict. Hint: torch.save(torch.stack(images), 'calib.pt')."
         )
     for t in parts:
+        dtype = str(getattr(t, "dtype", ""))
+        if "complex" in dtype or dtype in ("bool", "torch.bool") or dtype.startswith(("<U", "|S", "object")):
+            raise UsageError(f"calibration file {str(p)!r} holds a tensor of dtype {dtype}; calibration data are "
+                             "real numbers (float, or integer pixels).")
         if input_shape is not None and (len(t.shape) != len(input_shape) or t.shape[1] != input_shape[1]):
             spatial = {3: ["L"], 4: ["H", "W"], 5: ["D", "H", "W"]}.get(len(input_shape), ["..."])
             want = ", ".join(["N", str(input_shape[1]), *spatial])
@@ -337,12 +352,16 @@ def open_calibration(
         UsageError: missing path, empty folder, unreadable file, channel count that does not match,
             a preset for another channel count, bad mean/std/size.
     """
+    _floats(mean, "mean"), _floats(std, "std")  # checked whatever the data holds (they apply to images)
+    if input_shape is not None and len(input_shape) >= 2 and (mean is not None or std is not None):
+        _normalisation(int(input_shape[1]), preset, mean, std)  # value counts against the channels
     p = Path(path)
-    if str(path) == DEMO_DATA and not p.exists():
+    if str(path) == DEMO_DATA and not path_exists(p):
         return _demo_images(input_shape, size, limit, batch_size)
-    if not p.exists():
+    if is_missing(p):
         raise UsageError(f"calibration data {str(p)!r} does not exist. Hint: pass a folder of images or a "
                          ".pt/.npy/.npz tensor file.")
+    p = input_file(p, "calibration data", folder_ok=True)  # FIFOs, devices, names too long, unreadable
     if limit is not None and limit < 1:
         raise UsageError(f"calibration limit must be >= 1, got {limit}.")
     channels = int(input_shape[1]) if input_shape is not None and len(input_shape) >= 2 else None
@@ -445,9 +464,11 @@ def example_inputs_for(
     if input_shape is not None:
         raise UsageError("pass --input-shape or --example-inputs, not both (the file gives the shapes).")
     p = Path(path)
-    if not p.is_file():
+    if is_missing(p):
         raise UsageError(f"--example-inputs {str(p)!r} does not exist. Hint: torch.save((sample, timestep), FILE).")
+    p = input_file(p, "--example-inputs")
     obj = _read_example(p)
+    check_batch(obj, 0, f"--example-inputs {str(p)!r}", None)  # real, non-empty, finite
     if isinstance(obj, Mapping):
         obj = _as_positional(model, dict(obj), p)
     dev, dtype = device_dtype(model)

@@ -238,7 +238,7 @@ def calibrate(
             f"calibrate(activation={activation!r}): expected one of {list(_ACTIVATION_MODES)}"
             f"{did_you_mean(str(activation), _ACTIVATION_MODES)}."
         )
-    if max_positions < 1 or ridge < 0 or alternate < 0 or max_joint_dim < 0:
+    if max_positions < 1 or not 0 <= ridge < math.inf or alternate < 0 or max_joint_dim < 0:
         raise CalibrationUsageError(
             f"calibrate: need max_positions >= 1, ridge >= 0, alternate >= 0, max_joint_dim >= 0; got "
             f"max_positions={max_positions}, ridge={ridge}, alternate={alternate}, max_joint_dim={max_joint_dim}."

@@ -272,8 +272,8 @@ def heal(
     t0 = time.perf_counter()
     if not isinstance(steps, int) or steps < 0:
         raise CalibrationUsageError(f"heal: steps must be an int >= 0, got {steps!r}.")
-    if not lr > 0 or layer_weight < 0:
-        raise CalibrationUsageError(f"heal: need lr > 0 and layer_weight >= 0, got lr={lr}, layer_weight={layer_weight}.")
+    if not 0 < lr < math.inf or not 0 <= layer_weight < math.inf:  # NaN and inf refused too
+        raise CalibrationUsageError(f"heal: need a finite lr > 0 and layer_weight >= 0, got lr={lr}, layer_weight={layer_weight}.")
     for opt_name, value, options in (("trainable", trainable, TRAINABLE), ("schedule", schedule, SCHEDULES),
                                      ("output_loss", output_loss, OUTPUT_LOSSES)):
         if value not in options:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..errors import UnsupportedModelError
+from ..errors import InputShapeError, UnsupportedModelError
+from .input_files import check_alloc
 
 __all__ = [
     "Preflight",
@@ -209,5 +210,9 @@ def example_input(model: nn.Module, input_shape: Sequence[int] = (1, 3, 224, 224
         torch.Size([1, 3, 8, 8])
     """
     device, dtype = device_dtype(model)
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise InputShapeError(f"input shape {shape} needs positive sizes, e.g. (1, 3, 224, 224).")
+    check_alloc(shape, 4, "input shape", error=InputShapeError)  # drawn in float32 first: refused before allocating
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(int(s) for s in input_shape), generator=g).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
