@@ -51,7 +51,7 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
           save_format: Optional[str], **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
-    from ..io import check_output_path, default_output_path, plan_path_for, save_rewrite
+    from ..io import check_outputs, default_output_path, plan_path_for, save_rewrite
     from ..report import render_table, save_plot, save_report
 
     if save_format is None:
@@ -62,12 +62,11 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     if save_format == "safetensors" and out_path.suffix != ".safetensors":
         raise UsageError(f"-o {out_path}: --save-format safetensors needs a .safetensors output name.")
     input_path = Path(model) if Path(model).exists() else None
-    if not dry_run:
-        check_output_path(out_path, input_path=input_path, force=force)
-        check_output_path(plan_path_for(out_path), input_path=input_path, force=force)
-    for extra in (report_path, plot_path):
-        if extra:
-            check_output_path(Path(extra), input_path=input_path, force=True)
+    check_outputs({"-o": None if dry_run else out_path, "the plan sidecar": None if dry_run else plan_path_for(out_path),
+                   "--report": report_path, "--plot": plot_path},
+                  inputs={"MODEL": input_path, "--recipe": recipe if Path(recipe).is_file() else None,
+                          "--calib": calib, "--example-inputs": example_inputs},
+                  force=force, replaceable=("--report", "--plot"))  # all together, before any work
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     calib_data = None
