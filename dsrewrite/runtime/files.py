@@ -71,6 +71,9 @@ def _write_failed(path: Path, exc: BaseException) -> OutputError:
     if full:
         why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
         return OutputError(f"could not write {path}: the disk is full{why}. {kept}; free space or choose another -o.")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return OutputError(f"could not write {path}: {exc.strerror} (over the file size limit, `ulimit -f`, or the "
+                           f"file system's largest file). {kept}; raise the limit or choose another -o.")
     if isinstance(exc, OSError):
         return OutputError(f"could not write {path}: {exc.strerror or exc}. {kept}; choose another -o.")
     if isinstance(exc, (pickle.PicklingError, AttributeError, TypeError)):
@@ -91,6 +94,29 @@ def _low_space(path: Path) -> bool:
         return False
 
 
+class _RecordingFile:
+    """A file object that remembers the first ``OSError`` its ``write`` raised, else behaves as the file.
+
+    ``torch.save`` catches a failed write of its stream and raises ``RuntimeError("... unexpected
+    pos ...")`` instead, losing the cause (ENOSPC, EFBIG); the writer re-raises the recorded one.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], *registers: list[Path]) -> Path:
     """Write one temp file beside ``path`` (flushed, fsync'ed, with ``path``'s mode if it exists).
 
@@ -100,8 +126,14 @@ def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], *registers: list[
     for register in registers:
         register.append(tmp)
     with os.fdopen(fd, "wb") as f:
-        write(f)
-        f.flush()
+        rec = _RecordingFile(f)
+        try:
+            write(rec)  # type: ignore[arg-type]
+            f.flush()
+        except Exception as exc:
+            if rec.error is not None and not isinstance(exc, OSError):
+                raise rec.error from exc  # torch.save's "unexpected pos" hides the write's ENOSPC/EFBIG
+            raise
         os.fsync(f.fileno())
     if path.exists():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
