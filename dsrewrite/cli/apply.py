@@ -81,7 +81,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))
     result = rewrite_with_plan(loaded.model, p, x, calibration=calib_data.loader if calib_data else None,
                                calibration_options={"activation": calib_activation}, benchmark=benchmark,
-                               task_metric=loaded.task_metric)
+                               task_metric=loaded.task_metric,
+                               share_weights=True)  # the loaded model is ours: no second copy (memory)
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)
