@@ -27,6 +27,7 @@ from .planning.planner import NothingSelectedWarning, RecipeLike, plan as make_p
 from .measure.task import TaskMetric, TaskScores
 from .planning.types import Plan
 from .recipe import load_recipe
+from .runtime.memory import release_free_memory
 from .runtime.preflight import Preflight, example_input, preflight
 from .runtime.preflight import unwrap_for_rewrite  # noqa: F401  (dsrewrite.api.unwrap_for_rewrite, old path)
 
@@ -166,6 +167,7 @@ def _carry_out(
 
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
                                  example_inputs=example_inputs, **calib_options)
+        release_free_memory()  # what calibration freed, before the report's forward passes (peak memory)
     report = None
     if with_report:
         from .report import build_report
