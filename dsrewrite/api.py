@@ -27,6 +27,7 @@ from .planning.planner import NothingSelectedWarning, RecipeLike, plan as make_p
 from .measure.task import TaskMetric, TaskScores
 from .planning.types import Plan
 from .recipe import load_recipe
+from .runtime.memory import release_free_memory
 from .runtime.preflight import Preflight, example_input, preflight
 from .runtime.preflight import unwrap_for_rewrite  # noqa: F401  (dsrewrite.api.unwrap_for_rewrite, old path)
 
@@ -92,8 +93,14 @@ def rewrite_with_plan(
     with_report: bool = True,
     benchmark: bool = False,
     task_metric: Optional[TaskMetric] = None,
+    share_weights: bool = False,
 ) -> RewriteResult:
     """Carry out an existing plan, calibrate if batches are given, and build the report.
+
+    ``share_weights=True``: the result holds ``model``'s own tensors for the layers it keeps
+    (no copy; ``model`` keeps its modules but shares those tensors, so changing one changes
+    both). For callers that drop ``model`` afterwards, as ``dsrewrite apply`` does: the peak
+    memory is then the model plus the new blocks, not two models.
 
     ``task_metric`` (a :class:`~dsrewrite.measure.task.TaskMetric`: a name and ``model -> float`` on the
     user's labelled data) is measured on the original, right after the SVD rewrite and after calibration,
@@ -118,7 +125,7 @@ def rewrite_with_plan(
     calib_options = check_options(calibration_options)  # the options first, then the model, as before
     return _carry_out(preflight(model, inplace=inplace), plan, example_inputs, calibration=calibration,
                       calib_options=calib_options, inplace=inplace, with_report=with_report, benchmark=benchmark,
-                      task_metric=task_metric)
+                      task_metric=task_metric, share_weights=share_weights)
 
 
 def _carry_out(
@@ -132,6 +139,7 @@ def _carry_out(
     with_report: bool,
     benchmark: bool,
     task_metric: Optional[TaskMetric] = None,
+    share_weights: bool = False,
 ) -> RewriteResult:
     """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`,
     with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`)."""
@@ -151,7 +159,7 @@ def _carry_out(
     needs_original = inplace and (calib_batches is not None or with_report)
     original = copy.deepcopy(inner) if needs_original or (inplace and task_metric) else inner
     task_original = task_metric(original) if task_metric else None
-    rewritten = apply_checked(inner, plan, inplace=inplace)
+    rewritten = apply_checked(inner, plan, inplace=inplace, share_weights=share_weights)
     task_svd = task_metric(rewritten) if task_metric else None
     calib_result = None
     if calib_batches:
@@ -159,6 +167,7 @@ def _carry_out(
 
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
                                  example_inputs=example_inputs, **calib_options)
+        release_free_memory()  # what calibration freed, before the report's forward passes (peak memory)
     report = None
     if with_report:
         from .report import build_report

@@ -585,11 +585,22 @@ def test_failure_between_the_two_renames_rolls_back(out_dir: Path, monkeypatch: 
 
 
 def test_failure_between_the_renames_removes_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --force each file is placed by os.link (an exclusive create): the plan's fails after the model's."""
     torch.save(small_net(), tmp_path / "net.pt")
-    _fail_second_replace(monkeypatch)
+    real_link = os.link
+    calls: list[str] = []
+
+    def plan_link_fails(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        calls.append(str(dst))
+        if str(dst).endswith("light.plan.json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", plan_link_fails)
     r = run_cli(["apply", tmp_path / "net.pt", "--recipe", "all_3x3", "--input-shape", SHAPE_ARG,
                  "-o", tmp_path / "light.pt"])
     assert_clean_cli_error("rename failed (new files)", r, ("could not write",))
+    assert [Path(c).name for c in calls] == ["light.pt", "light.plan.json"], calls
     assert listing(tmp_path) == ["net.pt"]
 
 

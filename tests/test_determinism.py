@@ -145,6 +145,28 @@ def test_cli_apply_twice_writes_identical_files(model_file: Path, tmp_path: Path
     assert reports[0] == reports[1], "the report JSON differs between runs"
 
 
+def test_report_with_calibration_is_identical_outside_timing(model_file: Path, tmp_path: Path) -> None:
+    """With --calib the report holds a wall-clock time; it is in "timing", and the rest is byte-identical."""
+    import json
+
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)), calib)
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "light.pt"
+        out.parent.mkdir()
+        r = CliRunner().invoke(main, ["apply", str(model_file), "--recipe", "all_3x3", "--input-shape", "1,3,32,32",
+                                      "--calib", str(calib), "-o", str(out), "--report", str(out.parent / "r.json")],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads((out.parent / "r.json").read_bytes()))
+    for rep in reports:  # the report did calibrate, and timed it: else this test could not fail
+        assert rep["calibration"]["images"] == 6 and "seconds" not in rep["calibration"]
+        assert rep["timing"]["calibration_seconds"] > 0
+    rest = [json.dumps({k: v for k, v in rep.items() if k != "timing"}, indent=2).encode() for rep in reports]
+    assert rest[0] == rest[1], "the report JSON differs between runs outside its timing section"
+
+
 _CHILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})

@@ -115,7 +115,7 @@ def test_totals_are_layers_plus_other_and_regions_sum(setup: tuple) -> None:
 def test_reductions_and_json_schema(setup: tuple) -> None:
     _, _, _, _, rep = setup
     d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
-    assert d["schema_version"] == 1 and d["kind"] == "rewrite" and d["capture"] == "fx" and d["recipe"] == "hand_made"
+    assert d["schema_version"] == 2 and d["kind"] == "rewrite" and d["capture"] == "fx" and d["recipe"] == "hand_made"
     tb, ta = d["totals"]["before"], d["totals"]["after"]
     for k in ("params", "macs", "flops"):
         assert isinstance(tb[k], int) and isinstance(ta[k], int)

@@ -52,7 +52,7 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
           save_format: Optional[str], **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
-    from ..io import check_output_path, default_output_path, plan_path_for, save_rewrite
+    from ..io import check_outputs, default_output_path, plan_path_for, save_rewrite
     from ..report import render_table, save_plot, save_report
 
     if save_format is None:
@@ -63,12 +63,11 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     if save_format == "safetensors" and out_path.suffix != ".safetensors":
         raise UsageError(f"-o {out_path}: --save-format safetensors needs a .safetensors output name.")
     input_path = Path(model) if path_exists(model) else None
-    if not dry_run:
-        check_output_path(out_path, input_path=input_path, force=force)
-        check_output_path(plan_path_for(out_path), input_path=input_path, force=force)
-    for extra in (report_path, plot_path):
-        if extra:
-            check_output_path(Path(extra), input_path=input_path, force=True)
+    check_outputs({"-o": None if dry_run else out_path, "the plan sidecar": None if dry_run else plan_path_for(out_path),
+                   "--report": report_path, "--plot": plot_path},
+                  inputs={"MODEL": input_path, "--recipe": recipe if path_exists(recipe) else None,
+                          "--calib": calib, "--example-inputs": example_inputs},
+                  force=force, replaceable=("--report", "--plot"))  # all together, before any work
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     calib_data = None
@@ -88,7 +87,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))
     result = rewrite_with_plan(loaded.model, p, x, calibration=calib_data.loader if calib_data else None,
                                calibration_options={"activation": calib_activation}, benchmark=benchmark,
-                               task_metric=loaded.task_metric)
+                               task_metric=loaded.task_metric,
+                               share_weights=True)  # the loaded model is ours: no second copy (memory)
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)

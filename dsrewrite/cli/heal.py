@@ -10,7 +10,6 @@ import click
 
 from ..runtime.input_files import path_exists
 from .common import (positive_float, handle_errors, example_inputs_of, load_model_arg, model_options, RegistryChoice, presets, trust_warnings)
-from ..errors import UsageError
 
 
 @click.command()
@@ -41,15 +40,11 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     """Distil the original MODEL into the rewritten model for a few steps (no labels)."""
     from ..calib_data import open_calibration
     from ..heal import heal as heal_fn
-    from ..io import atomic_save, check_output_path, load_model
+    from ..io import atomic_save, check_outputs, load_model
 
-    inputs = [Path(rewritten)] + ([Path(model)] if path_exists(model) else [])
-    outputs = [Path(output)] + ([Path(checkpoint)] if checkpoint and not resume else [])
-    for out in outputs:  # every output checked before any work: never an input, never clobbered silently
-        for inp in inputs:
-            check_output_path(out, input_path=inp, force=force)
-    if checkpoint and Path(checkpoint).resolve() == Path(output).resolve():
-        raise UsageError(f"--checkpoint {checkpoint} is also -o: the checkpoint and the healed model need two files.")
+    check_outputs({"-o": output, "--checkpoint": checkpoint},  # all together, before any work
+                  inputs={"MODEL": model if path_exists(model) else None, "--rewritten": rewritten, "--data": data if path_exists(data) else None},
+                  force=force, replaceable=("--checkpoint",) if resume else ())  # --resume continues it
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     with trust_warnings():
@@ -61,7 +56,7 @@ def heal(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Opt
     before = metric(student) if metric is not None else None
     result = heal_fn(student, loaded.model, source.loader, steps=steps, lr=lr, checkpoint=checkpoint,
                      resume=resume, progress=sys.stderr.isatty(), example_inputs=x)
-    atomic_save(student, Path(output))
+    atomic_save(student, Path(output), overwrite=force)
     hist = getattr(result, "losses", None) or []
     if hist:
         click.echo(f"distillation loss {hist[0]:.4g} -> {hist[-1]:.4g} over {len(hist)} steps "

@@ -9,7 +9,7 @@ Example:
 from .arch import ArchSpec, arch_spec, build_arch, parse_arch_args
 from .load import LoadedModel, load_model
 from .safe_pickle import restricted_torch_load
-from .paths import check_output_path, default_output_path, plan_path_for
+from .paths import check_output_path, check_outputs, default_output_path, plan_path_for
 from .save import atomic_save, atomic_write_bytes, load_rewrite, save_rewrite
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "check_output_path",
+    "check_outputs",
     "default_output_path",
     "plan_path_for",
     "save_rewrite",

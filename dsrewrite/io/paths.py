@@ -9,32 +9,55 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Mapping, Optional
 
 from ..errors import OutputError
-from ..runtime.files import PathLike, create_temp
+from ..runtime.files import PathLike
 from ..runtime.input_files import path_exists
+from ..runtime.temp_files import create_temp
 
-__all__ = ["check_output_path", "default_output_path", "plan_path_for"]
+__all__ = ["check_output_path", "check_outputs", "default_output_path", "plan_path_for"]
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+    """Same file: equal resolved paths (symlinks followed), or equal (st_dev, st_ino) (hard links)."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: compared by inode below, if both exist
+        pass
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
         return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None, force: bool = False) -> Path:
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """What ``path`` is if it exists (symlinks followed) and is not a regular file, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None, force: bool = False,
+                      option: str = "-o") -> Path:
     """Refuse an output path that cannot or must not be written; return it as a ``Path``.
 
     Refused, each with an :class:`~dsrewrite.errors.OutputError`: the input file
-    itself (symlinks and hard links resolved; even with ``force``), a directory,
-    an existing file without ``force``, a missing parent directory, and a
-    directory where no file can be created (probed by creating and removing a
+    itself (symlinks and hard links resolved; even with ``force``), a directory, a
+    device node, FIFO or socket (even with ``force``), an existing file without
+    ``force``, a missing parent directory, and a directory where no file can be created (probed by creating and removing a
     temporary file, so it is right for root and read-only mounts too).
 
     Example:
@@ -49,16 +72,20 @@ def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None
     """
     out = Path(output)
     if input_path is not None and _same_file(out, Path(input_path)):
-        raise OutputError(f"output {out} is the input model file; it is never overwritten: choose another -o.")
-    if out.is_dir():
-        raise OutputError(f"output {out} is a directory; pass a file path to -o (e.g. {out / 'model.ds.pt'}).")
+        raise OutputError(f"output {out} is the input model file; it is never overwritten: choose another {option}.")
+    what = _not_regular(out)
+    if what == "a directory":
+        raise OutputError(f"output {out} is a directory; pass a file path to {option} (e.g. {out / 'model.ds.pt'}).")
+    if what is not None:
+        raise OutputError(f"output {out} is {what}, not a regular file; it is never replaced, even with --force: "
+                          f"choose another {option}.")
     if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"output {out} already exists: pass --force to overwrite it, or choose another -o.")
+        raise OutputError(f"output {out} already exists: pass --force to overwrite it, or choose another {option}.")
     parent = out.absolute().parent
     if not parent.exists():
-        raise OutputError(f"output directory {parent} does not exist: create it, or choose another -o.")
+        raise OutputError(f"output directory {parent} does not exist: create it, or choose another {option}.")
     if not parent.is_dir():
-        raise OutputError(f"output {out}: {parent} is not a directory; choose another -o.")
+        raise OutputError(f"output {out}: {parent} is not a directory; choose another {option}.")
     try:
         fd, tmp = create_temp(parent / out.name)
         os.close(fd)
@@ -66,9 +93,56 @@ def check_output_path(output: PathLike, *, input_path: Optional[PathLike] = None
     except OSError as exc:
         raise OutputError(
             f"output directory {parent} is not writable ({type(exc).__name__}: {exc.strerror or exc}): "
-            "choose another -o."
+            f"choose another {option}."
         ) from exc
     return out
+
+
+def check_outputs(outputs: Mapping[str, Optional[PathLike]], *, inputs: Optional[Mapping[str, Optional[PathLike]]] = None,
+                  force: bool = False, replaceable: Collection[str] = ()) -> dict[str, Path]:
+    """Check every output path of one command together, before any work; return them as ``Path`` s.
+
+    ``outputs`` maps a label (how the user named it: ``"-o"``, ``"--report"``, ``"the plan
+    sidecar"``) to a path (``None``: not requested); ``inputs`` likewise for files the command
+    reads. Each output must pass :func:`check_output_path` (a regular file or new, parent
+    writable, existing only with ``force``; those labelled in ``replaceable`` may always be
+    replaced); no output may be the same file as an input or as another output (resolved
+    paths, symlinks, hard links by ``st_dev``/``st_ino``).
+
+    Raises:
+        OutputError: the first problem found, naming both labels and paths where two collide.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / "m.pt").write_bytes(b"x") and None
+        >>> check_outputs({"-o": d / "o.pt", "--report": d / "o.pt"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.OutputError: --report .../o.pt is the same file as -o .../o.pt: each output needs its own file; ...
+        >>> sorted(check_outputs({"-o": d / "o.pt", "--report": None}, inputs={"MODEL": d / "m.pt"}))
+        ['-o']
+    """
+    outs = {label: Path(p) for label, p in outputs.items() if p is not None}
+    ins = {label: Path(p) for label, p in (inputs or {}).items() if p is not None}
+    for label, out in outs.items():
+        for in_label, inp in ins.items():
+            if _same_file(out, inp):
+                raise OutputError(f"{label} {out} is the same file as the input {in_label} {inp}; an input is never "
+                                  f"overwritten: choose another {label}.")
+    seen: list[tuple[str, Path]] = []
+    for label, out in outs.items():
+        for other_label, other in seen:
+            if _same_file(out, other):
+                raise OutputError(f"{label} {out} is the same file as {other_label} {other}: each output needs its "
+                                  f"own file; choose another {label}.")
+        seen.append((label, out))
+    for label, out in outs.items():
+        try:
+            check_output_path(out, force=force or label in replaceable,
+                              option=label if label.startswith("-") else "-o")
+        except OutputError as exc:
+            raise OutputError(str(exc) if label == "-o" else f"{label}: {exc}") from None
+    return outs
 
 
 _KEEP_SUFFIXES = (".pt", ".pth")

@@ -79,7 +79,9 @@ def save_rewrite(
     Both paths are checked (:func:`check_output_path`) before anything is
     written, and the pair is written all-or-nothing: both temp files are written
     and fsync'ed before either replaces its destination, so a failure (disk full)
-    leaves no new file, no temp file, and any previous files unchanged. Reload with :func:`dsrewrite.io.load_model`
+    leaves no new file, no temp file, and any previous files unchanged. Without
+    ``force`` each file is placed by an exclusive create, so a file another process
+    created meanwhile is never replaced (:class:`OutputError` instead). Reload with :func:`dsrewrite.io.load_model`
     (full module) or :func:`load_rewrite` (fresh architecture + plan + weights).
 
     Example:
@@ -108,7 +110,7 @@ def save_rewrite(
         write_weights: Callable[[IO[bytes]], Any] = lambda f: f.write(blob)  # noqa: E731
     else:
         write_weights = lambda f: torch.save(model, f)  # noqa: E731
-    atomic_write_all([(weights, write_weights), (plan_file, lambda f: f.write(data))])
+    atomic_write_all([(weights, write_weights), (plan_file, lambda f: f.write(data))], overwrite=force)
     return weights, plan_file
 
 

@@ -58,6 +58,18 @@ def _copy_without_replaced_weights(model: nn.Module, plan: Plan) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that holds the very same parameter and buffer tensors (none copied).
+
+    Swapping a conv in the copy leaves the original's module in place; but any in-place
+    change to a tensor the two share shows in both. For callers that only read the
+    original afterwards (the CLI: a teacher and a reference, both run in eval mode under
+    ``no_grad``) and then drop it.
+    """
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Optional[str] = None) -> nn.Module:
     """Return ``model`` with every ``replace`` entry of ``plan`` swapped in.
 
@@ -75,8 +87,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Opt
     return apply_checked(model, plan, inplace=inplace, init=init)
 
 
-def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Optional[str] = None) -> nn.Module:
-    """:func:`apply_plan` for a model :func:`~dsrewrite.runtime.preflight.preflight` has already checked."""
+def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: Optional[str] = None,
+                  share_weights: bool = False) -> nn.Module:
+    """:func:`apply_plan` for a model :func:`~dsrewrite.runtime.preflight.preflight` has already checked.
+
+    ``share_weights=True`` (not in place): the result holds the original's tensors for every
+    layer it keeps instead of copies (:func:`_copy_sharing_tensors`): no second copy of the model.
+    """
     modules = dict(model.named_modules())
     for e in plan.replaced:
         if e.name not in modules:
@@ -112,7 +129,8 @@ def apply_checked(model: nn.Module, plan: Plan, *, inplace: bool = False, init: 
                 "(init 'svd'). Load the weights first, or pass init='random' for a structure-only rewrite."
             )
     check_finite_weights(model, [e.name for e in plan.replaced if (init or (e.config and e.config.init)) == "svd"])
-    target = model if inplace else _copy_without_replaced_weights(model, plan)
+    target = model if inplace else _copy_sharing_tensors(model) if share_weights else \
+        _copy_without_replaced_weights(model, plan)
     done: dict[int, nn.Module] = {}
     try:
         for e in plan.replaced:

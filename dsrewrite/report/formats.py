@@ -129,7 +129,7 @@ def save_report(rep: Report, path: Union[str, "os.PathLike[str]"]) -> Path:
         >>> rep = build_plan_report(nn.Conv2d(3, 4, 3), Plan((), "all_3x3", "fx"), torch.zeros(1, 3, 5, 5))
         >>> with tempfile.TemporaryDirectory() as d:
         ...     json.loads(save_report(rep, f"{d}/r.json").read_text())["schema_version"]
-        1
+        2
     """
     p = Path(path)
     renderer = check_report_path(p)

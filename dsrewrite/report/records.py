@@ -20,7 +20,7 @@ from ..macs import NOT_COUNTED
 __all__ = ["REPORT_SCHEMA_VERSION", "UNITS", "Cost", "LayerRow", "RegionRow", "Report", "reduction", "finite"]
 
 #: Version of the JSON schema of :meth:`Report.to_dict` (see docs/report.md).
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 UNITS = {
     "macs": "multiply-accumulates of conv and linear layers (bias excluded) for one forward on input_shape",
@@ -152,7 +152,12 @@ class Report:
         return self.totals_after.macs / self.totals_before.macs if self.totals_before.macs else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The stable JSON-ready form (see ``docs/report.md``); non-finite floats become ``None``."""
+        """The stable JSON-ready form (see ``docs/report.md``); non-finite floats become ``None``.
+
+        Wall-clock measurements are kept apart, so that identical runs give identical JSON
+        outside them: ``"timing"`` (how long calibration took) and ``"latency"`` (only with
+        ``benchmark=True``).
+        """
         d: dict[str, Any] = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "kind": self.kind,
@@ -180,7 +185,11 @@ class Report:
             "latency": None,
             "calibration": _plain(self.calibration),
             "task": _plain(self.task),
+            "timing": {"calibration_seconds": None},
         }
+        if isinstance(d["calibration"], dict) and "seconds" in d["calibration"]:  # wall clock: kept apart
+            d["timing"]["calibration_seconds"] = d["calibration"]["seconds"]
+            d["calibration"] = {k: v for k, v in d["calibration"].items() if k != "seconds"}
         if self.latency:
             d["latency"] = {k: self.latency[k].to_dict() if k in self.latency else None
                             for k in ("eager_nchw", "channels_last")}

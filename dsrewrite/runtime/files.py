@@ -1,10 +1,17 @@
-"""Atomic file writes: a temp file beside the destination, flushed, fsync'ed, then ``os.replace``'d.
+"""Atomic file writes: a temp file beside the destination, flushed, fsync'ed, then moved into place.
 
 A reader sees the old file or the new one, never a partial one; a failed write removes
 its temporary file and leaves any previous file untouched; a failure names the real
 cause (a full disk, another OS error, an object pickle cannot save) in one line.
 The one copy of the atomic writer: saving a rewrite, reports, heal checkpoints and
 ONNX files all go through it.
+
+Temp files are named ``.NAME.dsrewrite-<pid>-<hex>.tmp`` (:mod:`.temp_files`); SIGTERM
+and SIGHUP during a write remove them before the process ends, and a write to a path
+first removes the stale ones a killed (SIGKILL) writer of that path left behind.
+With ``overwrite=False`` the final step is an exclusive create (``os.link`` of the temp
+file, or ``O_EXCL`` + copy where hard links are unsupported), so of two writers racing
+for a new path exactly one succeeds and the other gets an :class:`OutputError`.
 
 Example:
     >>> import tempfile
@@ -19,7 +26,6 @@ import contextlib
 import errno
 import os
 import pickle
-import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -28,21 +34,11 @@ from typing import IO, Any, Callable, Iterator, Optional, Union
 import torch
 
 from ..errors import OutputError
+from .temp_files import create_temp, remove_stale_temps, removed_on_signals, temp_name
 
 __all__ = ["atomic_output", "atomic_write", "atomic_write_all", "atomic_write_bytes", "atomic_save", "create_temp"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def create_temp(path: Path) -> tuple[int, Path]:
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            # mode 0o666 minus the umask, like open(path, "wb") would give
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -75,6 +71,9 @@ def _write_failed(path: Path, exc: BaseException) -> OutputError:
     if full:
         why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
         return OutputError(f"could not write {path}: the disk is full{why}. {kept}; free space or choose another -o.")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return OutputError(f"could not write {path}: {exc.strerror} (over the file size limit, `ulimit -f`, or the "
+                           f"file system's largest file). {kept}; raise the limit or choose another -o.")
     if isinstance(exc, OSError):
         return OutputError(f"could not write {path}: {exc.strerror or exc}. {kept}; choose another -o.")
     if isinstance(exc, (pickle.PicklingError, AttributeError, TypeError)):
@@ -95,13 +94,46 @@ def _low_space(path: Path) -> bool:
         return False
 
 
-def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], temps: list[Path]) -> Path:
-    """Write one temp file beside ``path`` (flushed, fsync'ed, with ``path``'s mode if it exists)."""
+class _RecordingFile:
+    """A file object that remembers the first ``OSError`` its ``write`` raised, else behaves as the file.
+
+    ``torch.save`` catches a failed write of its stream and raises ``RuntimeError("... unexpected
+    pos ...")`` instead, losing the cause (ENOSPC, EFBIG); the writer re-raises the recorded one.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _write_temp(path: Path, write: Callable[[IO[bytes]], Any], *registers: list[Path]) -> Path:
+    """Write one temp file beside ``path`` (flushed, fsync'ed, with ``path``'s mode if it exists).
+
+    The temp path is appended to each list of ``registers`` as soon as it exists.
+    """
     fd, tmp = create_temp(path)
-    temps.append(tmp)
+    for register in registers:
+        register.append(tmp)
     with os.fdopen(fd, "wb") as f:
-        write(f)
-        f.flush()
+        rec = _RecordingFile(f)
+        try:
+            write(rec)  # type: ignore[arg-type]
+            f.flush()
+        except Exception as exc:
+            if rec.error is not None and not isinstance(exc, OSError):
+                raise rec.error from exc  # torch.save's "unexpected pos" hides the write's ENOSPC/EFBIG
+            raise
         os.fsync(f.fileno())
     if path.exists():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
@@ -113,7 +145,7 @@ def _backup(path: Path) -> Optional[Path]:
     if not path.exists():
         return None
     for _ in range(100):
-        bak = path.parent / f".{path.name}.{secrets.token_hex(4)}.bak"
+        bak = temp_name(path, "bak")
         try:
             os.link(path, bak)
             return bak
@@ -124,36 +156,114 @@ def _backup(path: Path) -> Optional[Path]:
     return None  # pragma: no cover
 
 
-def atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]]) -> list[Path]:
-    """Write several files all-or-nothing: every temp file first, then ``os.replace`` them in order.
+#: ``os.link`` failures that mean "this file system has no hard links here": fall back to O_EXCL + copy.
+_NO_LINK = {errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOSYS, errno.EXDEV,
+            getattr(errno, "ENOTSUP", -1), getattr(errno, "EOPNOTSUPP", -1)}
+
+
+def _create_exclusive(tmp: Path, path: Path) -> None:
+    """Move the complete ``tmp`` to ``path`` only if ``path`` does not exist (``FileExistsError`` otherwise).
+
+    ``os.link`` is atomic and exclusive; where hard links are unsupported, ``path`` is
+    created with ``O_EXCL`` and the bytes copied (exclusive, though a reader may then
+    see it grow). ``tmp`` is removed either way once ``path`` is complete.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IMODE(tmp.stat().st_mode))
+        try:
+            with os.fdopen(fd, "wb") as dst, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, dst, 2**20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+    tmp.unlink()
+
+
+def _exists_error(path: Path) -> OutputError:
+    return OutputError(f"output {path} already exists (another process wrote it while this one worked): "
+                       "nothing was written; pass --force to overwrite it, or choose another -o.")
+
+
+def atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]], *, overwrite: bool = True) -> list[Path]:
+    """Write several files all-or-nothing: every temp file first, then move them into place in order.
 
     A failure while writing removes every temp file and changes nothing. A failure
-    while replacing (rare: the temp files are complete by then) puts back the
-    files already replaced, from hard-link backups, or removes them if they are new.
+    while moving (rare: the temp files are complete by then) puts back the files
+    already replaced, from hard-link backups, or removes them if they are new.
+    ``overwrite=False``: each file is placed by an exclusive create (:func:`_create_exclusive`);
+    if one exists by then (another writer), the files placed so far are removed and an
+    :class:`OutputError` says so. SIGTERM/SIGHUP during the call remove the temp files
+    (and, before the last file is in place, the new files already placed).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "b").write_bytes(b"old")
+        >>> atomic_write_all([(d / "a", lambda f: f.write(b"A")), (d / "b", lambda f: f.write(b"B"))],
+        ...                  overwrite=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dsrewrite.errors.OutputError: output .../b already exists (another process wrote it while this one worked): ...
+        >>> sorted(p.name for p in d.iterdir()), (d / "b").read_bytes()  # a was placed, then removed again
+        (['b'], b'old')
     """
     paths = [Path(p) for p, _ in items]
+    for path in paths:
+        remove_stale_temps(path)
+    cleanup: list[Path] = []  # what a SIGTERM/SIGHUP removes: temps, backups, new files placed so far
+    with removed_on_signals(cleanup):
+        temps = _write_all_temps(paths, items, cleanup)
+        _place_all(paths, temps, cleanup, overwrite)
+    for directory in {p.parent for p in paths}:
+        _fsync_dir(directory)
+    return paths
+
+
+def _write_all_temps(paths: list[Path], items: list[tuple[Path, Callable[[IO[bytes]], Any]]],
+                     cleanup: list[Path]) -> list[Path]:
     temps: list[Path] = []
     current = paths[0]
     try:
         for path, (_, write) in zip(paths, items):
             current = path
-            _write_temp(path, write, temps)
+            _write_temp(path, write, temps, cleanup)
     except BaseException as exc:
         for tmp in temps:
             _unlink_quietly(tmp)
         if isinstance(exc, Exception) and not isinstance(exc, OutputError):
             raise _write_failed(current, exc) from exc
         raise
-    done: list[tuple[Path, Optional[Path]]] = []  # (replaced path, backup of its previous content)
+    return temps
+
+
+def _place_all(paths: list[Path], temps: list[Path], cleanup: list[Path], overwrite: bool) -> None:
+    done: list[tuple[Path, Optional[Path]]] = []  # (placed path, backup of its previous content or None if new)
     backups: list[Path] = []
+    current = paths[0]
     try:
         for i, (path, tmp) in enumerate(zip(paths, temps)):
             current = path
-            bak = _backup(path) if i < len(paths) - 1 else None
-            if bak is not None:
-                backups.append(bak)
-            os.replace(tmp, path)
-            done.append((path, bak))
+            if overwrite:
+                existed = path.exists() or path.is_symlink()
+                bak = _backup(path) if i < len(paths) - 1 else None
+                if bak is not None:
+                    backups.append(bak)
+                    cleanup.append(bak)
+                os.replace(tmp, path)
+                if not existed:
+                    cleanup.append(path)
+                done.append((path, bak))
+            else:
+                _create_exclusive(tmp, path)
+                cleanup.append(path)
+                done.append((path, None))
     except BaseException as exc:
         for path, bak in reversed(done):
             try:
@@ -166,6 +276,8 @@ def atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]]) -> li
         for leftover in temps + backups:
             if leftover.exists():
                 _unlink_quietly(leftover)
+        if isinstance(exc, FileExistsError) and not overwrite:
+            raise _exists_error(current) from exc
         if isinstance(exc, Exception) and not isinstance(exc, OutputError):
             others = [str(p) for p in paths if p != current]
             err = _write_failed(current, exc)
@@ -173,16 +285,19 @@ def atomic_write_all(items: list[tuple[Path, Callable[[IO[bytes]], Any]]]) -> li
                 err = OutputError(f"{err} {', '.join(others)} left as before.")
             raise err from exc
         raise
+    finally:
+        cleanup.clear()  # past this point nothing of ours is left to remove
     for bak in backups:
         _unlink_quietly(bak)
-    for directory in {p.parent for p in paths}:
-        _fsync_dir(directory)
-    return paths
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write one file atomically: ``write(f)`` fills a temp file that then replaces ``path``; return the path."""
-    return atomic_write_all([(Path(path), write)])[0]
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any], *, overwrite: bool = True) -> Path:
+    """Write one file atomically: ``write(f)`` fills a temp file that then becomes ``path``; return the path.
+
+    ``overwrite=False``: an existing ``path`` (even one created meanwhile by another
+    process) is never replaced; :class:`OutputError` instead.
+    """
+    return atomic_write_all([(Path(path), write)], overwrite=overwrite)[0]
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
@@ -200,8 +315,8 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj, path)`` atomically; return the path.
+def atomic_save(obj: Any, path: PathLike, *, overwrite: bool = True) -> Path:
+    """``torch.save(obj, path)`` atomically; return the path (``overwrite``: as in :func:`atomic_write`).
 
     Raises:
         OutputError: the save failed; no partial file is left and a previous file is unchanged.
@@ -212,7 +327,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         >>> torch.load(p, weights_only=True)["w"]
         tensor([1., 1.])
     """
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -231,15 +346,17 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         (b'ok', ['out.bin'])
     """
     path = Path(path)
+    remove_stale_temps(path)
     fd, tmp = create_temp(path)
     os.close(fd)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
+        with removed_on_signals([tmp]):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             _unlink_quietly(tmp)
