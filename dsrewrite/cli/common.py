@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -30,9 +29,10 @@ def parse_shape(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[
 
 
 def progress(msg: str) -> None:
-    """Progress on a terminal, silence when piped."""
-    if sys.stderr.isatty():
-        click.echo(msg, err=True)
+    """Progress through the ``dsrewrite`` logger: shown on a terminal or with -v, silent when piped or -q."""
+    from ..runtime.log import get_logger
+
+    get_logger("cli").info(msg)
 
 
 class CliError(click.ClickException):
@@ -137,7 +137,7 @@ def inits() -> Sequence[str]:
 
 
 def presets() -> Sequence[str]:
-    from ..calib_data import PRESETS
+    from ..refit.choices import PRESETS  # torch-free: `--help` stays light
 
     return tuple(PRESETS)
 

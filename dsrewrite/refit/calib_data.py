@@ -43,14 +43,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UsageError, did_you_mean
+from .choices import PRESETS
 
 __all__ = ["open_calibration", "CalibrationData", "ImageFolderDataset", "example_inputs_for", "PRESETS",
            "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
 
-PRESETS: dict[str, Optional[tuple[tuple[float, ...], tuple[float, ...]]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "none": None,
-}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ARRAY_SUFFIXES = (".npy",)
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}

@@ -56,7 +56,8 @@ from .batches import batch_size_of, check_iterable, input_spec, model_inputs, to
 from .calibrate import CalibrationUsageError, replaced_names
 from .heal_state import CHECKPOINT_FORMAT, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .order import SeededBatches, stream
-from .schedule import SCHEDULES, make_scheduler
+from .choices import OUTPUT_LOSSES, SCHEDULES, TRAINABLE
+from .schedule import make_scheduler
 from ..errors import CalibrationError, did_you_mean
 from ..runtime.log import get_logger, say
 from ..runtime.run import call_model, flatten_outputs
@@ -65,9 +66,6 @@ from ..layers.dsconv import DepthwiseSeparableConv2d
 
 __all__ = ["heal", "HealResult", "HealStep", "init_distributed", "TRAINABLE", "SCHEDULES", "OUTPUT_LOSSES",
            "CHECKPOINT_FORMAT"]
-
-TRAINABLE: tuple[str, ...] = ("all", "replaced")
-OUTPUT_LOSSES: tuple[str, ...] = ("mse", "kl")
 
 _log = get_logger("heal")
 

@@ -23,14 +23,14 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+from .choices import SCHEDULES
+
+if TYPE_CHECKING:  # torch is imported where a scheduler is made: the names above stay light
+    import torch
 
 __all__ = ["SCHEDULES", "factor", "make_scheduler"]
-
-#: The accepted ``schedule`` names.
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
-
 
 def factor(step: int, steps: int, schedule: str, warmup: int) -> float:
     """The learning-rate multiplier of 1-based ``step`` (see the module docstring)."""
@@ -45,7 +45,9 @@ def factor(step: int, steps: int, schedule: str, warmup: int) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, *, steps: int, schedule: str, warmup: int
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
+                   ) -> "torch.optim.lr_scheduler.LambdaLR":
     """A ``LambdaLR`` that sets the rate of step ``s`` before the ``s``-th ``optimizer.step()``
     (call ``scheduler.step()`` after each)."""
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: factor(e + 1, steps, schedule, warmup))
