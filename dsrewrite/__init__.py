@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """dsrewrite: swap dense k×k convolutions in a trained PyTorch model for depthwise-separable ones.
 
 The data flow: capture → facts → recipe → plan → apply → report → save. The whole

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ``dsrewrite`` command line: parse, call the API, print. No logic lives here.
 
 Exit codes: 0 success, 1 the rewrite itself failed, 2 bad usage or input.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What every ``dsrewrite`` command shares: option groups, input parsing, loading, and the error mapping.
 
 Exit codes: 0 success, 1 the rewrite itself failed, 2 bad usage or input (see :class:`CliError`).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``dsrewrite heal``: distil the original into the rewritten model."""
 
 from __future__ import annotations

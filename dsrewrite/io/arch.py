@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Architecture specs: build a model with random weights from a spec and its arguments (never downloads).
 
 Spec forms:

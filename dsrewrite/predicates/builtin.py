@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The built-in graph predicates: after a concat, after an upsample, downstream of an upsample.
 
 "Comes from" looks through pass-through nodes (see :mod:`dsrewrite.graph`); each

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Data files for the CLI: calibration/healing batches and example inputs, read lazily.
 
 ``open_calibration(path, ...)`` reads

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Closed-form, label-free calibration of a rewritten model against its original.
 
 SVD gives the best separable kernel in WEIGHT space; on a trained network what

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Healing: a short, label-free distillation of the original model into the rewritten one.
 
 The original is the frozen teacher. The loss is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Text pieces the renderers share: compact counts, ratios, grids, the header and the fidelity/latency lines.
 
 Example:
