@@ -61,6 +61,8 @@ _LAZY: dict[str, str] = {
     "CalibrationResult": "dsrewrite.refit.results",
     "heal": "dsrewrite.refit.heal",
     "HealResult": "dsrewrite.refit.heal",
+    "HealStep": "dsrewrite.refit.heal",
+    "SeededBatches": "dsrewrite.refit.order",
     # report
     "build_report": "dsrewrite.report",
     # deploy

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +213,7 @@ def heal(
         checkpoint: file written atomically at the end (and every ``checkpoint_every`` steps), by rank 0.
         resume: continue from ``checkpoint`` (its step, weights, optimizer and scheduler states, RNG
             states, data position and history).
-        progress: print the progress lines to stderr (rank 0) when no ``logging`` handler shows them.
+        progress: print the progress lines to a terminal's stderr (rank 0) when no ``logging`` handler shows them.
         log_every: steps between progress lines (``dsrewrite.heal`` logger, INFO); default ~20 lines a run.
         callback: called with a :class:`HealStep` after every step, on every process.
         device: where to train; default: the student's device (``cuda:LOCAL_RANK`` under torchrun with CUDA).
@@ -365,7 +366,7 @@ def heal(
             })
 
         every = log_every or max(1, (steps - start) // 20)
-        show = progress and rank == 0
+        show = progress and rank == 0 and sys.stderr.isatty()
         if start < steps:
             say(_log, f"[heal] steps {start + 1}..{steps} on {dev} ({world} process{'es' if world > 1 else ''})"
                 + (f", resumed from {ckpt_path} at batch {consumed}" if resume else ""), echo=show)

@@ -23,11 +23,11 @@ Example:
 
 from __future__ import annotations
 
-import itertools
+import itertools  # noqa: F401  (the doctest uses it)
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..errors import UsageError
 from .results import CalibrationUsageError
