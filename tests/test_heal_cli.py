@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,8 @@ def test_killed_and_resumed_heal_gives_the_weights_of_an_uninterrupted_run(pair:
     assert straight.exit_code == 0, straight.output
     assert "distillation loss" in straight.stdout and "on the example input" in straight.stdout, straight.stdout
     assert "(320 samples drawn from the 200 in data.pt)" in straight.stdout, straight.stdout
+    fid = re.search(r"fidelity on the first healing batches \(4 batches\): rel L2 (\S+) → (\S+),", straight.stdout)
+    assert fid and float(fid.group(2)) < float(fid.group(1)), straight.stdout  # healing moved the outputs closer
 
     (pair / "killer.py").write_text(KILLER)
     env = dict(os.environ, KILL_AT="23", OMP_NUM_THREADS="1",
@@ -130,3 +133,16 @@ def test_bad_heal_options_exit_2_before_any_work(pair: Path, extra: list[str], m
 def test_device_cuda_without_cuda_is_refused(pair: Path) -> None:
     r = run(HEAL + ["--device", "cuda", "-o", "never.pt"], pair)
     assert r.exit_code == 2 and "CUDA is not available" in r.output, r.output
+
+
+def test_device_auto_and_cuda_pin_the_local_rank(monkeypatch) -> None:
+    """`cuda` (and `auto` where CUDA is available) means cuda:LOCAL_RANK under torchrun."""
+    from dsrewrite.refit.heal_run import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda", 0)
