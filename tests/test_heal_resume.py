@@ -115,3 +115,15 @@ def test_an_old_checkpoint_is_refused_with_the_reason(tmp_path):
     with pytest.raises(CalibrationUsageError, match="older dsrewrite"):
         heal(light, net, [torch.randn(1, 3, 10, 10)], steps=2, checkpoint=tmp_path / "old.pt", resume=True,
              progress=False)
+
+
+def test_resuming_with_another_lr_applies_it_from_the_next_step(tmp_path, caplog):
+    net, light = make_pair()
+    ck = tmp_path / "ck.pt"
+    heal(light, net, [torch.randn(2, 3, 10, 10)], steps=2, lr=1e-2, checkpoint=ck, progress=False)
+    seen = []
+    heal(light, net, [torch.randn(2, 3, 10, 10)], steps=4, lr=1e-3, schedule="linear", checkpoint=ck, resume=True,
+         progress=False, callback=seen.append)
+    assert [s.step for s in seen] == [3, 4]
+    assert seen[0].lr == pytest.approx(1e-3 * (1 - 2 / 4)) and seen[1].lr == pytest.approx(1e-3 * (1 - 3 / 4))
+    assert "learning-rate curve differs" in caplog.text

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import click
 
 from .common import (handle_errors, example_inputs_of, load_model_arg, model_options, RegistryChoice, presets, trust_warnings)
+from ..errors import UsageError
 
 
 def _choices(name: str) -> RegistryChoice:
@@ -18,7 +19,6 @@ def _choices(name: str) -> RegistryChoice:
         return tuple(getattr(choices, name))
 
     return RegistryChoice(read)
-from ..errors import UsageError
 
 
 @click.command()

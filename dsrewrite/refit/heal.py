@@ -59,7 +59,7 @@ from .calibrate import CalibrationUsageError, replaced_names
 from .heal_state import CHECKPOINT_FORMAT, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .order import SeededBatches, stream
 from .choices import OUTPUT_LOSSES, SCHEDULES, TRAINABLE
-from .schedule import make_scheduler
+from .schedule import factor, make_scheduler
 from ..errors import CalibrationError, did_you_mean
 from ..runtime.log import get_logger, say
 from ..runtime.run import call_model, flatten_outputs
@@ -319,9 +319,12 @@ def heal(
             restore_rng_states(ckpt.get("rng", {}))
             was = {k: ckpt.get(k) for k in ("lr", "steps", "schedule", "warmup")}
             now = {"lr": lr, "steps": steps, "schedule": schedule, "warmup": warmup}
-            if was != now:
+            if was != now:  # the new options apply from the next step on
                 _log.warning("heal: resuming %s with %s (the checkpoint was written with %s): the learning-rate "
                              "curve differs from the first run's", ckpt_path, now, was)
+                sched.base_lrs = [lr for _ in sched.base_lrs]
+                for g in opt.param_groups:
+                    g["initial_lr"], g["lr"] = lr, lr * factor(start + 1, steps, schedule, warmup)
             hist = ckpt.get("history", {})
             result.losses = list(hist.get("losses", []))
             result.output_losses = list(hist.get("output_losses", []))
