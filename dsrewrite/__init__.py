@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """dsrewrite: swap dense k×k convolutions in a trained PyTorch model for depthwise-separable ones.
 
 The data flow: capture → facts → recipe → plan → apply → report → save. The whole
@@ -60,6 +61,8 @@ _LAZY: dict[str, str] = {
     "CalibrationResult": "dsrewrite.refit.results",
     "heal": "dsrewrite.refit.heal",
     "HealResult": "dsrewrite.refit.heal",
+    "HealStep": "dsrewrite.refit.heal",
+    "SeededBatches": "dsrewrite.refit.order",
     # report
     "build_report": "dsrewrite.report",
     # deploy

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``python -m dsrewrite`` runs the ``dsrewrite`` command (and so ``torchrun ... -m dsrewrite heal ...`` works).
 
 Example (a shell)::

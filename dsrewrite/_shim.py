@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the old module paths ``dsrewrite.calibrate``, ``heal`` and ``capture`` share: a callable module.
 
 ``dsrewrite.calibrate`` is both a documented function (``dsrewrite.calibrate(...)``) and,

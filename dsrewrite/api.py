@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The Python API: ``rewrite(model)`` and ``rewrite_and_report(model)``.
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The demo models: ``demo`` (a small U-Net trained on generated shapes, :mod:`dsrewrite.shapes`) and
 ``demo:resnet18``, defined here: a U-Net with a ResNet18 encoder, random seeded weights, no download.
 

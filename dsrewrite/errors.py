@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The one exception hierarchy of dsrewrite.
 
 Every error a user can cause derives from :class:`DsRewriteError`. Messages say

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Depthwise-separable factorisation of a dense convolution kernel: pure tensor maths.
 
 A dense kernel ``W`` of shape ``(C_out, C_in, kh, kw)`` is split into a spatial

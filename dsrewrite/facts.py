@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Facts about each convolution call site, as captured from a model's graph.
 
 :class:`ConvFact` is the record a recipe is matched against; :class:`Capture`

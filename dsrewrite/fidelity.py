@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Moved to :mod:`dsrewrite.measure.fidelity`; this path re-exports it for one minor version."""
 
 from __future__ import annotations

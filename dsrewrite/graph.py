@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Graph predicates of conv call sites, read from a ``torch.fx`` or ``torch.export`` graph.
 
 A :class:`GraphView` says, for each node of a captured graph, what it is

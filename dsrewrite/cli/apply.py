@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``dsrewrite apply``: rewrite, optionally calibrate, report, save."""
 
 from __future__ import annotations

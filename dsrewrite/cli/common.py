@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What every ``dsrewrite`` command shares: option groups, input parsing, loading, and the error mapping.
 
 Exit codes: 0 success, 1 the rewrite itself failed, 2 bad usage or input (see :class:`CliError`).
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -40,9 +40,10 @@ def positive_float(_ctx: Any, param: Any, value: Optional[float]) -> Optional[fl
 
 
 def progress(msg: str) -> None:
-    """Progress on a terminal, silence when piped."""
-    if sys.stderr.isatty():
-        click.echo(msg, err=True)
+    """Progress through the ``dsrewrite`` logger: shown on a terminal or with -v, silent when piped or -q."""
+    from ..runtime.log import get_logger
+
+    get_logger("cli").info(msg)
 
 
 class CliError(click.ClickException):
@@ -147,7 +148,7 @@ def inits() -> Sequence[str]:
 
 
 def presets() -> Sequence[str]:
-    from ..calib_data import PRESETS
+    from ..refit.choices import PRESETS  # torch-free: `--help` stays light
 
     return tuple(PRESETS)
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``dsrewrite plan``, ``inspect`` and ``recipes``: read a model and explain, write nothing."""
 
 from __future__ import annotations

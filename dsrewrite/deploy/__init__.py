@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Deployment: inference forms of a (rewritten) model, each checked against the original.
 
 * :mod:`~dsrewrite.deploy.bn`: BatchNorm folding (``fold_batchnorm``, ``find_conv_bn_pairs``);

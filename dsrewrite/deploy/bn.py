@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """BatchNorm folding: every eval-mode BN that directly follows a conv, folded into that conv.
 
 The other inference forms live beside it: :mod:`dsrewrite.deploy.prepare` (channels_last,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Hoist the pointwise stage of a ``pw_dw`` block above the upsample that feeds it.
 
 A 1×1 conv (stride 1, no padding, ``groups=1``) mixes channels pixel by pixel, and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Finding what the hoist rewrites: the fx trace of a module and the upsample (→ concat) → pointwise patterns in it.
 
 :mod:`dsrewrite.deploy.hoist` rewrites each pattern found here and checks the result.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ONNX export with a parity check: ``torch.onnx.export``, then ONNX Runtime (CPU) against eager.
 
 Example:

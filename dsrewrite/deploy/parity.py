@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the deployment forms share: their input and parity errors, and the parity comparison.
 
 A deployment form (BN folded, hoisted, channels_last, ONNX) must give the original's

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The recommended inference form (``prepare_for_deployment``), channels_last, and the glibc malloc setting.
 
 Example:

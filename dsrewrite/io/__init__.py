@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Model I/O: safe loading (torch's weights-only unpickler, per-file allowlist; arch specs) and atomic saving with a plan sidecar.
 
 Example:

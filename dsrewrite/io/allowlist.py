@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which globals a model file may name: the admission policy of the safe loader.
 
 ``torch.load(weights_only=True)`` admits tensors, containers and torch's own

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Architecture specs: build a model with random weights from a spec and its arguments (never downloads).
 
 Spec forms:
@@ -399,7 +400,10 @@ def build_arch(spec: Union[str, ArchSpec], arch_args: Optional[Mapping[str, Any]
     except ModelLoadError:
         raise
     except ImportError as exc:
-        raise ModelLoadError(f"arch {a.spec!r} needs a package that is not installed ({_first_line(exc)}).") from None
+        extra = {"timm": "timm", "smp": "smp"}.get(a.library)
+        hint = f" Hint: pip install 'dsrewrite[{extra}]'." if extra else ""
+        raise ModelLoadError(f"arch {a.spec!r} needs a package that is not installed ({_first_line(exc)}).{hint}"
+                             ) from None
     except Exception as exc:
         raise ModelLoadError(f"arch {a}: building the model failed ({_first_line(exc)}).") from None
     if not isinstance(model, nn.Module):

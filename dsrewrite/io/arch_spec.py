@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Arch spec records: parsing and validating ``--arch`` specs and their arguments (nothing is imported or called).
 
 :mod:`dsrewrite.io.arch` builds models from them.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Load a model from a file (full-module pickle or checkpoint) or from an architecture spec.
 
 ``load_model(spec)`` accepts:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Output paths: which may be written (checked before any work), the default name, the plan sidecar.
 
 Example:

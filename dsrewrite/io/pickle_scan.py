@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Read, without running anything, which globals a ``torch.save`` pickle names and how it uses them.
 
 The loader (:mod:`dsrewrite.io.safe_load`) hands the actual unpickling to

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Load a ``torch.save`` file without running code from it: torch's weights-only unpickler, per-file allowlist.
 
 ``torch.load(weights_only=False)`` runs whatever a pickle asks for. dsrewrite never

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Deprecated location: the safe loader now lives in :mod:`dsrewrite.io.safe_load` (torch's weights-only
 unpickler with a per-file allowlist). This module keeps ``restricted_torch_load`` and ``TRUST_HINT``
 importable for one minor version.

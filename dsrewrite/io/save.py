@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Atomic saving, output-path checks, and the rewritten model + plan sidecar round trip.
 
 Every write goes to a temporary file in the destination's directory, is flushed

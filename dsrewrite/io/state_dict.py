@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Checkpoint state dicts: finding one in a checkpoint and fitting it to an architecture.
 
 The containers training tools write (timm ``train.py``, Lightning, EMA copies) and the

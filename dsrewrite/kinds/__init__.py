@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Replacement kinds: the single extension point for "what replaces a conv".
 
 A kind (:class:`ReplacementKind`) answers every question the data flow asks about one

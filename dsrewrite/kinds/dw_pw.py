@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ``dw_pw`` kind: depthwise k×k (``C_in → m·C_in``, ``groups=C_in``), then pointwise 1×1 (MobileNet).
 
 For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`). MACs:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What a replacement kind is: the questions the rest of dsrewrite asks about "what replaces a conv".
 
 A kind is any object with the members of :class:`ReplacementKind` (a subclass is not

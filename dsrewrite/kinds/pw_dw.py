@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ``pw_dw`` kind: pointwise 1×1 (``C_in → m·C_out``), then a k×k with ``groups=C_out`` (blueprint).
 
 For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`). MACs:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The registry of replacement kinds: one table, looked up by name or by built block.
 
 Registration is code, not user input: a malformed kind raises ``TypeError``, a taken

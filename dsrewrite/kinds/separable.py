@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """DepthwiseSeparableConv2d: the module the two built-in kinds (``dw_pw``, ``pw_dw``) put in place of a conv.
 
 Its old import path, ``dsrewrite.layers.dsconv`` (and ``dsrewrite.layers``), keeps working.

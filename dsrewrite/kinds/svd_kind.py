@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the two SVD-initialised kinds (``dw_pw``, ``pw_dw``) share: both build a
 :class:`~dsrewrite.kinds.separable.DepthwiseSeparableConv2d` and differ in the order of
 its stages, the slicing of the kernel's SVD, their costs and their least-squares layout.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Old import path of the separable block: it lives in :mod:`dsrewrite.kinds.separable`.
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Measuring: what a rewrite costs and changes.
 
 * :mod:`~dsrewrite.measure.macs`: MAC and parameter counts from shapes, cross-checked with ``FlopCounterMode``;

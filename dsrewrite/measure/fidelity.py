@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """How close a rewritten model's outputs are to the original's: relative L2, cosine, argmax agreement.
 
 Outputs may be tensors or any nesting of tuples, lists, dicts and dataclasses

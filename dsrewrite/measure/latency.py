@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Interleaved A/B latency: medians, and the median of per-round ratios B/A.
 
 Each round times one call of model A, then one of model B, so that drifts of

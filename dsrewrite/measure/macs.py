@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """MAC and parameter counts from shapes, cross-checked with ``torch.utils.flop_counter``.
 
 What is counted (the unit is the MAC, one multiply-accumulate; FLOPs = 2×MACs):

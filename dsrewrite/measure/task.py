@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A task metric (mIoU, accuracy, ...) measured on the original, after SVD and after calibration.
 
 Fidelity (:mod:`dsrewrite.measure.fidelity`) says how far the outputs moved; a task metric says

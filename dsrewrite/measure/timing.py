@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Per-conv latency measurements that the planner uses (latency-aware selection, measured auto order).
 
 Every measurement times copies of a single conv and its candidate replacement at

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Planning: from a model to a plan, and the plan carried out.
 
 * :mod:`~dsrewrite.planning.capture`: the graph (fx, then ``torch.export``, then names) → facts;

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Carry out a plan: swap the selected convs for the blocks their kinds build (:mod:`dsrewrite.kinds`).
 
 The model's own class comes back (never a GraphModule), with submodules

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Capture one :class:`~dsrewrite.facts.ConvFact` per conv module of a model.
 
 :func:`capture` runs the model once on an example input (hooks record each

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Planning: capture the model, match the recipe, resolve every selected conv's configuration.
 
 ``plan()`` never changes the model. Each conv module of the model becomes one

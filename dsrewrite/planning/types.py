@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The plan as a value: every candidate conv as Replace(config) or Skip(reason).
 
 A :class:`Plan` is printable, serialisable to JSON and back, and can be applied

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Graph predicates: yes/no properties of a conv call site read from the captured graph.
 
 What a recipe can select on in the graph is a registered object (like the replacement

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The built-in graph predicates: after a concat, after an upsample, downstream of an upsample, final predictor.
 
 "Comes from" looks through the transparent nodes of :mod:`dsrewrite.graph_vocab` (norms,

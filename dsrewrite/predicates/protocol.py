@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What a graph predicate is: the protocol every registered predicate follows.
 
 A graph predicate is a yes/no property of a conv call site, read from the captured graph

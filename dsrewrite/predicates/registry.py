@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The registry of graph predicates: one ordered table, looked up by name.
 
 Registration is code, not user input: a malformed predicate raises ``TypeError``, a taken

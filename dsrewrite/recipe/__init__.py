@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Recipes: which convs to separate, and what to put in their place.
 
 A recipe is a small YAML file (or a built-in name, or a mapping) validated once

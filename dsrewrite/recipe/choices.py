@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The choices a recipe offers that come from registries or fixed lists: orders, inits, graph predicates.
 
 ``replace.order`` comes from the replacement kinds (:mod:`dsrewrite.kinds`), the graph

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Validation helpers shared by the recipe readers: where a value is, and the checks of plain values.
 
 A :class:`Ctx` knows the source's label (a path, ``builtin:NAME``, ``<mapping>``) and,

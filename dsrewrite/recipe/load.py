@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Recipe loading: a built-in name, a YAML file or a mapping → a validated, frozen :class:`Recipe`.
 
 This module resolves what the user gave (a name, a path, a mapping) and reads it;

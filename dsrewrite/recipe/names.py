@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Recipe names: the built-in recipes shipped as YAML, and ``extends:`` onto one of them.
 
 Example:

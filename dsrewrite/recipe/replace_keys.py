@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Validation of the ``replace`` keys: in a recipe's ``replace:``/``overrides[i].replace``, and from CLI flags.
 
 Example:

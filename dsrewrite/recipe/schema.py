@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Recipe records: frozen, typed, validated once by :mod:`dsrewrite.recipe.validate`.
 
 A :class:`Recipe` says which convs to select (:class:`Selector`) and what to put

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Matching a recipe against the facts of one model: selected, or a reason a user can read.
 
 Checks run in a fixed order and the first failing one names the skip: transposed,

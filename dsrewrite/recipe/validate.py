@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Validation of parsed recipe data into the frozen records of :mod:`dsrewrite.recipe.schema`.
 
 Everything is validated here, once; every problem is a :class:`~dsrewrite.errors.RecipeError`

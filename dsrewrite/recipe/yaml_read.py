@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 r"""Reading recipe YAML: PyYAML's safe loader, duplicate keys refused, and the line of every key path.
 
 A ``!!python/...`` tag is refused, never executed; every problem is a one-line

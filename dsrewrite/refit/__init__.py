@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Refitting: making the new blocks reproduce the original from a few unlabeled batches.
 
 * :mod:`~dsrewrite.refit.calibrate`: the closed-form data-aware refit (the driver), with

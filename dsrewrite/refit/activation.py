@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which convs feed straight into a ReLU (through at most an eval-mode BatchNorm2d).
 
 Calibration can fit a block through the activation that follows it

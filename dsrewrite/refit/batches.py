@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Model inputs from user batches: the one rule calibrate, heal, the report and the CLI share.
 
 Users bring data the way their training code has it: a DataLoader of ``(image, mask)``

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Data files for the CLI: calibration/healing batches and example inputs, read lazily.
 
 ``open_calibration(path, ...)`` reads
@@ -45,14 +46,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import UsageError, did_you_mean
 from ..runtime.input_files import check_alloc, input_file, is_missing, path_exists
 from .batch_checks import check_batch
+from .choices import PRESETS
 
 __all__ = ["open_calibration", "CalibrationData", "ImageFolderDataset", "example_inputs_for", "PRESETS",
            "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
 
-PRESETS: dict[str, Optional[tuple[tuple[float, ...], tuple[float, ...]]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "none": None,
-}
 #: The smallest --calib-std value (dividing by less turns [0, 1] pixels into values near float32's range).
 MIN_STD = 1e-6
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Closed-form, label-free calibration of a rewritten model against its original.
 
 SVD gives the best separable kernel in WEIGHT space; on a trained network what
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -66,6 +66,7 @@ from ..errors import CalibrationError, did_you_mean
 from ..kinds import kind_of
 from .coverage import least_squares_ready, not_refit
 from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
+from ..runtime.log import get_logger, say as log_say
 from ..runtime.run import call_model, evaluating, flatten_outputs
 from .activation import following_relus
 from .batches import batch_size_of, input_spec, iter_inputs, to_device
@@ -92,7 +93,7 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         >>> check_options({"activaton": "none"})
         Traceback (most recent call last):
         ...
-        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, callback, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
     """
     opts = dict(options or {})
     valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
@@ -181,6 +182,7 @@ def calibrate(
     replay_cache: bool = True,
     activation: str = "auto",
     progress: bool = False,
+    callback: Optional[Callable[[LayerCalibration], None]] = None,
     seed: int = 0,
     input_key: Optional[Any] = None,
     input_fn: Optional[Callable[[Any], Any]] = None,
@@ -211,7 +213,9 @@ def calibrate(
             :mod:`dsrewrite.relu_fit`; joint pw_dw blocks: both stages, others: the last stage
             and bias; the positions' features are kept for it, at most 256 MB per layer);
             ``"none"``: fit every conv output linearly only.
-        progress: print one line per layer to stderr.
+        progress: print the per-layer lines to stderr when no ``logging`` handler shows them (they
+            always go to the ``dsrewrite.calibrate`` logger at INFO).
+        callback: called with each layer's :class:`LayerCalibration` as soon as it is refit.
         seed: seeds the sampling of positions.
         input_key: key of the model input in dict batches.
         input_fn: ``batch -> model inputs`` for any other batch structure.
@@ -258,8 +262,7 @@ def calibrate(
                      f"they keep their SVD initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
 
     def say(msg: str) -> None:
-        if progress:
-            print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+        log_say(get_logger("calibrate"), f"[calibrate] {msg}", echo=progress)
 
     with evaluating(original, rewritten), torch.no_grad():
         if activation == "auto" and layers:
@@ -271,7 +274,7 @@ def calibrate(
         tracer = CallTracer(rewritten)
         try:
             result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
-                                       max_joint_dim, measure_output, replay_cache, notes, say)
+                                       max_joint_dim, measure_output, replay_cache, notes, say, callback)
         finally:
             tracer.close()
     out_before, out_after, done, cache_on = result
@@ -346,7 +349,7 @@ class _RelErr:
 def _calibrate_layers(
     rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
     ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
-    notes: list[str], say: Callable[[str], None],
+    notes: list[str], say: Callable[[str], None], on_layer: Optional[Callable[[LayerCalibration], None]] = None,
 ) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
     by_block = {id(l.block): l for l in layers}
     calls: Counter = Counter()
@@ -429,6 +432,8 @@ def _calibrate_layers(
         layer.stats = GramStats()  # free the statistics
         layer.samples, layer.sample_targets = [], []
         done.append(rec)
+        if on_layer is not None:
+            on_layer(rec)
         say(f"{i + 1}/{len(ordered)} {layer.name}: rel err {rec.rel_error_before:.4f} -> {rec.rel_error_after:.4f} "
             f"[{rec.method}{': ' + ','.join(rec.steps) if rec.steps else ''}] "
             f"{'' if rec.act_error_after is None else f' act err {rec.act_error_before:.4f} -> {rec.act_error_after:.4f}'}"

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Healing: a short, label-free distillation of the original model into the rewritten one.
 
 The original is the frozen teacher. The loss is
@@ -9,8 +10,14 @@ teacher's conv at the same qualified name, on the same batch; no labels).
 Adam updates the rewritten model in place (all its trainable parameters, or
 only the replaced blocks).
 
-Checkpoints hold the step, the model and optimizer states and the loss history;
-``resume=True`` continues from the checkpoint's step. Under ``torchrun`` the
+Adam's rate follows a schedule (:mod:`~dsrewrite.refit.schedule`, a ``LambdaLR``).
+Checkpoints (:mod:`~dsrewrite.refit.heal_state`) hold the step, the model, optimizer and
+scheduler states, the RNG states and the data position; ``resume=True`` continues from the
+checkpoint so that a killed-and-resumed run ends with the weights of an uninterrupted one
+(bitwise on CPU) when ``data`` gives the same order each pass, or is a
+:class:`~dsrewrite.refit.order.SeededBatches` (seeded shuffling, resumed without re-reading).
+Progress goes to the ``dsrewrite.heal`` logger every ``log_every`` steps; ``callback``
+receives a :class:`HealStep` after every step (for your own tracker). Under ``torchrun`` the
 student is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA):
 each process takes every ``world_size``-th batch of ``data`` and the gradients are
 averaged, so 2 processes with batches of ``B`` match 1 process with batches of ``2B``.
@@ -36,13 +43,12 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,18 +56,20 @@ from torch import Tensor, nn
 
 from .batches import batch_size_of, check_iterable, input_spec, model_inputs, to_device
 from .calibrate import CalibrationUsageError, replaced_names
+from .heal_state import CHECKPOINT_FORMAT, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .order import SeededBatches, stream
+from .choices import OUTPUT_LOSSES, SCHEDULES, TRAINABLE
+from .schedule import factor, make_scheduler
 from ..errors import CalibrationError, did_you_mean
-from ..runtime.files import atomic_save
+from ..runtime.log import get_logger, say
 from ..runtime.run import call_model, flatten_outputs
 from ..kinds import kind_of
 from ..layers.dsconv import DepthwiseSeparableConv2d
 
-__all__ = ["heal", "HealResult", "init_distributed", "TRAINABLE", "SCHEDULES", "OUTPUT_LOSSES", "CHECKPOINT_FORMAT"]
+__all__ = ["heal", "HealResult", "HealStep", "init_distributed", "TRAINABLE", "SCHEDULES", "OUTPUT_LOSSES",
+           "CHECKPOINT_FORMAT"]
 
-TRAINABLE: tuple[str, ...] = ("all", "replaced")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-OUTPUT_LOSSES: tuple[str, ...] = ("mse", "kl")
-CHECKPOINT_FORMAT = "dsrewrite-heal-v1"
+_log = get_logger("heal")
 
 
 @dataclass
@@ -72,6 +80,7 @@ class HealResult:
     its two terms (``layer_losses`` before the ``layer_weight`` factor). Under DDP the
     values are averaged over the processes. ``images``: samples this process drew from
     ``data`` in this call (repeats counted: ``data`` is cycled for as many steps as asked).
+    ``batches_consumed``: the data position at the end (global batches, all processes).
     """
 
     step: int
@@ -83,13 +92,34 @@ class HealResult:
     world_size: int = 1
     checkpoint: Optional[str] = None
     images: int = 0
+    batches_consumed: int = 0
+
+
+@dataclass(frozen=True)
+class HealStep:
+    """What :func:`heal` hands its ``callback`` after each step (on every process; ``rank`` says which).
+
+    ``lr`` is the rate the step used; the losses are averaged over the processes under DDP;
+    ``epoch``/``index``: where the step's batch (this process's) sits in the data order.
+    """
+
+    step: int
+    steps: int
+    loss: float
+    output_loss: float
+    layer_loss: float
+    lr: float
+    epoch: int
+    index: int
+    rank: int = 0
 
 
 def init_distributed(device: Optional[Union[str, torch.device]] = None) -> tuple[int, int]:
     """Join the process group ``torchrun`` set up (gloo on CPU, nccl on CUDA); return ``(rank, world_size)``.
 
     Does nothing (returns ``(0, 1)``) outside ``torchrun`` (``WORLD_SIZE`` unset or 1),
-    and returns the existing group's values when one is already initialised.
+    and returns the existing group's values when one is already initialised. With CUDA,
+    pins this process to ``cuda:LOCAL_RANK`` first.
 
     Example:
         >>> init_distributed() if "WORLD_SIZE" not in os.environ else (0, 1)
@@ -103,32 +133,10 @@ def init_distributed(device: Optional[Union[str, torch.device]] = None) -> tuple
         return 0, 1
     dev = torch.device(device) if device is not None else None
     cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def _cycle(data: Iterable[Any], skip: int, rank: int, world: int) -> Iterator[tuple[int, Any]]:
-    """Endless stream of this rank's ``(index, batch)`` (every ``world``-th), re-iterating ``data``; skips ``skip`` steps.
-
-    ``data`` is read as it is iterated (a DataLoader decodes batch by batch): nothing is kept.
-    """
-    g = 0
-    taken = 0
-    while True:
-        empty = True
-        for i, batch in enumerate(data):
-            empty = False
-            if g % world == rank:
-                if taken >= skip:
-                    yield i, batch
-                taken += 1
-            g += 1
-        if empty:
-            raise CalibrationUsageError(
-                "heal: `data` yielded no batches" + (" on re-iteration (a one-shot iterator?)" if g else "")
-                + ". Hint: pass a list of batches or a DataLoader, which can be iterated more than once."
-            )
-
 
 
 def _output_loss(out: Any, ref: Any, kind: str) -> Tensor:
@@ -149,57 +157,6 @@ def _output_loss(out: Any, ref: Any, kind: str) -> Tensor:
     return total
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(payload, path)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CalibrationUsageError(
-            f"heal(resume=True): checkpoint {str(path)!r} does not exist. "
-            "Hint: run once without resume to create it, or check the path."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
-        raise CalibrationUsageError(
-            f"heal(resume=True): cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}. "
-            "Hint: pass a checkpoint written by dsrewrite heal."
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CalibrationUsageError(
-            f"heal(resume=True): {str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint. "
-            "Hint: pass a checkpoint written by dsrewrite heal."
-        )
-    return ckpt
-
-
-def _rate(lr: float, step: int, steps: int, schedule: str, warmup: int) -> float:
-    """Learning rate of (1-based) ``step``.
-
-    Example:
-        >>> [round(_rate(1.0, s, 4, "cosine", 2), 3) for s in (1, 2, 3, 4)]
-        [0.5, 0.854, 0.5, 0.146]
-    """
-    rate = lr
-    if schedule == "cosine":
-        rate = 0.5 * lr * (1.0 + math.cos(math.pi * (step - 1) / max(steps, 1)))
-    if warmup and step <= warmup:
-        rate *= step / warmup
-    return rate
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with timm's dependencies
-        return None
-    return tqdm(total=total, initial=initial, desc="heal", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
 def heal(
     rewritten: nn.Module,
     original: nn.Module,
@@ -218,6 +175,8 @@ def heal(
     checkpoint_every: Optional[int] = None,
     resume: bool = False,
     progress: bool = True,
+    log_every: Optional[int] = None,
+    callback: Optional[Callable[[HealStep], None]] = None,
     device: Optional[Union[str, torch.device]] = None,
     shard: bool = True,
     input_key: Optional[Any] = None,
@@ -232,25 +191,31 @@ def heal(
         data: re-iterable batches (a list, a DataLoader) as the user has them: tensors,
             ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
             maps (:func:`dsrewrite.batches.model_inputs`); streamed, not kept, and cycled as long
-            as ``steps`` needs: every batch is used once before any is used twice.
+            as ``steps`` needs: every batch is used once before any is used twice. A
+            :class:`~dsrewrite.refit.order.SeededBatches` shuffles each epoch by its seed and is
+            resumed without re-reading the batches before the checkpoint's position; any other
+            iterable is re-read from its start and skipped (exact when each pass gives the same order).
         steps: total number of steps, counting those a resumed checkpoint already did.
         lr: Adam learning rate.
         layer_weight: weight of the per-layer terms (0: output only).
         names: replaced layers for the layer terms; default: every separable block of
             ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
-        schedule: ``"constant"`` learning rate, or ``"cosine"`` decay to 0 at step ``steps``
-            (a function of the global step and ``steps``: a resumed run with the same ``steps``
-            continues the same curve).
-        warmup: steps of linear warm-up from 0 to ``lr`` at the start (either schedule).
+        schedule: ``"constant"`` learning rate, ``"cosine"`` or ``"linear"`` decay to 0 at step
+            ``steps`` (:mod:`dsrewrite.refit.schedule`: a function of the global step and ``steps``,
+            so a resumed run with the same ``steps`` continues the same curve).
+        warmup: steps of linear warm-up from 0 to ``lr`` at the start (any schedule).
         output_loss: ``"mse"`` on every output tensor, or ``"kl"``: KL divergence of the
             softmax over dim 1 (logits: classification, segmentation), MSE for other outputs.
         trainable: ``"all"`` (every parameter that requires grad) or ``"replaced"``
             (only the named blocks).
         train_mode: run the student in train mode (BatchNorm statistics update);
             default eval mode, the right choice for a short label-free run.
-        checkpoint: file written at the end (and every ``checkpoint_every`` steps).
-        resume: continue from ``checkpoint`` (its step, weights, optimizer state, history).
-        progress: show a progress bar (on a terminal only, on rank 0).
+        checkpoint: file written atomically at the end (and every ``checkpoint_every`` steps), by rank 0.
+        resume: continue from ``checkpoint`` (its step, weights, optimizer and scheduler states, RNG
+            states, data position and history).
+        progress: print the progress lines to a terminal's stderr (rank 0) when no ``logging`` handler shows them.
+        log_every: steps between progress lines (``dsrewrite.heal`` logger, INFO); default ~20 lines a run.
+        callback: called with a :class:`HealStep` after every step, on every process.
         device: where to train; default: the student's device (``cuda:LOCAL_RANK`` under torchrun with CUDA).
         shard: under DDP, each process takes every ``world_size``-th batch of ``data``; pass
             False when ``data`` is already per-process (a DataLoader with a DistributedSampler).
@@ -260,7 +225,8 @@ def heal(
             batch maps to a multi-input model (default: ``forward``'s parameters without default).
 
     Raises:
-        CalibrationUsageError: bad options, missing/unreadable checkpoint, empty data.
+        CalibrationUsageError: bad options, missing/unreadable checkpoint (or one of an older format),
+            empty data.
         BatchError: a batch cannot be mapped to model inputs (a ``UsageError``).
 
     Example:
@@ -282,6 +248,8 @@ def heal(
             )
     if not isinstance(warmup, int) or warmup < 0:
         raise CalibrationUsageError(f"heal: warmup must be an int >= 0, got {warmup!r}.")
+    if log_every is not None and log_every < 1:
+        raise CalibrationUsageError(f"heal: log_every must be >= 1 or None, got {log_every}.")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise CalibrationUsageError(f"heal: checkpoint_every must be >= 1 or None, got {checkpoint_every}.")
     if resume and checkpoint is None:
@@ -318,7 +286,6 @@ def heal(
     handles: list[Any] = []
     result = HealResult(step=0, start_step=0, world_size=world,
                         checkpoint=str(ckpt_path) if ckpt_path is not None else None)
-    bar = None
     try:
         if trainable == "replaced":
             keep = {id(p) for n in names for p in blocks[n].parameters()}
@@ -333,21 +300,31 @@ def heal(
         rewritten.train(train_mode)
         teacher.eval()
         opt = torch.optim.Adam(params, lr=lr)
-        start = 0
+        sched = make_scheduler(opt, steps=steps, schedule=schedule, warmup=warmup)
+        start = consumed = 0
         if resume:
             assert ckpt_path is not None  # checked above
-            ckpt = _load(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path)
             try:
                 rewritten.load_state_dict(ckpt["model"])
                 opt.load_state_dict(ckpt["optimizer"])
+                sched.load_state_dict(ckpt["scheduler"])
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise CalibrationUsageError(
                     f"heal(resume=True): checkpoint {str(ckpt_path)!r} does not fit this model/optimizer: {exc}. "
                     "Hint: resume with the same rewritten model and the same `trainable` option."
                 ) from exc
-            for g in opt.param_groups:
-                g["lr"] = lr
             start = int(ckpt["step"])
+            consumed = int(ckpt["data"]["consumed"])
+            restore_rng_states(ckpt.get("rng", {}))
+            was = {k: ckpt.get(k) for k in ("lr", "steps", "schedule", "warmup")}
+            now = {"lr": lr, "steps": steps, "schedule": schedule, "warmup": warmup}
+            if was != now:  # the new options apply from the next step on
+                _log.warning("heal: resuming %s with %s (the checkpoint was written with %s): the learning-rate "
+                             "curve differs from the first run's", ckpt_path, now, was)
+                sched.base_lrs = [lr for _ in sched.base_lrs]
+                for g in opt.param_groups:
+                    g["initial_lr"], g["lr"] = lr, lr * factor(start + 1, steps, schedule, warmup)
             hist = ckpt.get("history", {})
             result.losses = list(hist.get("losses", []))
             result.output_losses = list(hist.get("output_losses", []))
@@ -374,24 +351,36 @@ def heal(
                 handles.append(blocks[n].register_forward_hook(keep_s(n)))
                 handles.append(convs[n].register_forward_hook(keep_t(n)))
 
+        length = len(data) if isinstance(data, SeededBatches) else None
+
         def save(step: int) -> None:
             if ckpt_path is None or rank != 0:
                 return
-            _save(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "step": step, "model": rewritten.state_dict(),
-                "optimizer": opt.state_dict(), "names": list(names), "lr": lr, "layer_weight": layer_weight,
+            position: dict[str, int] = {"consumed": consumed}
+            if length:
+                position["epoch"], position["index"] = divmod(consumed, length)
+            save_checkpoint(ckpt_path, {
+                "step": step, "model": rewritten.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": rng_states(), "data": position, "world_size": world,
+                "names": list(names), "lr": lr, "steps": steps, "schedule": schedule, "warmup": warmup,
+                "layer_weight": layer_weight,
                 "history": {"losses": result.losses, "output_losses": result.output_losses,
                             "layer_losses": result.layer_losses},
             })
 
-        bar = _progress_bar(steps, start, progress and rank == 0)
-        stream = _cycle(data, start, rank, world) if shard else _cycle(data, start, 0, 1)
+        every = log_every or max(1, (steps - start) // 20)
+        show = progress and rank == 0 and sys.stderr.isatty()
+        if start < steps:
+            say(_log, f"[heal] steps {start + 1}..{steps} on {dev} ({world} process{'es' if world > 1 else ''})"
+                + (f", resumed from {ckpt_path} at batch {consumed}" if resume else ""), echo=show)
+        per_step = world if shard else 1
+        batches = stream(data, first=consumed, rank=rank, world=world) if shard else \
+            stream(data, first=consumed, rank=0, world=1)
         for step in range(start + 1, steps + 1):
-            index, raw = next(stream)
+            epoch, index, raw = next(batches)
             batch = to_device(model_inputs(raw, index, spec), dev)
             result.images += batch_size_of(batch)
-            for g in opt.param_groups:
-                g["lr"] = _rate(lr, step, steps, schedule, warmup)
+            rate = opt.param_groups[0]["lr"]
             s_out.clear()
             t_out.clear()
             with torch.no_grad():
@@ -404,6 +393,8 @@ def heal(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
+            consumed += per_step
             vals = torch.stack([loss.detach(), out_loss.detach(), lay_loss.detach()]).float()
             if world > 1:
                 import torch.distributed as dist
@@ -415,19 +406,20 @@ def heal(
             result.output_losses.append(ov)
             result.layer_losses.append(yv)
             result.step = step
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{lv:.4g}")
+            if callback is not None:
+                callback(HealStep(step, steps, lv, ov, yv, rate, epoch, index, rank))
+            if rank == 0 and (step % every == 0 or step in (start + 1, steps)):
+                say(_log, f"[heal] step {step}/{steps} loss {lv:.4g} (output {ov:.4g}, layers {yv:.4g}) lr {rate:.3g}",
+                    echo=show)
             if checkpoint_every is not None and step % checkpoint_every == 0 and step < steps:
                 save(step)
         save(result.step)
+        result.batches_consumed = consumed
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
     finally:
-        if bar is not None:
-            bar.close()
         for h in handles:
             h.remove()
         for m, f in flags:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """One replaced layer during calibration: what to capture and how to refit it.
 
 The kind's :class:`~dsrewrite.kinds.LstsqLayout` holds the stage-specific maths

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Least-squares maths behind calibration: sampled patches, Gram statistics, ridge refits.
 
 Pure tensor functions, no modules. A separable block is written here in four

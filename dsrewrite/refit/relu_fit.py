@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Refit a layer's last linear stage through the ReLU that follows it (pure tensor maths).
 
 When a conv is followed by ``ReLU(a·y + c)`` (a ReLU, or an eval-mode BatchNorm and a

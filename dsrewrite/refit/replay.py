@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The replay cache of calibration: module calls recorded once, replayed instead of recomputed.
 
 Module calls are keyed by ``(qualified name, call index within one forward)`` from a

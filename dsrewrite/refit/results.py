@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What calibration reports: per-layer records, the result of a run, and its usage error.
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The report of a rewrite: what was replaced, what it cost before and after, how close the outputs stay.
 
 One idea per module: the records and their stable JSON form (:mod:`.records`,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Building a report: measure the original and the rewritten model and group the costs per layer, region and total.
 
 :func:`build_report` measures both models on the example input (see

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Writing report files through the one atomic writer (:mod:`dsrewrite.runtime.files`): a temp file in the same
 folder, fsync, rename; nothing left behind on failure.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Report formats: one renderer per file suffix, in a registry that :func:`save_report` reads.
 
 A renderer is any object with ``suffix`` (``".md"``, lower case, with the dot),

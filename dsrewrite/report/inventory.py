@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The inventory of ``dsrewrite inspect``: every conv's captured facts with params and MACs, and its table.
 
 The graph-predicate columns are the registered predicates' (:mod:`dsrewrite.predicates`).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The report as Markdown (the ``.md`` format): per-layer, per-region and total tables with exact counts."""
 
 from __future__ import annotations

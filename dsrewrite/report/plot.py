@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The PNG plot of a report (the ``.png`` format): per-layer MACs before and after, drawn by matplotlib.
 
 matplotlib is optional (``pip install 'dsrewrite[plot]'``); without it the plot raises

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The report's records: :class:`Report` and its rows, and their stable JSON form (:meth:`Report.to_dict`).
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The terminal table of a report: the CLI's default output and the ``.txt`` format.
 
 The plan's decision table (:meth:`dsrewrite.plan_types.Plan.table`) and the calibration

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Text pieces the renderers share: compact counts, ratios, grids, the header and the fidelity/latency lines.
 
 Example:
@@ -11,7 +12,8 @@ from typing import Any, Optional, Union
 
 from .records import Report, reduction
 
-__all__ = ["si", "factor", "pct", "grid", "config_text", "header", "LARGE_CHANGE", "fidelity_lines", "latency_lines"]
+__all__ = ["si", "factor", "pct", "grid", "config_text", "header", "LARGE_CHANGE", "fidelity_lines", "latency_lines",
+           "fidelity_change_line"]
 
 
 def si(n: Optional[Union[int, float]]) -> str:
@@ -103,6 +105,24 @@ def fidelity_lines(rep: Report) -> list[str]:
             "raise --depth-multiplier, convert fewer layers (e.g. decoder_high_res), or fine-tune (dsrewrite heal)."
         )
     return out
+
+
+def fidelity_change_line(label: str, before: Any, after: Any) -> str:
+    """One line: a :class:`~dsrewrite.fidelity.Fidelity` before → after (healing), in the report's terms.
+
+    Example:
+        >>> from types import SimpleNamespace as F
+        >>> fidelity_change_line("on the example input", F(rel_l2=0.2, cosine=0.98, argmax_agreement=0.9, max_abs=1.0,
+        ...     batches=1), F(rel_l2=0.1, cosine=0.995, argmax_agreement=None, max_abs=0.5, batches=1))
+        'fidelity on the example input (1 batch): rel L2 2.000e-01 → 1.000e-01, cosine 0.980000 → 0.995000, argmax agreement 90.00% → n/a, max |Δ| 1.000e+00 → 5.000e-01'
+    """
+    def arg(f: Any) -> str:
+        return "n/a" if f.argmax_agreement is None else f"{100 * f.argmax_agreement:.2f}%"
+
+    n = before.batches
+    return (f"fidelity {label} ({n} batch{'es' if n != 1 else ''}): rel L2 {before.rel_l2:.3e} → {after.rel_l2:.3e}, "
+            f"cosine {before.cosine:.6f} → {after.cosine:.6f}, argmax agreement {arg(before)} → {arg(after)}, "
+            f"max |Δ| {before.max_abs:.3e} → {after.max_abs:.3e}")
 
 
 def latency_lines(rep: Report) -> list[str]:

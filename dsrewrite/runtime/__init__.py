@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The bottom layer: the one copy of each helper every wing uses.
 
 It imports only torch, the standard library and :mod:`dsrewrite.errors` (a test

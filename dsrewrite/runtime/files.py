@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Atomic file writes: a temp file beside the destination, flushed, fsync'ed, then moved into place.
 
 A reader sees the old file or the new one, never a partial one; a failed write removes

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Qualified module names and submodule replacement (every alias of a shared module too).
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Preflight: what every entry point checks once about the user's model, then passes down.
 
 :func:`preflight` strips ``DataParallel``/``DistributedDataParallel``/``torch.compile``

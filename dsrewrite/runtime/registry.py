@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The one registry mechanism behind every extension point (replacement kinds, graph predicates, report
 formats): an ordered table of named entries with clear errors. Each extension point validates its own
 protocol and then stores through a :class:`Registry`.

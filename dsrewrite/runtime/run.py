@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Running a model without changing it, and reading what it returns.
 
 Example:

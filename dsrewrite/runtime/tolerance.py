@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Dtype-aware parity tolerances: how far two computations of the same output may differ.
 
 The deployment checks (BN folding, hoist, ONNX) and the tests use this one table.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The fx tracing vocabulary shared by the graph readers: timm's leaves, and a leaf-keeping tracer base.
 
 Example:

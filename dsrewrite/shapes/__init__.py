@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The demo's world: generated shapes data, the small U-Net trained on it, and its mIoU.
 
 Example:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Synthetic segmentation data for the demo and the benchmarks: shapes on noisy backgrounds.
 
 Each image has a random background (colour, linear gradient, Gaussian noise) and

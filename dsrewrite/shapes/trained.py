@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The shipped, trained demo U-Net and its held-out data.
 
 ``bench/train_demo.py`` trains :class:`~dsrewrite.shapes.unet.ShapesUnet` on generated

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The demo's trained model: a small U-Net with a ResNet-style encoder (the seed notes' shape).
 
 A 3×3 stem (16 channels), three residual stages (BasicBlocks, stride 2, 32/64/128
