@@ -15,6 +15,7 @@ import click
 
 from .apply import apply
 from .common import CliError
+from .export import export_cmd
 from .heal import heal
 from .plan import inspect, plan_cmd, recipes
 
@@ -34,7 +35,7 @@ def main(debug: bool) -> None:
     """
 
 
-for _command in (apply, plan_cmd, inspect, recipes, heal):
+for _command in (apply, plan_cmd, inspect, recipes, heal, export_cmd):
     main.add_command(_command)
 
 

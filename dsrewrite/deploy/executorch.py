@@ -25,10 +25,14 @@ Example (runs where the extra is installed)::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +97,25 @@ def executorch_available() -> bool:
     return True
 
 
-def _modules() -> tuple[Any, Any, Any]:
+@contextlib.contextmanager
+def _native_stderr_to(sink: "IO[bytes]") -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 (ExecuTorch's runtime logs its CPU probing there)
+    into ``sink`` for the duration; Python's own ``sys.stderr`` is untouched."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
+        os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _modules() -> tuple[Any, Any, Any]:
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    try:
+        pytree_log.setLevel(logging.ERROR)  # torchao registers an Enum the way torch now deprecates
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from executorch.runtime import Runtime
@@ -102,6 +123,8 @@ def _modules() -> tuple[Any, Any, Any]:
         raise ExecutorchMissingError(
             f"ExecuTorch export needs the 'edge' extra ({type(exc).__name__}: {exc}); install it with: {INSTALL_HINT}"
         ) from None
+    finally:
+        pytree_log.setLevel(level)
     return to_edge_transform_and_lower, XnnpackPartitioner, Runtime
 
 
@@ -142,9 +165,18 @@ def _lower(model: nn.Module, args: tuple[Tensor, ...]) -> bytes:
 
 
 def _run(path: str, args: tuple[Tensor, ...]) -> list[Tensor]:
+    """Run the program's ``forward`` on ``args``; the runtime's own log lines end up in the error, if any."""
     _, _, runtime = _modules()
-    method = runtime.get().load_program(path).load_method("forward")
-    return [t for t in method.execute([a.detach().cpu().contiguous() for a in args]) if isinstance(t, Tensor)]
+    with tempfile.TemporaryFile() as log:
+        try:
+            with _native_stderr_to(log):
+                method = runtime.get().load_program(path).load_method("forward")
+                outs = method.execute([a.detach().cpu().contiguous() for a in args])
+        except Exception as exc:
+            log.seek(0)
+            lines = [ln for ln in log.read().decode("utf-8", "replace").splitlines() if "cpuinfo" not in ln]
+            raise RuntimeError(f"{exc}" + (f" (runtime log: {lines[-1].strip()})" if lines else "")) from exc
+    return [t for t in outs if isinstance(t, Tensor)]
 
 
 def export_executorch(

@@ -30,8 +30,9 @@ from .parity import max_abs_diff as _max_abs_diff
 
 __all__ = ["DEFAULT_OPSET", "OnnxExportError", "OnnxResult", "dynamic_dims", "export_onnx"]
 
-#: Opset used by :func:`export_onnx` unless told otherwise.
-DEFAULT_OPSET = 17
+#: Opset used by :func:`export_onnx` unless told otherwise (18: the lowest the dynamo exporter writes
+#: without converting down; ONNX Runtime ≥ 1.14 runs it).
+DEFAULT_OPSET = 18
 
 
 class OnnxExportError(RewriteError):
