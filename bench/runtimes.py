@@ -200,10 +200,13 @@ def format_row(r: dict[str, Any]) -> str:
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("onnxruntime", "executorch", "segmentation_models_pytorch"):
+    from importlib import metadata
+
+    for mod, dist in (("onnxruntime", "onnxruntime"), ("executorch", "executorch"),
+                      ("segmentation_models_pytorch", "segmentation-models-pytorch")):
         try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+            versions[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             versions[mod] = None
     cpu = platform.processor()
     try:
