@@ -240,3 +240,22 @@ def test_executorch_one_channel_output_keeps_its_shape(tmp_path) -> None:
     res = export_executorch(net, x, tmp_path / "one.pte")
     assert res.max_abs_diff <= res.tolerance, str(res)
     assert_matches(et_run(tmp_path / "one.pte", x), eager(net, x), "one-channel output")
+
+
+def test_torchscript_fallback_is_used_and_named_when_dynamo_fails(tmp_path, monkeypatch) -> None:
+    real = deploy_onnx._export_file
+
+    def dynamo_fails(model, args, path, opset, exporter, dynamic):
+        if exporter == "dynamo":
+            raise RuntimeError("simulated dynamo exporter failure")
+        return real(model, args, path, opset, exporter, dynamic)
+
+    monkeypatch.setattr(deploy_onnx, "_export_file", dynamo_fails)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    res = export_model(net, x, tmp_path / "ts.onnx")
+    assert "torchscript exporter" in res.exporter and res.dynamic, str(res)
+    assert res.checked_shapes == ("1×3×32×32", "2×3×64×64"), str(res)
+    x2 = torch.randn(3, 3, 48, 40, generator=torch.Generator().manual_seed(10))
+    assert_matches(ort_run(tmp_path / "ts.onnx", x2), eager(net, x2), "TorchScript file at another shape")
