@@ -257,5 +257,8 @@ def test_torchscript_fallback_is_used_and_named_when_dynamo_fails(tmp_path, monk
     res = export_model(net, x, tmp_path / "ts.onnx")
     assert "torchscript exporter" in res.exporter and res.dynamic, str(res)
     assert res.checked_shapes == ("1×3×32×32", "2×3×64×64"), str(res)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(res.path).st_mode) == 0o666 & ~umask, "the TorchScript path must respect the umask"
     x2 = torch.randn(3, 3, 48, 40, generator=torch.Generator().manual_seed(10))
     assert_matches(ort_run(tmp_path / "ts.onnx", x2), eager(net, x2), "TorchScript file at another shape")
