@@ -34,6 +34,8 @@ Reproduce (the commands behind the tables of docs/latency.md)::
         .venv/bin/python bench/latency.py --layers --sizes 512 --rounds 5 --threads 1
     .venv/bin/python bench/latency.py --micro --threads 1 --rounds 10
     .venv/bin/python bench/latency.py --device cuda    # on a GPU (ORT is then skipped unless --ort-cuda)
+    .venv/bin/python bench/latency.py --runtimes eager,onnx,executorch --threads 1,2 --out docs/latency-runtimes.md
+        # eager / ONNX Runtime / ExecuTorch XNNPACK, exported as `dsrewrite export` does (bench/runtimes.py)
 """
 
 from __future__ import annotations
@@ -520,6 +522,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--runtimes" or a.startswith("--runtimes=") for a in argv):  # the runtime table: bench/runtimes.py
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from runtimes import main as runtimes_main
+
+        return runtimes_main(argv)
     args = parse_args(argv)
     if args.micro_child:
         print(json.dumps(micro(args)))

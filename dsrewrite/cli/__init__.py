@@ -16,6 +16,7 @@ import click
 
 from .apply import apply
 from .common import CliError
+from .export import export_cmd
 from .heal import heal
 from .plan import inspect, plan_cmd, recipes
 from ..runtime.log import configure_cli, reset_cli
@@ -65,7 +66,7 @@ def main(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
     ctx.call_on_close(reset_cli)
 
 
-for _command in (apply, plan_cmd, inspect, recipes, heal):
+for _command in (apply, plan_cmd, inspect, recipes, heal, export_cmd):
     main.add_command(_command)
 
 

@@ -11,6 +11,7 @@ import click
 
 from ..runtime.input_files import path_exists
 from .common import (check_report_path, handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options, RegistryChoice, presets, save_formats)
+from .export import export_formats, prepare_export, run_export
 from ..errors import UsageError
 
 
@@ -44,6 +45,12 @@ from ..errors import UsageError
               help="torch: the full module (default); safetensors: the weights only, reloaded with --arch and "
                    "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
+              help="Also export the rewrite's deployment form to this file (.onnx or .pte), checked in its runtime "
+                   "as `dsrewrite export` does; written before the model (not with --dry-run).")
+@click.option("--export-format", type=RegistryChoice(export_formats), default=None,
+              help="Format of --export (default: from its suffix).")
+@click.option("--export-static", is_flag=True, help="Fix --export's input shape to the example's.")
 @handle_errors
 def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
           arch_args: tuple[str, ...], trust_pickle: bool, recipe: str,
@@ -51,7 +58,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: Optional[str], calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
-          save_format: Optional[str], **load_options: Any) -> None:
+          save_format: Optional[str], export_path: Optional[str], export_format: Optional[str],
+          export_static: bool, **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from ..io import check_outputs, default_output_path, plan_path_for, save_rewrite
     from ..report import render_table, save_plot, save_report
@@ -65,10 +73,11 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
         raise UsageError(f"-o {out_path}: --save-format safetensors needs a .safetensors output name.")
     input_path = Path(model) if path_exists(model) else None
     check_outputs({"-o": None if dry_run else out_path, "the plan sidecar": None if dry_run else plan_path_for(out_path),
-                   "--report": report_path, "--plot": plot_path},
+                   "--report": report_path, "--plot": plot_path, "--export": export_path},
                   inputs={"MODEL": input_path, "--recipe": recipe if path_exists(recipe) else None,
                           "--calib": calib, "--example-inputs": example_inputs},
                   force=force, replaceable=("--report", "--plot"))  # all together, before any work
+    export_entry = prepare_export(export_path, export_format, input_path=input_path, force=force) if export_path else None
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     calib_data = None
@@ -93,10 +102,15 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)
+    exported = None
+    if export_entry is not None and not dry_run:
+        exported = run_export(result.model, x, str(export_path), export_entry.name, static=export_static, opset=None)
     if as_json:
-        click.echo(json.dumps(rep.to_dict(), indent=2))
+        click.echo(json.dumps({**rep.to_dict(), **({"export": exported.to_dict()} if exported else {})}, indent=2))
     else:
         click.echo(render_table(rep))
+        if exported is not None:
+            click.echo(str(exported))
     # The model and its plan first (both or neither): a failed write leaves no output at all.
     if not dry_run:
         weights, plan_file = save_rewrite(result.model, p, out_path, force=force, input_path=input_path,

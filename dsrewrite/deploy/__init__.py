@@ -6,6 +6,9 @@
 * :mod:`~dsrewrite.deploy.prepare`: ``prepare_for_deployment`` (eval, BN folded, hoisted,
   channels_last), ``to_channels_last``, ``tune_glibc_malloc``;
 * :mod:`~dsrewrite.deploy.onnx`: ``export_onnx`` with an ONNX Runtime parity check;
+* :mod:`~dsrewrite.deploy.executorch`: ``export_executorch`` (XNNPACK ``.pte``) with an ExecuTorch runtime check;
+* :mod:`~dsrewrite.deploy.export`: ``export_model``, the deployment form exported in a registered format
+  (``EXPORT_FORMATS``) and checked at two shapes;
 * :mod:`~dsrewrite.deploy.parity`: the errors and the parity comparison they share.
 
 ``dsrewrite.deploy`` was one module until 0.1; its names stay importable from here.
@@ -14,6 +17,8 @@
 from ..runtime.tolerance import parity_tolerance
 from .bn import FoldPair, find_conv_bn_pairs, fold_batchnorm
 from .hoist import HoistResult, hoist_pointwise
+from .executorch import ExecutorchExportError, ExecutorchMissingError, ExecutorchResult, export_executorch
+from .export import EXPORT_FORMATS, ExportFormat, ExportFormatError, ExportResult, export_model
 from .onnx import DEFAULT_OPSET, OnnxExportError, OnnxResult, export_onnx
 from .parity import DeployInputError, ParityError
 from .prepare import GLIBC_TUNABLES, prepare_for_deployment, to_channels_last, tune_glibc_malloc
@@ -21,6 +26,15 @@ from .prepare import GLIBC_TUNABLES, prepare_for_deployment, to_channels_last, t
 __all__ = [
     "prepare_for_deployment",
     "export_onnx",
+    "export_executorch",
+    "export_model",
+    "EXPORT_FORMATS",
+    "ExportFormat",
+    "ExportFormatError",
+    "ExportResult",
+    "ExecutorchExportError",
+    "ExecutorchMissingError",
+    "ExecutorchResult",
     "fold_batchnorm",
     "find_conv_bn_pairs",
     "to_channels_last",

@@ -44,9 +44,16 @@ def as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
 
 
 def flat_outputs(out: Any, where: str) -> list[Tensor]:
-    """The tensors of ``out`` (tuples/lists by position, dicts by sorted key); anything else is refused."""
+    """The tensors of ``out`` in the model's own order (tuples/lists by position, dicts in their insertion
+    order, as ``torch.onnx``/``torch.export`` flatten them); anything else is refused.
+
+    Example:
+        >>> import torch
+        >>> [t.item() for t in flat_outputs({"out": torch.zeros(()), "aux": torch.ones(())}, "x")]
+        [0.0, 1.0]
+    """
     try:
-        return [t for _, t in flatten_outputs(out, strict=True)]
+        return [t for _, t in flatten_outputs(out, strict=True, sort_keys=False)]
     except TypeError as exc:
         raise DeployInputError(
             f"{where} returned a {exc}; only tensors, tuples/lists and dicts of tensors "

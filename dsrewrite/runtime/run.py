@@ -95,8 +95,10 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
         ) from exc
 
 
-def flatten_outputs(out: Any, path: str = "", *, strict: bool = False) -> list[tuple[str, Tensor]]:
-    """``[(path, tensor), ...]`` for every tensor leaf: sequences by position, dicts by sorted key.
+def flatten_outputs(out: Any, path: str = "", *, strict: bool = False,
+                    sort_keys: bool = True) -> list[tuple[str, Tensor]]:
+    """``[(path, tensor), ...]`` for every tensor leaf: sequences by position, dicts by sorted key
+    (``sort_keys=False``: in the dict's own order, as exporters flatten a model's outputs).
 
     Non-tensor leaves (``None``, numbers, strings) are left out; with ``strict`` only
     tensors, tuples/lists and dicts are accepted and anything else raises ``TypeError``
@@ -114,16 +116,16 @@ def flatten_outputs(out: Any, path: str = "", *, strict: bool = False) -> list[t
         return [(path, out)]
     if isinstance(out, Mapping):
         leaves: list[tuple[str, Tensor]] = []
-        for k in sorted(out, key=str):
-            leaves += flatten_outputs(out[k], f"{path}.{k}" if path else str(k), strict=strict)
+        for k in (sorted(out, key=str) if sort_keys else out):
+            leaves += flatten_outputs(out[k], f"{path}.{k}" if path else str(k), strict=strict, sort_keys=sort_keys)
         return leaves
     if isinstance(out, (tuple, list)):
         leaves = []
         for i, v in enumerate(out):
-            leaves += flatten_outputs(v, f"{path}[{i}]", strict=strict)
+            leaves += flatten_outputs(v, f"{path}[{i}]", strict=strict, sort_keys=sort_keys)
         return leaves
     if strict:
         raise TypeError(type(out).__name__)
     if hasattr(out, "__dataclass_fields__"):  # e.g. HuggingFace-style output records
-        return flatten_outputs({k: getattr(out, k) for k in out.__dataclass_fields__}, path)
+        return flatten_outputs({k: getattr(out, k) for k in out.__dataclass_fields__}, path, sort_keys=sort_keys)
     return []
