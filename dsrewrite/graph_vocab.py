@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The "transparent" vocabulary: which graph nodes keep a conv's input what it was.
 
 Every reader of a captured graph (the graph predicates of :mod:`dsrewrite.graph`,

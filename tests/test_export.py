@@ -189,7 +189,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch) -> None
     assert_clean_cli_error("apply --export existing", r, ["already exists"])
     r = run_cli(["apply", "demo", "--recipe", "decoder_only", "-o", tmp_path / "a.ds.pt",
                  "--export", tmp_path / "a.ds.pt", "--export-format", "onnx"])
-    assert_clean_cli_error("apply --export = -o", r, ["also another output"])
+    assert_clean_cli_error("apply --export = -o", r, ["is the same file as -o", "--export"])
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "model.onnx"]
 
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``dsrewrite export``: a model's deployment form as a runtime file (ONNX, ExecuTorch), checked against PyTorch."""
 
 from __future__ import annotations

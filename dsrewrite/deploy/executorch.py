@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ExecuTorch export with a parity check: ``torch.export`` → XNNPACK partitioner → ``.pte``, run by its runtime.
 
 ExecuTorch is the PyTorch runtime for phones and edge boards; its XNNPACK backend runs

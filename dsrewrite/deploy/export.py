@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Export a (rewritten) model to a runtime file, from its deployment form, checked against eager PyTorch.
 
 :func:`export_model` builds the deployment form (:func:`~dsrewrite.deploy.prepare.prepare_for_deployment`:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Whether a rewritten model can be written as a full module, known before the rewrite runs.
 
 ``torch.save`` refuses modules parametrized with :mod:`torch.nn.utils.parametrize`

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """SeparableConvNd: a 1-, 2- or 3-d, dense or grouped, regular or transposed conv as two stages.
 
 The block the built-in kinds (``dw_pw``, ``pw_dw``) put in place of any conv other than a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Pairing two models' outputs leaf by leaf: what can be compared, and why the rest cannot.
 
 Outputs are walked together in the model's order: tuples and lists by position, dicts

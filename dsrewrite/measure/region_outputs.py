@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """When a model's outputs cannot be compared, compare the outputs of the modules around the replaced convs.
 
 Detectors in eval mode return post-processed boxes whose count depends on the scores

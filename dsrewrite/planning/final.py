@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Final predictors: the convs whose output reaches a model output through no further conv or linear layer.
 
 A final predictor (a segmentation head's classifier, a detector's ``cls_logits`` and

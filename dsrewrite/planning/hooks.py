@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Hooks registered on a conv that is about to be replaced: which carry over to the new block, which forbid it.
 
 A forward pre-hook sees the module's input and may change it; a forward hook sees

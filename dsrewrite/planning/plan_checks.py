@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Checks of a plan against the model, before anything is built: ranks that fit each kernel, finite weights.
 
 A depth multiplier ``m`` above ``kh·kw`` adds nothing (the kernel's rank along its spatial

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which convs can be swapped safely: parameters read elsewhere, lazy convs, hooks, parametrizations.
 
 Replacing a conv removes its ``weight`` and ``bias``. That breaks code that reads them

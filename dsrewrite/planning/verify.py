@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Is a captured graph the model? Run it on the example inputs and compare with eager.
 
 A graph capture can be wrong without failing: ``torch.fx`` records one branch of Python

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 r"""Refuse ``re:`` patterns whose matching time can explode, at load, by reading the parsed pattern.
 
 Python's ``re`` backtracks: ``(.*.*.*)*X`` on a 40-character name did not finish in 120 s. The

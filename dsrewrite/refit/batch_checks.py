@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Values of one batch of model inputs, checked before use: real, non-empty, finite, the model's channels.
 
 NaN in calibration data used to surface as "linalg.eigh failed to converge" (exit 1) and a

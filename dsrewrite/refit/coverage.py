@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which replacement blocks calibration's least-squares refit covers, and which keep their SVD initialisation.
 
 The refit's sampled positions and patches (:mod:`dsrewrite.refit.patches_nd`) and the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """im2col for 1-, 2- and 3-d convs: the input patches a conv reads at chosen output positions.
 
 ``torch.nn.functional.unfold`` exists for 4-d inputs only; these build the patches of any

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Reading a conv's weight and bias as its forward uses them, without side effects.
 
 A conv's ``weight`` is not always a plain parameter:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Input files and sizes checked at the boundary, before anything is read or allocated.
 
 * :func:`input_file` stats a path the user gave (model, recipe, plan, calibration data,

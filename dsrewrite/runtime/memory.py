@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Giving freed heap memory back to the operating system between the phases of a rewrite.
 
 glibc's allocator keeps the memory of freed small and medium blocks (below its mmap

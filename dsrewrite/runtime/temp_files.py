@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Our temporary files: recognisable names, removal on SIGTERM/SIGHUP, and removal of stale ones left by a kill.
 
 A temp file for ``dir/NAME`` is ``dir/.NAME.dsrewrite-<pid>-<hex>.tmp`` (``.bak`` for a

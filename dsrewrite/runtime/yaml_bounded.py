@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """YAML read with bounded resources: PyYAML's SafeLoader, plus limits on size, depth, aliases and expansion.
 
 A 1 KB "billion laughs" document (nine aliases of nine aliases ...) expands to 10⁹ nodes, a
