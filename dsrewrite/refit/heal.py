@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -64,7 +65,6 @@ from ..errors import CalibrationError, did_you_mean
 from ..runtime.log import get_logger, say
 from ..runtime.run import call_model, flatten_outputs
 from ..kinds import kind_of
-from ..layers.dsconv import DepthwiseSeparableConv2d
 
 __all__ = ["heal", "HealResult", "HealStep", "init_distributed", "TRAINABLE", "SCHEDULES", "OUTPUT_LOSSES",
            "CHECKPOINT_FORMAT"]
