@@ -348,8 +348,11 @@ def test_names_fallback_when_both_captures_fail():
     assert [f.calls for f in cap.facts] == [1, 1] and cap.by_name()["b"].input_shape == (1, 4, 16, 16)
     assert len(cap.notes) == 1
     note = cap.notes[0]
-    for word in ("torch.fx", "torch.export", *PREDICATES):
+    for word in ("torch.fx", "torch.export", *(p for p in PREDICATES if p != "final_predictor")):
         assert word in note, note
+    # final_predictor comes from the eager run, so it is known here and the note must not call it lost
+    assert [f.final_predictor for f in cap.facts] == [False, True]
+    assert "final_predictor" not in note, note
 
 
 def test_names_fallback_monkeypatched(monkeypatch):

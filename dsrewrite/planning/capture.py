@@ -364,14 +364,16 @@ def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module
                 return ("export", site_predicates(view), set(), notes,
                         f"export: the exported graph reproduces the eager outputs; fx rejected: {fx_err}")
             ex_err = f"torch.export's graph is not the model either: {ex_wrong}"
+    # final_predictor comes from the eager run's autograd graph (see capture()), not from a captured graph
+    lost = ", ".join(p for p in PREDICATES if not (p == "final_predictor" and run.final is not None))
     if fx_result is not None:
         notes.append(f"{fx_err}, and torch.export failed too ({ex_err}); the hidden convs' graph "
-                     f"predicates ({', '.join(PREDICATES)}) are unknown (None).")
+                     f"predicates ({lost}) are unknown (None).")
         return ("fx", site_predicates(fx_result), {id(reached[n]) for n in hidden}, notes,
                 f"fx (partial): {fx_err}; export rejected: {ex_err}")
     notes.append(
         f"Graph capture failed, so only module names, hyperparameters and shapes are known. {fx_err}; "
-        f"torch.export (non-strict) failed too ({ex_err}). The selectors {', '.join(PREDICATES)} cannot be "
+        f"torch.export (non-strict) failed too ({ex_err}). The selectors {lost} cannot be "
         "honoured (their predicates are None): select by name, region or shape instead, or make the "
         "forward traceable (no branching on tensor values)."
     )
