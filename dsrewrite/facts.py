@@ -87,7 +87,8 @@ class ConvFact:
     ``region`` its first component. ``calls`` counts how often the module ran on
     the example input (``> 1``: shared). Shapes are those of the first call.
     ``output_stride`` is the model input's height divided by this conv's output
-    height (``1`` at full resolution, ``32`` deep in a ResNet). ``plain`` is
+    height (``1`` at full resolution, ``32`` deep in a ResNet; the length for 1-d
+    convs on 1-d inputs, the height H of ``(N, C, D, H, W)`` for 3-d ones). ``plain`` is
     False for a subclass whose forward differs from torch's own class (timm's
     ``Conv2dSame``, ``StdConv2d``). ``predicates`` maps each registered graph
     predicate (:mod:`dsrewrite.predicates`) to its value, ``None`` when unknown; each

@@ -348,8 +348,11 @@ def test_names_fallback_when_both_captures_fail():
     assert [f.calls for f in cap.facts] == [1, 1] and cap.by_name()["b"].input_shape == (1, 4, 16, 16)
     assert len(cap.notes) == 1
     note = cap.notes[0]
-    for word in ("torch.fx", "torch.export", *PREDICATES):
+    for word in ("torch.fx", "torch.export", *(p for p in PREDICATES if p != "final_predictor")):
         assert word in note, note
+    # final_predictor comes from the eager run, so it is known here and the note must not call it lost
+    assert [f.final_predictor for f in cap.facts] == [False, True]
+    assert "final_predictor" not in note, note
 
 
 def test_names_fallback_monkeypatched(monkeypatch):
@@ -422,3 +425,18 @@ def test_model_untouched_when_forward_fails():
     with pytest.raises(InputShapeError):
         capture(model, torch.randn(1, 4, 16, 16))
     _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_output_stride_of_1d_and_3d_convs(dims):
+    # the length of a 1-d signal, the height H of an (N, C, D, H, W) volume: select.output_stride works on them
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3, padding=1), conv(4, 4, 3, stride=2, padding=1),
+                          conv(4, 4, 3, stride=2, padding=1))
+    x = torch.randn(1, 2, *([8] * dims))
+    cap = capture(model, x)
+    assert [f.output_stride for f in cap.facts] == [1.0, 2.0, 4.0]
+    # a conv whose rank differs from the input's has no output stride
+    flat = capture(nn.Sequential(nn.Flatten(2), nn.Conv1d(2, 4, 3, padding=1)), torch.randn(1, 2, 4, 4))
+    assert flat.facts[0].output_stride is None

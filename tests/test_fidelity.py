@@ -105,6 +105,32 @@ def test_dict_outputs_ordered_and_argmax_agreement() -> None:
     assert [(n.path, n.why) for n in fid.not_compared] == [("aux[1]", "None, not a tensor")]
 
 
+class Stack(nn.Module):
+    """(N, 2, *spatial) logits whose argmax is the sign of x; ``swap`` flips it where the last coordinate is in the left half."""
+
+    def __init__(self, swap: bool = False) -> None:
+        super().__init__()
+        self.swap = swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([x, -x], dim=1)
+        if self.swap:
+            w = x.shape[-1] // 2
+            logits = torch.cat([logits[..., :w].flip(1), logits[..., w:]], dim=-1)
+        return logits
+
+
+def test_argmax_agreement_on_volumes_and_not_on_sequences() -> None:
+    # a 3-D segmentation output (N, C, D, H, W) is counted voxel by voxel, as a 2-D one is pixel by pixel
+    g = torch.Generator().manual_seed(2)
+    vol = compare_outputs(Stack(), Stack(swap=True), torch.randn(2, 3, 4, 6, generator=g))
+    assert vol.outputs[0].shape == (2, 2, 3, 4, 6)
+    assert vol.argmax_agreement == 0.5, f"argmax agreement on a volume: {vol.argmax_agreement!r}"
+    # (N, C, L) is ambiguous (channels first or last): not counted
+    seq = compare_outputs(Stack(), Stack(swap=True), torch.randn(2, 6, generator=g))
+    assert seq.argmax_agreement is None
+
+
 def test_generator_of_batches_and_tuple_args() -> None:
     class Two(nn.Module):
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple:

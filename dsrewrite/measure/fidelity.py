@@ -9,8 +9,9 @@ in float64:
 
 * relative L2 error ``‖a − b‖ / ‖a‖`` (``a``: original);
 * cosine similarity of the flattened outputs;
-* for dense-prediction leaves ``(N, C > 1, H, W)``: the share of pixels whose
-  argmax over ``C`` agrees (``None`` when no leaf has that shape);
+* for dense-prediction leaves ``(N, C > 1, H, W)`` and volumes ``(N, C > 1, D, H, W)``:
+  the share of pixels (voxels) whose argmax over ``C`` agrees (``None`` when no leaf
+  has such a shape);
 * the largest absolute difference.
 
 Over several batches the sums are accumulated before dividing (sum of squared
@@ -114,9 +115,9 @@ class _Acc:
         self.dot += float((a64 * b64).sum())
         if diff.numel():
             self.max_abs = max(self.max_abs, float(diff.abs().max()))
-        if a.dim() == 4 and a.shape[1] > 1:
+        if a.dim() in (4, 5) and a.shape[1] > 1:  # 2-D maps and 3-D volumes (MONAI's U-Nets)
             self.agree += int((a64.argmax(1) == b64.argmax(1)).sum())
-            self.pixels += a.shape[0] * a.shape[2] * a.shape[3]
+            self.pixels += a.numel() // a.shape[1]
 
 
 def _rel(sq_err: float, sq_a: float) -> float:

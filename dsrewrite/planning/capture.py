@@ -365,14 +365,16 @@ def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module
                 return ("export", site_predicates(view), set(), notes,
                         f"export: the exported graph reproduces the eager outputs; fx rejected: {fx_err}")
             ex_err = f"torch.export's graph is not the model either: {ex_wrong}"
+    # final_predictor comes from the eager run's autograd graph (see capture()), not from a captured graph
+    lost = ", ".join(p for p in PREDICATES if not (p == "final_predictor" and run.final is not None))
     if fx_result is not None:
         notes.append(f"{fx_err}, and torch.export failed too ({ex_err}); the hidden convs' graph "
-                     f"predicates ({', '.join(PREDICATES)}) are unknown (None).")
+                     f"predicates ({lost}) are unknown (None).")
         return ("fx", site_predicates(fx_result), {id(reached[n]) for n in hidden}, notes,
                 f"fx (partial): {fx_err}; export rejected: {ex_err}")
     notes.append(
         f"Graph capture failed, so only module names, hyperparameters and shapes are known. {fx_err}; "
-        f"torch.export (non-strict) failed too ({ex_err}). The selectors {', '.join(PREDICATES)} cannot be "
+        f"torch.export (non-strict) failed too ({ex_err}). The selectors {lost} cannot be "
         "honoured (their predicates are None): select by name, region or shape instead, or make the "
         "forward traceable (no branching on tensor values)."
     )
@@ -382,15 +384,18 @@ def _graph(model: nn.Module, args: tuple[Any, ...], reached: dict[str, nn.Module
 # --------------------------------------------------------------------------- facts
 
 
-def _fact(name: str, mod: _ConvNd, run: _Run, model_h: Optional[int],
+def _fact(name: str, mod: _ConvNd, run: _Run, model_shape: Optional[tuple[int, ...]],
           preds: Optional[Predicates]) -> ConvFact:
     base = conv_base_class(mod)
     weight = raw_weight(mod)  # dtype/device only: a parametrized weight is not computed
     in_shape = run.in_shape.get(id(mod))
     out_shape = run.out_shape.get(id(mod))
     stride_out = None
-    if model_h and out_shape is not None and base in (nn.Conv2d, nn.ConvTranspose2d) and len(out_shape) == 4:
-        stride_out = model_h / out_shape[-2] if out_shape[-2] else None
+    dims = len(mod.kernel_size)
+    # the model input's and the conv output's height (length for 1-d): same rank, batched, as the conv's
+    if model_shape is not None and out_shape is not None and len(out_shape) == len(model_shape) == dims + 2:
+        axis = -1 if dims == 1 else -2
+        stride_out = model_shape[axis] / out_shape[axis] if out_shape[axis] else None
     padding = mod.padding if isinstance(mod.padding, str) else tuple(int(p) for p in mod.padding)
     return ConvFact(
         name=name,
@@ -466,14 +471,14 @@ def capture(
             method, preds, unknown, notes, verification = _graph(model, args, reached, run)
         finally:
             _restore_attrs(attrs)
-    model_h = int(first.shape[-2]) if first is not None and first.dim() == 4 else None
+    model_shape = tuple(int(d) for d in first.shape) if first is not None else None
     facts = []
     for name, mod in convs:
         known = preds is not None and id(mod) in preds and id(mod) not in unknown
         values = dict(preds[id(mod)]) if known else {}  # type: ignore[index]
         if run.final is not None and run.calls[id(mod)] > 0:
             values["final_predictor"] = id(mod) in run.final  # from the eager run: known whatever the capture
-        facts.append(_fact(name, mod, run, model_h, values or None))
+        facts.append(_fact(name, mod, run, model_shape, values or None))
     if run.final is None and reached:
         notes.append("final predictors unknown: the example forward with gradients enabled gave no conv output a "
                      "gradient (or failed), so no conv is taken as a final predictor")
