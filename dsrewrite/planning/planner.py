@@ -30,6 +30,7 @@ from ..facts import Capture, ConvFact
 from ..errors import UnsupportedConvError
 from ..kinds import auto_kinds, get_kind
 from ..kinds.separable_nd import dense_kernel
+from ..measure.macs import module_macs
 from ..measure.timing import ratio_key, time_dense_vs_separable, time_orders
 from .plan_checks import check_finite_weights, check_rank
 from .types import LayerConfig, Plan, PlanEntry
@@ -182,6 +183,20 @@ def _resolve(
     return cfg, measured
 
 
+def _heavier(fact: ConvFact, conv: nn.Module, cfg: LayerConfig) -> list[str]:
+    """A remark when the block costs at least as many MACs as the dense conv it replaces (grouped convs at
+    small m, m near full rank): the plan does what was asked, and says that it is not lighter."""
+    if fact.input_shape is None or fact.output_shape is None:
+        return []
+    dense = module_macs(conv, tuple(fact.input_shape), tuple(fact.output_shape))
+    sep = separable_macs(fact, cfg.order, cfg.depth_multiplier)
+    if not dense or sep < dense:
+        return []
+    advice = "keep it dense" if cfg.depth_multiplier == 1 else "lower depth_multiplier or keep it dense"
+    return [f"note: not lighter than the dense conv ({sep:,} MACs vs {dense:,} dense at m={cfg.depth_multiplier}; "
+            f"{advice})"]
+
+
 def _accepts(kind: Any, conv: nn.Module, name: str) -> bool:
     try:
         kind.check(conv, name=name)
@@ -264,7 +279,7 @@ def plan_from_capture(
             reason = f"{sel.reason}; {timed} ≥ {lat.min_speedup:g}×)"
         else:
             reason = sel.reason
-        reason = "; ".join([reason, *safety.remarks(fact.name)])
+        reason = "; ".join([reason, *safety.remarks(fact.name), *_heavier(fact, conv, cfg)])
         entries.append(PlanEntry(fact.name, "replace", reason, config=cfg, fact=fact.to_dict(),
                                  measured=measured or None))
     notes = list(cap.notes)

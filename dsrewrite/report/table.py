@@ -49,9 +49,9 @@ def render_table(rep: Report) -> str:
                       si(g.after.flops)))
     lines += [grid(rrows), ""]
     tb, ta = rep.totals_before, rep.totals_after
-    lines.append(f"total params: {tb.params:,} → {ta.params:,} ({factor(tb.params, ta.params)} smaller, "
+    lines.append(f"total params: {tb.params:,} → {ta.params:,} ({_change(tb.params, ta.params, 'smaller', 'larger')}, "
                  f"{pct(tb.params, ta.params)})")
-    lines.append(f"total MACs:   {tb.macs:,} → {ta.macs:,} ({factor(tb.macs, ta.macs)} fewer, "
+    lines.append(f"total MACs:   {tb.macs:,} → {ta.macs:,} ({_change(tb.macs, ta.macs, 'fewer', 'more')}, "
                  f"{pct(tb.macs, ta.macs)}); FLOPs (= 2×MACs) {tb.flops:,} → {ta.flops:,}")
     lines.append(NOT_COUNTED)
     lines += fidelity_lines(rep) + latency_lines(rep)
@@ -82,3 +82,15 @@ def render_plan(plan: Any) -> str:
 def render_calibration(calibration: Any) -> str:
     """The calibration table of a :class:`~dsrewrite.calibrate.CalibrationResult`: one line per refitted block."""
     return str(calibration.table())
+
+
+def _change(before: int, after: int, down: str, up: str) -> str:
+    """``'3.10× fewer'`` when it shrank, ``'1.08× more'`` when it grew (never "0.93× fewer").
+
+    Example:
+        >>> _change(100, 50, "fewer", "more"), _change(100, 108, "fewer", "more")
+        ('2.00× fewer', '1.08× more')
+    """
+    if before and after > before:
+        return f"{factor(after, before)} {up}"
+    return f"{factor(before, after)} {down}"
