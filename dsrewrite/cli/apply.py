@@ -10,6 +10,7 @@ import click
 
 from .common import (check_report_path, handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options, RegistryChoice, presets, save_formats)
 from ..errors import UsageError
+from .budget import budget_of, budget_options
 
 
 @click.command()
@@ -42,6 +43,7 @@ from ..errors import UsageError
               help="torch: the full module (default); safetensors: the weights only, reloaded with --arch and "
                    "the plan sidecar. Default: from -o's suffix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@budget_options
 @handle_errors
 def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
           arch_args: tuple[str, ...], trust_pickle: bool, recipe: str,
@@ -49,7 +51,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
           report_path: Optional[str], plot_path: Optional[str], calib: Optional[str], calib_size: Optional[str],
           calib_preset: Optional[str], calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
-          save_format: Optional[str], **load_options: Any) -> None:
+          save_format: Optional[str], target_macs: Optional[float] = None, target_params: Optional[float] = None,
+          target_latency: Optional[float] = None, max_error: Optional[float] = None, **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from ..io import check_output_path, default_output_path, plan_path_for, save_rewrite
     from ..report import render_table, save_plot, save_report
@@ -76,7 +79,9 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
 
         calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
                                       mean=calib_mean, std=calib_std, limit=calib_limit)
-    p = make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    budget = budget_of(target_macs, target_params, target_latency, max_error)
+    p = make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init,
+                  budget=budget, calibration=calib_data.loader if calib_data else None)
     from ..api import rewrite_with_plan
 
     progress(f"rewriting {len(p.replaced)} convs" + (" and calibrating ..." if calib_data else " ..."))

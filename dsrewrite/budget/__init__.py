@@ -1,0 +1,1 @@
+"""Budgets: say the cost, get the most accurate plan that fits it (see docs/budget.md)."""
