@@ -294,3 +294,22 @@ def test_cli_budget_refusal_exits_2_and_plan_prints_the_choice(tmp_path) -> None
     r = runner.invoke(main, ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
                              "--trust-pickle", "--target-latency", "3"])
     assert r.exit_code == 2 and "not implemented" in r.output
+
+
+def test_cli_budget_sweep_prints_and_plots(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dsrewrite.cli import main
+
+    net = _net()
+    path, data, png = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "sweep.png"
+    torch.save(net, path)
+    torch.save(torch.cat(_data()), data)
+    r = CliRunner().invoke(main, ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
+                                  "--trust-pickle", "--calib", str(data), "--budget-sweep", "0.4,0.7",
+                                  "--sweep-plot", str(png)])
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("| budget") or l.startswith("| uniform")]
+    assert len(lines) >= 3, r.output
+    assert all(not l.rstrip().endswith("| – |") for l in lines)  # every point measured
+    assert png.read_bytes()[:4] == b"\x89PNG"

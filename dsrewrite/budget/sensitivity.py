@@ -53,6 +53,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..factorize import SliceLayout, spectrum
 from ..kinds import get_kind
 from ..planning.types import LayerConfig
 from ..refit.batches import batch_size_of
@@ -98,10 +99,27 @@ def _kinds_of(lc: LayerCandidates) -> list[str]:
 
 
 def _spectral_ratios(conv: nn.Conv2d, lc: LayerCandidates) -> dict[tuple[str, int], float]:
-    """``w(m)²`` (relative squared weight error) of every candidate."""
+    """``w(m)²`` (relative squared weight error) of every candidate.
+
+    A kind that names its SVD slicing (``slices``, as the built-ins do) gets one SVD for all
+    multipliers (Eckart–Young: the discarded ``Σσ²`` per slice); any other kind is asked
+    :meth:`~dsrewrite.kinds.ReplacementKind.weight_error` per multiplier.
+    """
     w = conv.weight.detach()
-    return {(c.kind, c.m): float(get_kind(c.kind).weight_error(w, c.m)) ** 2
-            for c in lc.candidates if c.kind is not None}
+    out: dict[tuple[str, int], float] = {}
+    for kname in _kinds_of(lc):
+        kind = get_kind(kname)
+        ms = [c.m for c in lc.candidates if c.kind == kname]
+        slices = getattr(kind, "slices", None)
+        if isinstance(slices, SliceLayout):
+            s2 = spectrum(w, slices) ** 2
+            total = float(s2.sum())
+            for m in ms:
+                out[(kname, m)] = float(s2[:, m:].sum()) / total if total > 0 else 0.0
+        else:
+            for m in ms:
+                out[(kname, m)] = float(kind.weight_error(w, m)) ** 2
+    return out
 
 
 class _Accum:

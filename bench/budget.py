@@ -1,0 +1,244 @@
+"""Budget benchmark (issue 18): does planning for a MAC budget beat the best uniform configuration?
+
+One command, from the repository root:
+
+    PYTHONPATH=. .venv/bin/python -m bench.budget                 # both models, the timing, the plot
+    PYTHONPATH=. .venv/bin/python -m bench.budget --skip-timing   # without the demo U-Net timing
+
+For two trained models,
+
+* the shipped demo U-Net trained on shapes (:mod:`dsrewrite.shapes`; metric: held-out mIoU), and
+* a small CNN classifier trained HERE on generated shapes images (the class covering most pixels;
+  seeded; cached in ``bench/.cache/budget_classifier.pt``; metric: held-out accuracy),
+
+it rewrites ``all_3x3`` uniformly (``dw_pw``/``pw_dw`` × m = 1, 2, 3), calibrates on 64 unlabeled
+images and measures, on held-out images, the output relative L2 error against the dense model and
+the task metric (no healing). Then it plans with ``budget={"macs": B}`` (``order="auto"``, data
+sensitivity from the same 64 images) at two budgets, B = the MACs of uniform ``dw_pw`` m=2 and
+B = half the dense model's MACs, calibrates and measures the same way, and compares with the best
+uniform configuration within B (the lowest held-out error among those with MACs ≤ B). It also
+plots the Pareto sweep of the U-Net (docs/budget_pareto.png).
+
+Timing: on the full demo U-Net (ResNet18 encoder, random weights) with 64 images of 256², it times
+one calibration (all_3x3, m=1, dw_pw) and one planning with data sensitivity (budget 0.5),
+interleaved in one run.
+
+Results: ``bench/.cache/budget_results.json`` and stdout (Markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import Tensor, nn
+
+from dsrewrite.api import plan_rewrite, rewrite_with_plan
+from dsrewrite.budget.planner import plan_with_budget
+from dsrewrite.budget.types import parse_budget
+from dsrewrite.measure.macs import count_costs
+from dsrewrite.shapes import calibration_images, evaluate_miou, held_out, make_shapes, trained_unet
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+# --------------------------------------------------------------------------------------
+# the classifier, trained here
+# --------------------------------------------------------------------------------------
+def classifier() -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                         nn.MaxPool2d(2), *block(64, 128), *block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 3))
+
+
+def classes_of(masks: Tensor) -> Tensor:
+    """The shape class (0..2) covering most pixels of each image."""
+    counts = torch.stack([(masks == c).flatten(1).sum(1) for c in (1, 2, 3)], 1)
+    return counts.argmax(1)
+
+
+def classifier_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    x, m = make_shapes(n, size=32, seed=seed)
+    return x, classes_of(m)
+
+
+def train_classifier(steps: int = 600, batch: int = 64) -> tuple[nn.Module, float]:
+    path = CACHE / "budget_classifier.pt"
+    torch.manual_seed(0)
+    model = classifier()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), 0.0
+    x, y = classifier_data(4096, seed=11)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    seconds = time.perf_counter() - t0
+    CACHE.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval(), seconds
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    return float((torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1) == y).float().mean())
+
+
+# --------------------------------------------------------------------------------------
+# measuring one configuration
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def outputs(model: nn.Module, x: Tensor) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
+
+
+def measure(dense: nn.Module, plan: Any, ex: Tensor, calib: list[Tensor], xt: Tensor, ref: Tensor,
+            metric: Any) -> dict[str, Any]:
+    res = rewrite_with_plan(dense, plan, ex, calibration=calib, with_report=False)
+    out = outputs(res.model, xt)
+    return {"macs": count_costs(res.model, ex).total_macs,
+            "rel_err": float((out.double() - ref.double()).norm() / ref.double().norm()),
+            "metric": metric(res.model), "calib_rel_err": res.calibration.output_rel_error_after,
+            "calib_seconds": res.calibration.seconds}
+
+
+def compare(name: str, dense: nn.Module, ex: Tensor, calib: list[Tensor], xt: Tensor, metric: Any,
+            multipliers: tuple[int, ...], extra_fractions: tuple[float, ...] = ()) -> dict[str, Any]:
+    ref = outputs(dense, xt)
+    total = count_costs(dense, ex).total_macs
+    row: dict[str, Any] = {"model": name, "dense_macs": total, "dense_metric": metric(dense), "uniform": [],
+                           "budgets": []}
+    for kind in ("dw_pw", "pw_dw"):
+        for m in multipliers:
+            p = plan_rewrite(dense, "all_3x3", ex, depth_multiplier=m, order=kind)
+            r = measure(dense, p, ex, calib, xt, ref, metric)
+            r.update(config=f"{kind} m={m}")
+            row["uniform"].append(r)
+            print(f"[{name}] ({time.strftime('%H:%M:%S')}) uniform {kind} m={m}: {r['macs'] / total:.3f} of MACs, rel err {r['rel_err']:.4f}, "
+                  f"metric {r['metric']:.4f}", flush=True)
+    m2 = next(u["macs"] for u in row["uniform"] if u["config"] == "dw_pw m=2")
+    targets = [("uniform dw_pw m=2 MACs", m2), ("half the MACs", total // 2)]
+    targets += [(f"{f:g} of the MACs", int(f * total)) for f in extra_fractions]
+    for label, target in targets:
+        t0 = time.perf_counter()
+        bp = plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": target}), calibration=calib, order="auto")
+        plan_s = time.perf_counter() - t0
+        r = measure(dense, bp.plan, ex, calib, xt, ref, metric)
+        fits = [u for u in row["uniform"] if u["macs"] <= target]
+        best = min(fits, key=lambda u: u["rel_err"]) if fits else None
+        r.update(target=label, target_macs=target, predicted_err=bp.predicted_error, plan_seconds=plan_s,
+                 choices={e.name: (f"{e.config.order} m={e.config.depth_multiplier}" if e.replaced and e.config
+                                   else "dense") for e in bp.plan.entries if e.name in
+                          {lc.name for lc in bp.problem.layers}},
+                 best_uniform=best["config"] if best else None,
+                 err_ratio=(r["rel_err"] / best["rel_err"]) if best else None,
+                 metric_gain=(r["metric"] - best["metric"]) if best else None)
+        row["budgets"].append(r)
+        print(f"[{name}] budget {label} ({target:,} MACs): counted {r['macs']:,}, rel err {r['rel_err']:.4f} "
+              f"(predicted {bp.predicted_error:.4f}; calib inputs {r['calib_rel_err']:.4f}), metric {r['metric']:.4f}; "
+              f"best uniform {r['best_uniform']}: ratio {r['err_ratio']}, metric gain {r['metric_gain']}", flush=True)
+    return row
+
+
+def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str, Any]:
+    """One calibration vs one planning with data sensitivity on the demo U-Net, interleaved in one run."""
+    from dsrewrite.calibrate import calibrate, replaced_names
+    from dsrewrite.demo import demo_unet
+
+    torch.manual_seed(0)
+    dense = demo_unet(num_classes=4).eval()
+    x, _ = make_shapes(images, size=size, seed=7)
+    batches = [x[i:i + batch] for i in range(0, images, batch)]
+    ex = x[:1]
+    p = plan_rewrite(dense, "all_3x3", ex, depth_multiplier=1, order="dw_pw")
+    light = rewrite_with_plan(dense, p, ex, with_report=False).model
+    t0 = time.perf_counter()
+    calibrate(dense, light, batches, names=replaced_names(dense, light))
+    cal = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    bp = plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": 0.5}), calibration=batches, order="auto")
+    plan = time.perf_counter() - t1
+    return {"images": images, "size": size, "calibration_seconds": cal, "planning_seconds": plan,
+            "ratio": plan / cal, "sensitivity_seconds": bp.sensitivity.seconds, "convs": len(bp.problem.layers),
+            "candidates": sum(len(l.candidates) for l in bp.problem.layers), "load_before": os.getloadavg()}
+
+
+def plot_row(row: dict[str, Any]) -> None:
+    """The Pareto plot of one model (docs/budget_<model>.png): budget plans, uniform configurations."""
+    from dsrewrite.budget.sweep import SweepPoint, save_sweep_plot, sweep_table
+
+    pts = [SweepPoint("budget", b["target"], b["macs"], 0, b["predicted_err"], b["rel_err"])
+           for b in sorted(row["budgets"], key=lambda b: b["macs"])]
+    pts += [SweepPoint("uniform", u["config"], u["macs"], 0, None, u["rel_err"]) for u in row["uniform"]]
+    name = row["model"].split()[-1].lower().replace("-", "")
+    save_sweep_plot(pts, DOCS / f"budget_{name}.png",
+                    title=f"{row['model']}, all_3x3: held-out output error after calibration vs MACs")
+    print(sweep_table(pts, row["dense_macs"]), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--only", choices=["unet", "classifier"], default=None)
+    ap.add_argument("--multipliers", default="1,2,3")
+    ap.add_argument("--out", default=str(CACHE / "budget_results.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    mults = tuple(int(v) for v in args.multipliers.split(","))
+    results: dict[str, Any] = {"load_at_start": os.getloadavg(), "cpus": os.cpu_count(),
+                               "torch_threads": torch.get_num_threads(), "models": []}
+    calib_u = calibration_images(64)
+    calib_u = [calib_u[i:i + 16] for i in range(0, 64, 16)]
+    if args.only in (None, "unet"):
+        unet = trained_unet()
+        xt, yt = held_out(512)
+        results["models"].append(compare("shapes U-Net", unet, xt[:1], calib_u, xt,
+                                         lambda m: evaluate_miou(m, xt, yt), mults,
+                                         () if args.skip_sweep else (0.25, 0.4, 0.65)))
+    for row in results["models"]:
+        plot_row(row)
+    if args.only in (None, "classifier"):
+        clf, train_s = train_classifier()
+        xt, yt = classifier_data(1024, seed=12)
+        xc, _ = classifier_data(64, seed=13)
+        row = compare("classifier", clf, xt[:1], [xc[i:i + 16] for i in range(0, 64, 16)], xt,
+                      lambda m: accuracy(m, xt, yt), mults, () if args.skip_sweep else (0.25, 0.4, 0.65))
+        row["train_seconds"] = train_s
+        results["models"].append(row)
+    if not args.skip_timing:
+        results["timing"] = time_planning()
+        print(f"timing: {results['timing']}", flush=True)
+    results["load_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
