@@ -47,7 +47,8 @@ from dsrewrite.api import plan_rewrite, rewrite_with_plan
 from dsrewrite.budget.planner import plan_with_budget
 from dsrewrite.budget.types import parse_budget
 from dsrewrite.measure.macs import count_costs
-from dsrewrite.shapes import calibration_images, evaluate_miou, held_out, make_shapes, trained_unet
+from dsrewrite.shapes import calibration_images, held_out, make_shapes, trained_unet
+from dsrewrite.shapes.data import confusion, miou
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -123,7 +124,7 @@ def measure(dense: nn.Module, plan: Any, ex: Tensor, calib: list[Tensor], xt: Te
     out = outputs(res.model, xt)
     return {"macs": count_costs(res.model, ex).total_macs,
             "rel_err": float((out.double() - ref.double()).norm() / ref.double().norm()),
-            "metric": metric(res.model), "calib_rel_err": res.calibration.output_rel_error_after,
+            "metric": metric(out), "calib_rel_err": res.calibration.output_rel_error_after,
             "calib_seconds": res.calibration.seconds}
 
 
@@ -131,7 +132,7 @@ def compare(name: str, dense: nn.Module, ex: Tensor, calib: list[Tensor], xt: Te
             multipliers: tuple[int, ...], extra_fractions: tuple[float, ...] = ()) -> dict[str, Any]:
     ref = outputs(dense, xt)
     total = count_costs(dense, ex).total_macs
-    row: dict[str, Any] = {"model": name, "dense_macs": total, "dense_metric": metric(dense), "uniform": [],
+    row: dict[str, Any] = {"model": name, "dense_macs": total, "dense_metric": metric(ref), "uniform": [],
                            "budgets": []}
     for kind in ("dw_pw", "pw_dw"):
         for m in multipliers:
@@ -205,35 +206,48 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
-    ap.add_argument("--only", choices=["unet", "classifier"], default=None)
+    ap.add_argument("--only", choices=["unet", "classifier", "timing"], default=None,
+                    help="one part (they can run as separate processes; then --plot merges their JSON files)")
+    ap.add_argument("--held-out", type=int, default=512, help="held-out images per model")
+    ap.add_argument("--plot", nargs="*", default=None, metavar="JSON",
+                    help="only redraw the plots and tables from these result files")
     ap.add_argument("--multipliers", default="1,2,3")
     ap.add_argument("--out", default=str(CACHE / "budget_results.json"))
     args = ap.parse_args()
+    if args.plot is not None:
+        for f in args.plot:
+            for row in json.loads(Path(f).read_text(encoding="utf-8"))["models"]:
+                plot_row(row)
+        return
     torch.manual_seed(0)
     mults = tuple(int(v) for v in args.multipliers.split(","))
     results: dict[str, Any] = {"load_at_start": os.getloadavg(), "cpus": os.cpu_count(),
                                "torch_threads": torch.get_num_threads(), "models": []}
     calib_u = calibration_images(64)
     calib_u = [calib_u[i:i + 16] for i in range(0, 64, 16)]
+    calib_u = calib_u if args.only in (None, "unet") else []
     if args.only in (None, "unet"):
         unet = trained_unet()
-        xt, yt = held_out(512)
-        results["models"].append(compare("shapes U-Net", unet, xt[:1], calib_u, xt,
-                                         lambda m: evaluate_miou(m, xt, yt), mults,
+        xt, yt = held_out(args.held_out)
+
+        def miou_of(out: Tensor) -> float:
+            return miou(confusion(out.argmax(1), yt))
+
+        results["models"].append(compare("shapes U-Net", unet, xt[:1], calib_u, xt, miou_of, mults,
                                          () if args.skip_sweep else (0.25, 0.4, 0.65)))
-    for row in results["models"]:
-        plot_row(row)
     if args.only in (None, "classifier"):
         clf, train_s = train_classifier()
-        xt, yt = classifier_data(1024, seed=12)
+        xt, yt = classifier_data(args.held_out, seed=12)
         xc, _ = classifier_data(64, seed=13)
         row = compare("classifier", clf, xt[:1], [xc[i:i + 16] for i in range(0, 64, 16)], xt,
-                      lambda m: accuracy(m, xt, yt), mults, () if args.skip_sweep else (0.25, 0.4, 0.65))
+                      lambda out: float((out.argmax(1) == yt).float().mean()), mults, () if args.skip_sweep else (0.25, 0.4, 0.65))
         row["train_seconds"] = train_s
         results["models"].append(row)
-    if not args.skip_timing:
+    if not args.skip_timing and args.only in (None, "timing"):
         results["timing"] = time_planning()
         print(f"timing: {results['timing']}", flush=True)
+    for row in results["models"]:
+        plot_row(row)
     results["load_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")

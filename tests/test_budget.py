@@ -313,3 +313,22 @@ def test_cli_budget_sweep_prints_and_plots(tmp_path) -> None:
     assert len(lines) >= 3, r.output
     assert all(not l.rstrip().endswith("| – |") for l in lines)  # every point measured
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_apply_with_a_budget_writes_a_model_within_it(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dsrewrite.cli import main
+
+    net = _net()
+    path, data, out = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "light.pt"
+    torch.save(net, path)
+    torch.save(torch.cat(_data()), data)
+    r = CliRunner().invoke(main, ["apply", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
+                                  "--trust-pickle", "--calib", str(data), "--target-macs", "0.5", "--order", "auto",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "budget (budget: macs 0.5 of the model)" in r.output and "measured after calibration" in r.output
+    light = torch.load(out, weights_only=False)
+    x = torch.zeros(1, 3, 16, 16)
+    assert count_costs(light, x).total_macs <= 0.5 * count_costs(net, x).total_macs

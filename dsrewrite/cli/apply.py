@@ -91,6 +91,12 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)
+    for note in p.notes:  # a budgeted plan: its target and prediction, then what calibration measured
+        if note.startswith("budget ("):
+            cal = result.calibration
+            measured = "" if cal is None else (f"; measured after calibration on the calibration inputs "
+                                               f"{cal.output_rel_error_after:.4g}")
+            click.echo(f"{note}{measured}", err=True)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
