@@ -166,6 +166,72 @@ def compare(name: str, dense: nn.Module, ex: Tensor, calib: list[Tensor], xt: Te
     return row
 
 
+def run_part(name: str, dense: nn.Module, ex: Tensor, calib: list[Tensor], xt: Tensor, metric: Any,
+             part: str) -> dict[str, Any]:
+    """One configuration: ``uniform:KIND:M`` or ``budget:F`` (F a MAC fraction, or ``m2`` for the MACs of
+    uniform dw_pw m=2); the row holds what :func:`merge` needs."""
+    ref = outputs(dense, xt)
+    total = count_costs(dense, ex).total_macs
+    kind_, *rest = part.split(":")
+    if kind_ == "uniform":
+        k, m = rest[0], int(rest[1])
+        r = measure(dense, plan_rewrite(dense, "all_3x3", ex, depth_multiplier=m, order=k), ex, calib, xt, ref, metric)
+        r.update(part=part, config=f"{k} m={m}")
+    else:
+        if rest[0] == "m2":
+            p2 = plan_rewrite(dense, "all_3x3", ex, depth_multiplier=2, order="dw_pw")
+            target = count_costs(rewrite_with_plan(dense, p2, ex, with_report=False).model, ex).total_macs
+            label = "uniform dw_pw m=2 MACs"
+        else:
+            target, label = int(float(rest[0]) * total), f"{float(rest[0]):g} of the MACs"
+        t0 = time.perf_counter()
+        bp = plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": target}), calibration=calib, order="auto")
+        plan_s = time.perf_counter() - t0
+        r = measure(dense, bp.plan, ex, calib, xt, ref, metric)
+        r.update(part=part, target=label, target_macs=target, predicted_err=bp.predicted_error, plan_seconds=plan_s,
+                 choices={e.name: (f"{e.config.order} m={e.config.depth_multiplier}" if e.replaced and e.config
+                                   else "dense") for e in bp.plan.entries
+                          if e.name in {lc.name for lc in bp.problem.layers}})
+    r.update(model=name, dense_macs=total, dense_metric=metric(ref), load=os.getloadavg(), time=time.strftime("%H:%M:%S"))
+    print(json.dumps(r, default=str), flush=True)
+    return r
+
+
+def merge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: uniform rows, budget rows with the best uniform within their MACs, ratios."""
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        uni = sorted((r for r in mine if r["part"].startswith("uniform")), key=lambda r: r["macs"])
+        bud = sorted((r for r in mine if r["part"].startswith("budget")), key=lambda r: r["macs"])
+        for b in bud:
+            fits = [u for u in uni if u["macs"] <= b["target_macs"]]
+            best = min(fits, key=lambda u: u["rel_err"]) if fits else None
+            b.update(best_uniform=best["config"] if best else None,
+                     err_ratio=(b["rel_err"] / best["rel_err"]) if best else None,
+                     metric_gain=(b["metric"] - best["metric"]) if best else None)
+        out.append({"model": name, "dense_macs": mine[0]["dense_macs"], "dense_metric": mine[0]["dense_metric"],
+                    "uniform": uni, "budgets": bud})
+    return out
+
+
+def table(row: dict[str, Any]) -> str:
+    total = row["dense_macs"]
+    lines = [f"**{row['model']}**: dense {total:,} MACs, metric {row['dense_metric']:.4f}", "",
+             "| configuration | MACs (of dense) | output rel err (held-out) | predicted | metric | best uniform within the MACs | err ratio (≤ 0.7?) | metric gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for u in row["uniform"]:
+        lines.append(f"| uniform {u['config']} | {u['macs']:,} ({u['macs'] / total:.3f}) | {u['rel_err']:.4f} | – | "
+                     f"{u['metric']:.4f} | | | |")
+    for b in row["budgets"]:
+        ratio = "–" if b["err_ratio"] is None else f"{b['err_ratio']:.3f} ({'met' if b['err_ratio'] <= 0.7 else 'missed'})"
+        gain = "–" if b["metric_gain"] is None else f"{b['metric_gain']:+.4f}"
+        lines.append(f"| budget: {b['target']} ({b['target_macs']:,}) | {b['macs']:,} ({b['macs'] / total:.3f}) | "
+                     f"{b['rel_err']:.4f} | {b['predicted_err']:.4f} | {b['metric']:.4f} | {b['best_uniform']} | "
+                     f"{ratio} | {gain} |")
+    return "\n".join(lines)
+
+
 def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str, Any]:
     """One calibration vs one planning with data sensitivity on the demo U-Net, interleaved in one run."""
     from dsrewrite.calibrate import calibrate, replaced_names
@@ -212,8 +278,37 @@ def main() -> None:
     ap.add_argument("--plot", nargs="*", default=None, metavar="JSON",
                     help="only redraw the plots and tables from these result files")
     ap.add_argument("--multipliers", default="1,2,3")
+    ap.add_argument("--part", action="append", default=None,
+                    help="run only these configurations (uniform:KIND:M, budget:F or budget:m2) and print one JSON "
+                         "line each; with --only unet/classifier")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="LOG",
+                    help="merge the JSON lines of --part runs: tables and plots")
     ap.add_argument("--out", default=str(CACHE / "budget_results.json"))
     args = ap.parse_args()
+    if args.merge is not None:
+        rows = [json.loads(line) for f in args.merge for line in Path(f).read_text(encoding="utf-8").splitlines()
+                if line.startswith("{")]
+        for row in merge(rows):
+            print(table(row), "\n", flush=True)
+            plot_row(row)
+        return
+    if args.part:
+        torch.manual_seed(0)
+        if args.only == "unet":
+            dense = trained_unet()
+            xt, yt = held_out(args.held_out)
+            c = calibration_images(64)
+            calib, metric = [c[i:i + 16] for i in range(0, 64, 16)], lambda out: miou(confusion(out.argmax(1), yt))
+            name = "shapes U-Net"
+        else:
+            dense, _ = train_classifier()
+            xt, yt = classifier_data(args.held_out, seed=12)
+            xc, _ = classifier_data(64, seed=13)
+            calib, metric = [xc[i:i + 16] for i in range(0, 64, 16)], lambda out: float((out.argmax(1) == yt).float().mean())
+            name = "classifier"
+        for part in args.part:
+            run_part(name, dense, xt[:1], calib, xt, metric, part)
+        return
     if args.plot is not None:
         for f in args.plot:
             for row in json.loads(Path(f).read_text(encoding="utf-8"))["models"]:
