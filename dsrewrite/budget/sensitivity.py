@@ -57,6 +57,7 @@ from ..factorize import SliceLayout, spectrum
 from ..kinds import get_kind
 from ..planning.types import LayerConfig
 from ..refit.batches import batch_size_of
+from ..refit.layer_fit import LayerFit
 from ..refit.lstsq import GramStats, gather_patches, quadratic_error, ridge_solve, sample_positions
 from ..runtime.run import call_model, evaluating, flatten_outputs
 from .candidates import LayerCandidates
@@ -179,17 +180,24 @@ def _gain_batches(batches: Sequence[Any], images: int) -> list[Any]:
 
 def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batches: Sequence[Any], *,
                      max_positions: int = 4096, ridge: float = 1e-3, gain_images: int = 8,
-                     seed: int = 0) -> Sensitivity:
+                     max_patch_dim: int = 2304, exact_m: int = 4, alternate: int = 1,
+                     max_joint_dim: int = 2304, seed: int = 0) -> Sensitivity:
     """Predicted errors from calibration batches (model inputs, as :func:`~dsrewrite.refit.batches.iter_inputs`
     gives them); see the module doc. The model is not changed (the gains run on a copy).
 
     ``max_positions``: output positions sampled per conv over all batches; ``gain_images``: images
-    the gain runs use (the first batches).
+    the gain runs use (the first batches). A conv whose input patches have at most ``max_patch_dim``
+    features (``C_in·kh·kw``) keeps their full Gram matrix, and every candidate up to ``m = exact_m`` is
+    refit on it as calibration refits (last stage, then ``alternate`` rounds of first and last stage
+    where the joint size is at most ``max_joint_dim``) and scored exactly; larger multipliers follow the
+    spectrum from ``exact_m``. Wider convs: the ``m = 1`` last-stage refit and the spectrum.
     """
     t0 = time.perf_counter()
     modules = dict(model.named_modules())
     images = sum(batch_size_of(b) for b in batches)
     per_image = max(1, math.ceil(max_positions / max(1, images)))
+    full = {lc.name for lc in layers if modules[lc.name].in_channels * lc.kernel_area <= max_patch_dim}
+    patch_stats = {name: GramStats() for name in full}
     probe: dict[str, list[tuple[str, nn.Module, Any, GramStats]]] = {}
     for lc in layers:
         conv = modules[lc.name]
@@ -211,10 +219,12 @@ def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batche
         y = output[p[:, 0], :, p[:, 1], p[:, 2]]
         c = module
         patches = gather_patches(args[0], pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
-        patches = patches.reshape(patches.shape[0], -1)
+        patches = patches.reshape(patches.shape[0], -1).to(torch.float64)
+        if name in full:
+            patch_stats[name].add(patches, y)
+            return
         for _, _, lay, stats in probe[name]:
-            first = lay.current()[0]
-            stats.add(lay.last_features_from_patches(patches.to(torch.float64), first), y)
+            stats.add(lay.last_features_from_patches(patches, lay.current()[0]), y)
 
     gain_data = _gain_batches(batches, gain_images)
     refs: list[list[Tensor]] = []
@@ -230,50 +240,98 @@ def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batche
         for h in handles:
             h.remove()
 
-    level: dict[tuple[str, str], float] = {}
-    gain_blocks: dict[str, nn.Module] = {}
-    for lc in layers:
-        conv = modules[lc.name]
-        has_bias = conv.bias is not None
-        for kname, block, lay, st in probe[lc.name]:
-            if not st.ready or st.yy <= 0:
-                level[(lc.name, kname)] = 0.0
-                continue
-            first, last, bias = lay.current()
-            e0 = quadratic_error(st.gram, st.cross, st.yy, lay.pack_last(last, bias).to(st.gram))
-            w = ridge_solve(st.gram, st.cross, ridge, bias=has_bias)
-            e1 = quadratic_error(st.gram, st.cross, st.yy, w)
-            if e1 < e0:
-                new_last, new_bias = lay.unpack_last(w, has_bias)
-                lay.write(first, new_last, new_bias)
-                e0 = e1
-            level[(lc.name, kname)] = e0 / st.yy
-        best = min(probe[lc.name], key=lambda t: level[(lc.name, t[0])])
-        gain_blocks[lc.name] = best[1]
-    work = copy.deepcopy(model)
-    with evaluating(work), torch.no_grad():
-        gains = _measure_gains(work, gain_blocks, gain_data, refs)
-    out_layers = []
+    errors: dict[str, dict[tuple[str, int], float]] = {}
+    gain_blocks: dict[str, tuple[str, nn.Module]] = {}
     for lc in layers:
         conv = modules[lc.name]
         spec = _spectral_ratios(conv, lc)  # type: ignore[arg-type]
-        errs = []
-        for c in lc.candidates:
-            if c.kind is None:
-                errs.append(0.0)
-                continue
-            w1 = spec.get((c.kind, 1)) or 0.0
-            errs.append(level[(lc.name, c.kind)] * (spec[(c.kind, c.m)] / w1 if w1 > 0 else 0.0))
+        if lc.name in full:
+            errors[lc.name], gain_blocks[lc.name] = _exact_errors(lc, conv, patch_stats[lc.name], spec, ridge,
+                                                                  exact_m, alternate, max_joint_dim)
+        else:
+            errors[lc.name], gain_blocks[lc.name] = _scaled_errors(lc, conv, probe[lc.name], spec, ridge)
+    work = copy.deepcopy(model)
+    with evaluating(work), torch.no_grad():
+        gains = _measure_gains(work, {n: b for n, (_, b) in gain_blocks.items()}, gain_data, refs)
+    out_layers = []
+    n_gain = sum(batch_size_of(b) for b in gain_data)
+    for lc in layers:
+        errs = tuple(0.0 if c.kind is None else errors[lc.name][(c.kind, c.m)] for c in lc.candidates)
         g, oe, le = gains[lc.name]
-        kname = next(k for k, b, _, _ in probe[lc.name] if b is gain_blocks[lc.name])
+        how = "refit as calibration does" if lc.name in full else "last stage refit"
         out_layers.append(LayerSensitivity(
-            lc.name, tuple(errs), g,
-            f"gain {g:.3g}: {kname} m=1 (last stage refit) alone gave output rel err² {oe:.3g} for layer rel err² "
-            f"{le:.3g} on {sum(batch_size_of(b) for b in gain_data)} calibration images"))
-    note = (f"sensitivity from data: {images} calibration images, {max_positions} positions per conv, m=1 blocks "
-            f"refit (last stage) in closed form, other multipliers scaled by the kernel's spectrum, per-conv gains "
-            f"measured on {sum(batch_size_of(b) for b in gain_data)} images")
+            lc.name, errs, g,
+            f"gain {g:.3g}: {gain_blocks[lc.name][0]} m=1 ({how}) alone gave output rel err² {oe:.3g} for layer "
+            f"rel err² {le:.3g} on {n_gain} calibration images"))
+    note = (f"sensitivity from data: {images} calibration images, {max_positions} positions per conv; "
+            f"{len(full)} of {len(layers)} convs scored exactly up to m={exact_m} from their input-patch Gram "
+            f"matrices (refit as calibration does, {alternate} alternating round(s)), the others from the m=1 "
+            f"last-stage refit; larger multipliers follow the kernel's spectrum; per-conv gains measured on "
+            f"{n_gain} images")
     return Sensitivity(tuple(out_layers), "data", note, time.perf_counter() - t0)
+
+
+def _exact_errors(lc: LayerCandidates, conv: nn.Module, stats: GramStats, spec: dict[tuple[str, int], float],
+                  ridge: float, exact_m: int, alternate: int, max_joint_dim: int
+                  ) -> tuple[dict[tuple[str, int], float], tuple[str, nn.Module]]:
+    """Every candidate's layer error from the patch statistics (refit in closed form); the best m=1 block."""
+    out: dict[tuple[str, int], float] = {}
+    best: Optional[tuple[float, str, nn.Module]] = None
+    yy = stats.yy if stats.yy > 0 else 1.0
+    for kname in _kinds_of(lc):
+        kind = get_kind(kname)
+        ms = sorted(c.m for c in lc.candidates if c.kind == kname)
+        last_exact = None
+        for m in ms:
+            if m > exact_m and last_exact is not None:
+                e_ref, m_ref = last_exact
+                w_ref = spec.get((kname, m_ref), 0.0)
+                out[(kname, m)] = e_ref * (spec[(kname, m)] / w_ref if w_ref > 0 else 0.0)
+                continue
+            block = kind.build(conv, LayerConfig(order=kname, depth_multiplier=m), name=lc.name)
+            fit = LayerFit(lc.name, 0, block, conv)  # type: ignore[arg-type]
+            fit.joint, fit.stats = True, stats
+            rounds = alternate if fit.lay.linear and (fit.lay.joint_dim or 0) <= max_joint_dim else 0
+            rec = fit.refit(ridge, rounds)
+            e = min(rec.rel_error_after, rec.rel_error_before) ** 2 if stats.count else 0.0
+            out[(kname, m)] = e
+            last_exact = (e, m)
+            if m == 1 and (best is None or e < best[0]):
+                best = (e, kname, block)
+    if best is None:  # no m=1 candidate (cannot happen with the built-ins): the first kind's SVD block
+        kname = _kinds_of(lc)[0]
+        return out, (kname, get_kind(kname).build(conv, LayerConfig(order=kname), name=lc.name))
+    del yy
+    return out, (best[1], best[2])
+
+
+def _scaled_errors(lc: LayerCandidates, conv: nn.Module, probe: list[tuple[str, nn.Module, Any, GramStats]],
+                   spec: dict[tuple[str, int], float], ridge: float
+                   ) -> tuple[dict[tuple[str, int], float], tuple[str, nn.Module]]:
+    """The m=1 last-stage refit's error, other multipliers scaled by the spectrum; the best m=1 block."""
+    has_bias = conv.bias is not None
+    level: dict[str, float] = {}
+    for kname, block, lay, st in probe:
+        if not st.ready or st.yy <= 0:
+            level[kname] = 0.0
+            continue
+        first, last, bias = lay.current()
+        e0 = quadratic_error(st.gram, st.cross, st.yy, lay.pack_last(last, bias).to(st.gram))
+        w = ridge_solve(st.gram, st.cross, ridge, bias=has_bias)
+        e1 = quadratic_error(st.gram, st.cross, st.yy, w)
+        if e1 < e0:
+            new_last, new_bias = lay.unpack_last(w, has_bias)
+            lay.write(first, new_last, new_bias)
+            e0 = e1
+        level[kname] = e0 / st.yy
+    out = {}
+    for c in lc.candidates:
+        if c.kind is None:
+            continue
+        w1 = spec.get((c.kind, 1)) or 0.0
+        out[(c.kind, c.m)] = level[c.kind] * (spec[(c.kind, c.m)] / w1 if w1 > 0 else 0.0)
+    kname, block = min(((k, b) for k, b, _, _ in probe), key=lambda t: level[t[0]])
+    return out, (kname, block)
 
 
 def weight_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], example_inputs: Any) -> Sensitivity:
