@@ -14,8 +14,8 @@ Example:
     ...                     nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     >>> x = torch.randn(4, 3, 16, 16)
     >>> pts = budget_sweep(net, "all_3x3", x[:1], [x], fractions=(0.5, 0.8), uniform=(1,), recipes=())
-    >>> [p.series for p in pts]
-    ['budget', 'budget', 'uniform']
+    >>> [p.label for p in pts if p.series == "uniform"]
+    ['uniform dw_pw m=1', 'uniform pw_dw m=1']
     >>> all(p.measured_error is not None for p in pts)
     True
 """
