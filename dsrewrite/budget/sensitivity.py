@@ -8,14 +8,16 @@ model's output, measured.
 **With calibration data** (:func:`data_sensitivity`; ``method = "data"``), in one pass of the
 original model over the batches plus a few short passes for the gains:
 
-* for each conv and each kind, the kind's ``m = 1`` block is refit in closed form on the sampled
-  positions exactly as calibration refits a last stage (Gram statistics of the last stage's input
-  features, :func:`~dsrewrite.refit.lstsq.ridge_solve`; the refit kept only if it lowers the
-  error): ``e_l(kind, 1)`` is that block's error after calibration's first step;
-* the other multipliers follow the kernel's spectrum: ``e_l(kind, m) = e_l(kind, 1) ·
-  w(m)² / w(1)²`` with ``w(m)`` the kind's relative weight error at rank ``m``
-  (:meth:`~dsrewrite.kinds.ReplacementKind.weight_error`, 0 at ``m = kh·kw``);
-* ``gain_l``: the refit ``m = 1`` block is put in place of conv ``l`` alone (every other conv dense)
+* a conv whose input patches have at most ``max_patch_dim`` features keeps their Gram matrix: every
+  candidate up to ``m = exact_m`` is refit on it in closed form as calibration refits it (last stage,
+  then alternating rounds where the joint size allows; :class:`~dsrewrite.refit.layer_fit.LayerFit`)
+  and its error read off the quadratic form, without running the model; larger multipliers follow the
+  spectrum from ``exact_m``;
+* a wider conv: for each kind the ``m = 1`` block's last stage is refit on last-stage statistics
+  (:func:`~dsrewrite.refit.lstsq.ridge_solve`, kept only if it lowers the error), and the other
+  multipliers follow the kernel's spectrum: ``e_l(kind, m) = e_l(kind, 1) · w(m)² / w(1)²`` with
+  ``w(m)`` the kind's relative weight error at rank ``m`` (0 at ``m = kh·kw``);
+* ``gain_l``: the best refit ``m = 1`` block is put in place of conv ``l`` alone (every other conv dense)
   and the model run on the first ``gain_images`` calibration images: the model's squared relative
   output error divided by the conv's own, both measured in that run.
 
@@ -23,9 +25,10 @@ original model over the batches plus a few short passes for the gains:
 the discarded spectral energy of the kernel's SVD, and ``gain_l`` measured as above with the
 unrefit SVD block on the example input (so it is the output's response per unit of weight error).
 
-Calibration itself also refits the first stage of small layers, fits through following ReLUs and
-corrects errors that reach a layer from earlier ones, none of which the prediction models: the
-measured error after calibration is usually below the prediction (see docs/budget.md).
+Calibration also runs more alternating rounds, fits through following ReLUs and corrects errors that
+reach a layer from earlier ones, none of which the prediction models, and the errors of several convs
+are assumed to add: the measured error after calibration is usually below the prediction (see
+docs/budget.md).
 
 Example:
     >>> import torch
