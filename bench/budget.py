@@ -16,8 +16,10 @@ images and measures, on held-out images, the output relative L2 error against th
 the task metric (no healing). Then it plans with ``budget={"macs": B}`` (``order="auto"``, data
 sensitivity from the same 64 images) at two budgets, B = the MACs of uniform ``dw_pw`` m=2 and
 B = half the dense model's MACs, calibrates and measures the same way, and compares with the best
-uniform configuration within B (the lowest held-out error among those with MACs ≤ B). It also
-plots the Pareto sweep of the U-Net (docs/budget_pareto.png).
+uniform configuration within B (the lowest held-out error among those with MACs ≤ B); without
+``--skip-sweep`` also at 0.25, 0.4 and 0.65 of the MACs. It plots MACs against held-out error for each
+model (docs/budget_<model>.png). On a shared machine, run the configurations as separate processes
+(``--part``) and merge their JSON lines (``--merge``); docs/budget.md has the commands.
 
 Timing: on the full demo U-Net (ResNet18 encoder, random weights) with 64 images of 256², it times
 one calibration (all_3x3, m=1, dw_pw) and one planning with data sensitivity (budget 0.5),
