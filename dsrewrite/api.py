@@ -141,13 +141,15 @@ def _carry_out(
     benchmark: bool,
     task_metric: Optional[TaskMetric] = None,
     share_weights: bool = False,
+    calib_inputs: Optional[list[Any]] = None,
 ) -> RewriteResult:
     """:func:`rewrite_with_plan` on a model already through :func:`~dsrewrite.runtime.preflight.preflight`,
-    with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`)."""
+    with ``calib_options`` already checked (:func:`~dsrewrite.refit.calibrate.check_options`);
+    ``calib_inputs``: calibration batches already turned into model inputs (then ``calibration`` is ignored)."""
     inner, outer = pf.model, pf.wrapper
     plan = _unprefixed(plan, inner)
-    calib_batches = None
-    if calibration is not None:  # user batches -> model inputs, once, for calibrate and the report
+    calib_batches = calib_inputs
+    if calib_batches is None and calibration is not None:  # user batches -> model inputs, once, for calibrate and the report
         from .refit.batches import input_spec, iter_inputs
 
         spec = input_spec(inner, example_inputs, input_key=calib_options.pop("input_key", None),
@@ -200,15 +202,30 @@ def _run(
     input_shape: Sequence[int],
     with_report: bool,
     benchmark: bool,
+    budget: Any = None,
 ) -> RewriteResult:
-    pf = preflight(model, inplace=inplace)  # once: unwrap, check, device/dtype, passed down from here
-    x = example_inputs if example_inputs is not None else example_input(pf.model, input_shape)
-    p = plan_checked(pf.model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier, order=order,
-                     init=init)
+    from .budget.types import parse_budget
     from .refit.calibrate import check_options
 
-    return _carry_out(pf, p, x, calibration=calibration, calib_options=check_options(calibration_options),
-                      inplace=inplace, with_report=with_report, benchmark=benchmark)
+    bud = parse_budget(budget)  # the budget first: a malformed one is refused before any work
+    if bud is None:
+        recipe = load_recipe(recipe)
+        bud = recipe.budget  # the recipe's budget: section, if any
+    calib_options = check_options(calibration_options)
+    pf = preflight(model, inplace=inplace)  # once: unwrap, check, device/dtype, passed down from here
+    x = example_inputs if example_inputs is not None else example_input(pf.model, input_shape)
+    if bud is None:
+        p = plan_checked(pf.model, recipe, x, input_shape=input_shape, depth_multiplier=depth_multiplier,
+                         order=order, init=init)
+        return _carry_out(pf, p, x, calibration=calibration, calib_options=calib_options,
+                          inplace=inplace, with_report=with_report, benchmark=benchmark)
+    from .budget.run import budget_inputs, checked_result, plan_for
+
+    inputs = budget_inputs(pf.model, x, calibration, calib_options)
+    bp = plan_for(pf.model, recipe, x, bud, inputs, depth_multiplier=depth_multiplier, order=order, init=init)
+    res = _carry_out(pf, bp.plan, x, calibration=None, calib_options=calib_options, inplace=inplace,
+                     with_report=with_report, benchmark=benchmark, calib_inputs=inputs)
+    return checked_result(res, bp, x)
 
 
 def plan_rewrite(
@@ -224,6 +241,9 @@ def plan_rewrite(
     source_spec: str = "MODEL",
     progress: Optional[Callable[[str], None]] = None,
     must_replace: bool = True,
+    budget: Any = None,
+    calibration: Optional[Iterable[Any]] = None,
+    calibration_options: Optional[Mapping[str, Any]] = None,
 ) -> Plan:
     """The plan of a rewrite that must replace something: what ``dsrewrite plan``/``apply`` carry out.
 
@@ -231,6 +251,9 @@ def plan_rewrite(
     model can be rewritten, captures its graph and plans; ``source``/``source_spec`` name the
     model in messages, ``progress`` (if given) hears "capturing the graph ...". ``must_replace=False``
     returns a plan that replaces nothing instead of raising (``dsrewrite plan`` shows its reasons).
+    ``budget`` (``{"macs": 5.8e9}``, keys ``macs``, ``params``, ``max_error``; a value ≤ 1 is a fraction of
+    the whole model; see docs/budget.md) chooses, per selected conv, dense or a kind and multiplier,
+    from the ``calibration`` batches' sensitivity (or a weight-space proxy without them).
 
     Raises:
         RecipeError: the recipe is not valid.
@@ -250,6 +273,19 @@ def plan_rewrite(
     """
     rec = load_recipe(recipe)
     check_rewritable(model)
+    if budget is not None or rec.budget is not None:
+        from .budget.types import parse_budget
+
+        bud = parse_budget(budget) or rec.budget
+        if bud is not None:
+            from .budget.run import budget_inputs, plan_for
+            from .refit.calibrate import check_options
+
+            if progress is not None:
+                progress("planning for the budget ...")
+            inputs = budget_inputs(model, example_inputs, calibration, check_options(calibration_options))
+            return plan_for(model, rec, example_inputs, bud, inputs, depth_multiplier=depth_multiplier,
+                            order=order, init=init).plan
     if progress is not None:
         progress("capturing the graph ...")
     with warnings.catch_warnings():
@@ -277,6 +313,7 @@ def rewrite(
     order: Optional[str] = None,
     init: Optional[str] = None,
     input_shape: Sequence[int] = (1, 3, 224, 224),
+    budget: Optional[Mapping[str, float]] = None,
 ) -> nn.Module:
     """Swap the convs ``recipe`` selects for depthwise-separable ones; return the model.
 
@@ -292,8 +329,10 @@ def rewrite(
     (see :mod:`dsrewrite.calibrate`); ``calibration_options`` are passed on to
     :func:`~dsrewrite.calibrate.calibrate` (e.g. ``{"activation": "none"}`` for a purely
     linear fit). ``depth_multiplier``, ``order`` and ``init``
-    override the recipe for every selected conv. To get the plan and the report of
-    the call, use :func:`rewrite_and_report`.
+    override the recipe for every selected conv. ``budget`` (e.g. ``{"macs": 0.5}``; keys ``macs``,
+    ``params``, ``max_error``, a value ≤ 1 a fraction of the whole model) lets the planner choose, per
+    selected conv, dense or a kind and depth multiplier with the least predicted output error that fits
+    (docs/budget.md). To get the plan and the report of the call, use :func:`rewrite_and_report`.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
@@ -302,7 +341,7 @@ def rewrite(
     """
     return _run(
         model, recipe, example_inputs, calibration, calibration_options, inplace, depth_multiplier, order, init,
-        input_shape, with_report=False, benchmark=False,
+        input_shape, with_report=False, benchmark=False, budget=budget,
     ).model
 
 
@@ -319,10 +358,13 @@ def rewrite_and_report(
     init: Optional[str] = None,
     input_shape: Sequence[int] = (1, 3, 224, 224),
     benchmark: bool = False,
+    budget: Optional[Mapping[str, float]] = None,
 ) -> RewriteResult:
     """Like :func:`rewrite`, returning a :class:`RewriteResult` with the plan and the report.
 
-    ``benchmark=True`` adds measured latency (interleaved runs, medians) to the report.
+    ``benchmark=True`` adds measured latency (interleaved runs, medians) to the report. With a
+    ``budget``, the plan's notes also give the MACs counted on the result and the output error
+    measured after calibration next to the predicted one.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3))
@@ -332,5 +374,5 @@ def rewrite_and_report(
     """
     return _run(
         model, recipe, example_inputs, calibration, calibration_options, inplace, depth_multiplier, order, init,
-        input_shape, with_report=True, benchmark=benchmark,
+        input_shape, with_report=True, benchmark=benchmark, budget=budget,
     )

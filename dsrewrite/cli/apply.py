@@ -13,6 +13,7 @@ from ..runtime.input_files import path_exists
 from .common import (check_report_path, handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options, RegistryChoice, presets, save_formats)
 from .export import export_formats, prepare_export, run_export
 from ..errors import UsageError
+from .budget import budget_of, budget_options
 
 
 @click.command()
@@ -51,6 +52,7 @@ from ..errors import UsageError
 @click.option("--export-format", type=RegistryChoice(export_formats), default=None,
               help="Format of --export (default: from its suffix).")
 @click.option("--export-static", is_flag=True, help="Fix --export's input shape to the example's.")
+@budget_options
 @handle_errors
 def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
           arch_args: tuple[str, ...], trust_pickle: bool, recipe: str,
@@ -59,7 +61,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
           calib_preset: Optional[str], calib_mean: Optional[str], calib_std: Optional[str], calib_limit: int,
           calib_activation: str, benchmark: bool, dry_run: bool, force: bool, as_json: bool,
           save_format: Optional[str], export_path: Optional[str], export_format: Optional[str],
-          export_static: bool, **load_options: Any) -> None:
+          export_static: bool, target_macs: Optional[float] = None, target_params: Optional[float] = None,
+          target_latency: Optional[float] = None, max_error: Optional[float] = None, **load_options: Any) -> None:
     """Rewrite MODEL with a recipe, save it, and print what changed and what it bought."""
     from ..io import check_outputs, default_output_path, plan_path_for, save_rewrite
     from ..report import render_table, save_plot, save_report
@@ -86,7 +89,9 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
 
         calib_data = open_calibration(calib, input_shape=shape, size=calib_size, preset=calib_preset,
                                       mean=calib_mean, std=calib_std, limit=calib_limit)
-    p = make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init)
+    budget = budget_of(target_macs, target_params, target_latency, max_error)
+    p = make_plan(loaded, recipe, x, shape, depth_multiplier=depth_multiplier, order=order, init=init,
+                  budget=budget, calibration=calib_data.loader if calib_data else None)
     if not dry_run:  # before the work: a parametrized module the plan keeps cannot be saved as a full module
         from ..io.saveable import check_saveable
         from ..runtime.preflight import unwrap_parallel
@@ -102,6 +107,12 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
     rep = result.report
     if calib_data is not None:
         click.echo(f"calibration data: {calib_data.describe()}", err=True)
+    for note in p.notes:  # a budgeted plan: its target and prediction, then what calibration measured
+        if note.startswith("budget ("):
+            cal = result.calibration
+            measured = "" if cal is None else (f"; measured after calibration on the calibration inputs "
+                                               f"{cal.output_rel_error_after:.4g}")
+            click.echo(f"{note}{measured}", err=True)
     exported = None
     if export_entry is not None and not dry_run:
         exported = run_export(result.model, x, str(export_path), export_entry.name, static=export_static, opset=None)

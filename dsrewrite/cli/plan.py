@@ -10,6 +10,7 @@ from typing import Any, Optional
 import click
 
 from ..runtime.input_files import path_exists
+from .budget import budget_of, budget_options
 from .common import handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options
 
 
@@ -17,17 +18,43 @@ from .common import handle_errors, example_inputs_of, load_model_arg, make_plan,
 @model_options
 @recipe_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan report as JSON on stdout.")
+@budget_options
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration data for a budget's sensitivity (as for apply; without it: a weight-space proxy).")
+@click.option("--calib-limit", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Use at most this many calibration samples.")
+@click.option("--budget-sweep", "budget_sweep", default=None, metavar="F1,F2,...",
+              help="Print the Pareto curve: plan for each MAC fraction, calibrate and measure each (needs --calib), "
+                   "with uniform m=1/m=2 and the built-in recipes for comparison.")
+@click.option("--sweep-plot", type=click.Path(dir_okay=False), default=None, help="Write the sweep as a PNG.")
 @handle_errors
 def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
              arch_args: tuple[str, ...], trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
-             init: Optional[str], as_json: bool, **load_options: Any) -> None:
+             init: Optional[str], as_json: bool, target_macs: Optional[float] = None,
+             target_params: Optional[float] = None, target_latency: Optional[float] = None,
+             max_error: Optional[float] = None, calib: Optional[str] = None, calib_limit: int = 64,
+             budget_sweep: Optional[str] = None, sweep_plot: Optional[str] = None, **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
     from ..report import build_plan_report, render_plan, render_table
 
+    budget = budget_of(target_macs, target_params, target_latency, max_error)
+    fractions = _fractions(budget_sweep) if budget_sweep else None
+    if sweep_plot:
+        from ..io import check_output_path
+
+        check_output_path(Path(sweep_plot), input_path=None, force=True)
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
+    calib_data = None
+    if calib:
+        from ..calib_data import open_calibration
+
+        calib_data = open_calibration(calib, input_shape=shape, limit=calib_limit)
+    if fractions is not None:
+        _sweep(loaded, recipe, x, calib_data, fractions, order, sweep_plot)
+        return
     p = make_plan(loaded, recipe, x, shape, must_replace=False, depth_multiplier=depth_multiplier, order=order,
-                   init=init)
+                   init=init, budget=budget, calibration=calib_data.loader if calib_data else None)
     rep = build_plan_report(loaded.model, p, x)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
@@ -84,3 +111,31 @@ def recipes_show(name: str) -> None:
     path = Path(name) if path_exists(name) else builtin_recipe_path(name)
     load_recipe(str(path))  # validate
     click.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of MAC fractions, e.g. 0.3,0.5,0.7",
+                                 param_hint="--budget-sweep")
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise click.BadParameter(f"{text!r}: each fraction must be in (0, 1]", param_hint="--budget-sweep")
+    return vals
+
+
+def _sweep(loaded: Any, recipe: str, x: Any, calib_data: Any, fractions: list[float], order: Optional[str],
+           plot: Optional[str]) -> None:
+    from ..budget.run import budget_inputs
+    from ..budget.sweep import budget_sweep, save_sweep_plot, sweep_table
+    from ..measure.macs import count_costs
+
+    inputs = budget_inputs(loaded.model, x, calib_data.loader if calib_data else None, {})
+    progress("sweeping budgets (one calibration per point) ...")
+    points = budget_sweep(loaded.model, recipe, x, inputs, fractions=fractions, order=order or "auto")
+    click.echo(sweep_table(points, count_costs(loaded.model, x).total_macs))
+    if inputs is None:
+        click.echo("note: no --calib: errors are the weight-space proxy's predictions, nothing was measured.", err=True)
+    if plot:
+        save_sweep_plot(points, plot, title=f"{loaded.source}, recipe {recipe}")
+        click.echo(f"wrote {plot}", err=True)

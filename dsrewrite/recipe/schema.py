@@ -348,6 +348,8 @@ class Recipe:
     replace: ReplaceSpec = ReplaceSpec()
     overrides: tuple[Override, ...] = ()
     latency: Optional[LatencySpec] = None
+    #: The ``budget:`` section (a :class:`dsrewrite.budget.types.Budget`), or ``None``.
+    budget: Optional[Any] = None
 
     def with_overrides(
         self,

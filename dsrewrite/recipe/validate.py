@@ -43,7 +43,8 @@ from .schema import (
 
 __all__ = ["parse_recipe", "select_keys", "TOP_KEYS", "LATENCY_KEYS", "OVERRIDE_KEYS", "SELECT_KEYS"]
 
-TOP_KEYS: tuple[str, ...] = ("name", "description", "extends", "select", "replace", "overrides", "latency")
+TOP_KEYS: tuple[str, ...] = ("name", "description", "extends", "select", "replace", "overrides", "latency",
+                             "budget")
 LATENCY_KEYS: tuple[str, ...] = ("min_speedup", "rounds", "warmup", "channels_last")
 #: The keys of ``select:`` besides the graph predicates.
 SELECT_FIXED_KEYS: tuple[str, ...] = (
@@ -99,7 +100,30 @@ def parse_recipe(data: Any, *, source: str = "<mapping>", default_name: str = "c
         replace=_replace_spec(ctx, ("replace",), data.get("replace")),
         overrides=_overrides(ctx, data.get("overrides")),
         latency=_latency(ctx, data.get("latency")),
+        budget=_budget(ctx, data.get("budget")),
     )
+
+
+def _budget(ctx: Ctx, value: Any) -> Any:
+    """The optional ``budget:`` section (:mod:`dsrewrite.budget.types`): keys, numbers, then the cross-key rules."""
+    from ..budget.types import BUDGET_KEYS, BudgetError, parse_budget
+
+    if value is None:
+        return None
+    path: KeyPath = ("budget",)
+    data = as_mapping(ctx, path, value)
+    check_keys(ctx, path, data, BUDGET_KEYS)
+    for key, v in data.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise wrong_type(ctx, (*path, key), v, "a number > 0 (≤ 1: a fraction of the whole model)")
+        if not (v > 0 and v != float("inf")):
+            raise ctx.error((*path, key), f"{v!r} is out of range: must be a finite number > 0.")
+    try:
+        return parse_budget(dict(data), source=f"{ctx.source}: budget")
+    except BudgetError as exc:
+        raise ctx.error(path, str(exc).split(": budget: ", 1)[-1]) from exc
 
 
 def _latency(ctx: Ctx, value: Any) -> Optional[LatencySpec]:
