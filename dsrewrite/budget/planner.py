@@ -39,6 +39,7 @@ from torch import nn
 from ..kinds import auto_kinds
 from ..measure.macs import count_costs
 from ..planning.capture import capture
+from ..planning.safety import check_safety
 from ..planning.planner import NothingSelectedWarning, RecipeLike, plan_from_capture
 from ..planning.types import LayerConfig, Plan, PlanEntry
 from ..recipe import load_recipe, select
@@ -96,10 +97,11 @@ def budget_problem(model: nn.Module, recipe: RecipeLike, example_inputs: Any, *,
                    init: Optional[str] = None, max_m: Optional[int] = None) -> BudgetProblem:
     """Capture, plan the recipe's selection, count the model and list every selected conv's candidates."""
     rec = load_recipe(recipe).with_overrides(order=order, init=init)
+    safety = check_safety(model, example_inputs)  # as plan_checked: parameter reads, hooks, lazy convs kept dense
     cap = capture(model, example_inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NothingSelectedWarning)
-        base = plan_from_capture(model, rec, cap)
+        base = plan_from_capture(model, rec, cap, safety=safety)
     costs = count_costs(model, example_inputs)
     modules = dict(model.named_modules())
     facts = cap.by_name()
