@@ -230,6 +230,7 @@ def heal(
         BatchError: a batch cannot be mapped to model inputs (a ``UsageError``).
 
     Example:
+        >>> from dsrewrite.kinds.separable import DepthwiseSeparableConv2d
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3))
         >>> light = nn.Sequential(DepthwiseSeparableConv2d.from_conv(net[0]))
         >>> heal(light, net, [torch.randn(1, 3, 6, 6)], steps=2, progress=False).step
