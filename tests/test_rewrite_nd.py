@@ -231,7 +231,7 @@ def test_onnx_export_parity(make, shape, recipe, tmp_path):
     print(f"ONNX Runtime vs eager: max |Δ| = {res.max_abs_diff:.3e} (tolerance {res.tolerance:.3e}, {res.exporter})")
 
 
-def test_calibration_leaves_transposed_blocks_at_svd_and_says_so():
+def test_calibration_refits_transposed_blocks_too():
     from dsrewrite.refit.calibrate import calibrate
     from dsrewrite.refit.results import CalibrationUsageError
 
@@ -243,11 +243,13 @@ def test_calibration_leaves_transposed_blocks_at_svd_and_says_so():
     light = apply_plan(net, plan(net, recipe, x))
     up = copy.deepcopy(light[3].state_dict())
     res = calibrate(net, light, [x])
-    assert [l.name for l in res.layers] == ["2"]
-    assert any(n.endswith("keep their SVD initialisation (3)") for n in res.notes), res.notes
-    assert all(torch.equal(up[k], v) for k, v in light[3].state_dict().items())
-    with pytest.raises(CalibrationUsageError, match="transposed"):
-        calibrate(net, light, [x], names=["3"])
+    assert [l.name for l in res.layers] == ["2", "3"]
+    assert not any("initialisation" in n for n in res.notes), res.notes
+    assert res.layers[1].rel_error_after < res.layers[1].rel_error_before, res.layers[1]
+    assert not all(torch.equal(up[k], v) for k, v in light[3].state_dict().items())
+    assert [l.name for l in calibrate(net, light, [x], names=["3"]).layers] == ["3"]
+    with pytest.raises(CalibrationUsageError, match="not a replacement block"):
+        calibrate(net, light, [x], names=["1"])
 
 
 @pytest.mark.parametrize("order", ["dw_pw", "pw_dw"])

@@ -31,6 +31,7 @@ from ..facts import ConvFact
 from ..factorize import PER_OUTPUT
 from ..refit.lstsq import GramStats, dense_pwdw, refit_pwdw_pointwise, refit_pwdw_spatial
 from ..refit.patches_nd import gather_patches_nd
+from ..refit.patches_transposed import gather_transposed_patches
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
@@ -57,7 +58,11 @@ class PwDwLayout(SeparableLayout):
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
         sp = self.block.depthwise
-        p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+        if self.transposed:  # the transposed depthwise's input values at each output position
+            p = gather_transposed_patches(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation)
+        else:
+            p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation,
+                                  sp.padding_mode)
         return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:
