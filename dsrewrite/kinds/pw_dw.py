@@ -7,7 +7,8 @@ For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`)
 Initialised from the SVD of the kernel cut per output filter; its least-squares layout
 (:mod:`dsrewrite.lstsq`): pointwise ``Q (C_out, m, C_in)``, spatial ``S (C_out, m, K)``;
 the last stage's features are the k×k patches of each output's ``m`` channels, one small
-problem per output (``(P, C_out, m·K)``). Its first stage is a 1×1 conv, so the
+problem per output (``(P, C_out, m·K)``; for a transposed block the patches of its
+``ConvTransposeNd``, :mod:`dsrewrite.refit.patches_transposed`). Its first stage is a 1×1 conv, so the
 deployment hoist can move it above an upsample.
 
 Example:

@@ -198,8 +198,9 @@ def calibrate(
             ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
             maps; turned into model inputs by :func:`dsrewrite.batches.model_inputs`. Read once;
             the model inputs (not the labels) are kept in memory on the model's device.
-        names: qualified names of the blocks to refit; default: every
-            ``DepthwiseSeparableConv2d`` of ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
+        names: qualified names of the blocks to refit; default: every replacement block of
+            ``rewritten`` (any registered kind's) that is a conv (``nn.ConvNd`` or
+            ``nn.ConvTransposeNd``) in ``original``.
         max_positions: output positions sampled per layer over all batches (spread evenly).
         ridge: relative ridge ``λ = ridge · mean(diag(G))`` (bias unpenalised).
         alternate: rounds of (first stage, last stage) refits after the last-stage refit,
