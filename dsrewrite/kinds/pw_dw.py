@@ -8,7 +8,8 @@ For any conv (1/2/3-d, grouped, transposed; :mod:`dsrewrite.kinds.separable_nd`)
 Initialised from the SVD of the kernel cut per output filter; its least-squares layout
 (:mod:`dsrewrite.lstsq`): pointwise ``Q (C_out, m, C_in)``, spatial ``S (C_out, m, K)``;
 the last stage's features are the k×k patches of each output's ``m`` channels, one small
-problem per output (``(P, C_out, m·K)``). Its first stage is a 1×1 conv, so the
+problem per output (``(P, C_out, m·K)``; for a transposed block the patches of its
+``ConvTransposeNd``, :mod:`dsrewrite.refit.patches_transposed`). Its first stage is a 1×1 conv, so the
 deployment hoist can move it above an upsample.
 
 Example:
@@ -32,6 +33,7 @@ from ..facts import ConvFact
 from ..factorize import PER_OUTPUT
 from ..refit.lstsq import GramStats, dense_pwdw, refit_pwdw_pointwise, refit_pwdw_spatial
 from ..refit.patches_nd import gather_patches_nd
+from ..refit.patches_transposed import gather_transposed_patches
 from .protocol import LstsqLayout
 from .separable import DepthwiseSeparableConv2d
 from .svd_kind import SeparableKind, SeparableLayout, bias_row, fact_sizes, is_transposed, kernel_area
@@ -58,7 +60,11 @@ class PwDwLayout(SeparableLayout):
 
     def last_features(self, z: Tensor, positions: Tensor) -> Tensor:
         sp = self.block.depthwise
-        p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation, sp.padding_mode)
+        if self.transposed:  # the transposed depthwise's input values at each output position
+            p = gather_transposed_patches(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation)
+        else:
+            p = gather_patches_nd(z, positions, sp.kernel_size, sp.stride, sp.padding, sp.dilation,
+                                  sp.padding_mode)
         return p.reshape(p.shape[0], self.c_out, self.m * self.k)  # groups of m channels per output
 
     def last_features_from_patches(self, patches: Tensor, first: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedConvError
 from ..facts import ConvFact
 from ..factorize import SliceLayout, rank_for_energy, relative_weight_error
 from ..planning.types import LayerConfig
@@ -133,12 +132,9 @@ class SeparableLayout:
     relu_refits_first = False
 
     def __init__(self, block: DepthwiseSeparableConv2d) -> None:
-        if block.transposed:
-            raise UnsupportedConvError(
-                "calibration refits regular (not transposed) blocks only: its SVD initialisation is kept. "
-                "Hint: heal it (distillation) instead."
-            )
         self.block = block
+        #: transposed block: patches are those of its ``ConvTransposeNd`` (:mod:`dsrewrite.refit.patches_transposed`)
+        self.transposed = bool(getattr(block, "transposed", False))
         self.k = _prod(tuple(block.kernel_size))
         self.m = block.depth_multiplier
         self.c_in, self.c_out = block.in_channels, block.out_channels

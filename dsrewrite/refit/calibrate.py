@@ -130,16 +130,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence[str]]) -> list[tuple[str, Any, Any]]:
     blocks = {n: m for n, m in rewritten.named_modules() if kind_of(m) is not None}
-    convs = {n: m for n, m in original.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    convs = {n: m for n, m in original.named_modules() if isinstance(m, _ConvNd)}
     if names is None:
         names = [n for n in blocks if n in convs and least_squares_ready(blocks[n])]
     out = []
     for name in names:
         if name in blocks and not least_squares_ready(blocks[name]):
             raise CalibrationUsageError(
-                f"calibrate(names=...): {name!r} is a transposed block: the least-squares refit "
-                "covers regular blocks only, so its SVD initialisation stays. Hint: leave it out of "
-                "names, or heal the model (distillation) instead."
+                f"calibrate(names=...): {name!r} has no least-squares layout (its kind refuses the "
+                "block), so its initialisation stays. Hint: leave it out of names, or heal the model "
+                "(distillation) instead."
             )
         if name not in blocks:
             raise CalibrationUsageError(
@@ -150,17 +150,20 @@ def _resolve(original: nn.Module, rewritten: nn.Module, names: Optional[Sequence
             )
         if name not in convs:
             raise CalibrationUsageError(
-                f"calibrate(names=...): {name!r} is not an nn.Conv1d/2d/3d in the original model"
+                f"calibrate(names=...): {name!r} is not an nn.ConvNd/ConvTransposeNd in the original model"
                 f"{did_you_mean(name, convs)}. Hint: the original must be the model before the rewrite."
             )
         b, c = blocks[name], convs[name]
         mine = (b.in_channels, b.out_channels, tuple(b.kernel_size), tuple(b.stride), b.padding,
-                tuple(b.dilation), b.padding_mode)
+                tuple(b.dilation), b.padding_mode, bool(getattr(b, "transposed", False)),
+                tuple(getattr(b, "output_padding", ())) if getattr(b, "transposed", False) else ())
         theirs = (c.in_channels, c.out_channels, tuple(c.kernel_size), tuple(c.stride), c.padding,
-                  tuple(c.dilation), c.padding_mode)
+                  tuple(c.dilation), c.padding_mode, bool(c.transposed),
+                  tuple(c.output_padding) if c.transposed else ())
         if mine != theirs:
             raise CalibrationUsageError(
-                f"layer {name!r}: the separable block (in, out, kernel, stride, padding, dilation, padding_mode) "
+                f"layer {name!r}: the separable block (in, out, kernel, stride, padding, dilation, padding_mode, "
+                f"transposed, output_padding) "
                 f"= {mine} does not "
                 f"match the original conv's {theirs}. Hint: calibrate a model against the one it was rewritten from."
             )
@@ -197,8 +200,9 @@ def calibrate(
             ``(input, mask/label, ...)`` tuples, dicts (with ``input_key``), or anything ``input_fn``
             maps; turned into model inputs by :func:`dsrewrite.batches.model_inputs`. Read once;
             the model inputs (not the labels) are kept in memory on the model's device.
-        names: qualified names of the blocks to refit; default: every
-            ``DepthwiseSeparableConv2d`` of ``rewritten`` that is an ``nn.Conv2d`` in ``original``.
+        names: qualified names of the blocks to refit; default: every replacement block of
+            ``rewritten`` (any registered kind's) that is a conv (``nn.ConvNd`` or
+            ``nn.ConvTransposeNd``) in ``original``.
         max_positions: output positions sampled per layer over all batches (spread evenly).
         ridge: relative ridge ``λ = ridge · mean(diag(G))`` (bias unpenalised).
         alternate: rounds of (first stage, last stage) refits after the last-stage refit,
@@ -258,8 +262,8 @@ def calibrate(
     per_image = max(1, math.ceil(max_positions / images))
     notes: list[str] = []
     if names is None and (kept := not_refit(rewritten)):
-        notes.append(f"{len(kept)} block(s) are transposed: calibration does not refit those yet, "
-                     f"they keep their SVD initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
+        notes.append(f"{len(kept)} block(s) have no least-squares layout: calibration does not refit them, "
+                     f"they keep their initialisation ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})")
 
     def say(msg: str) -> None:
         log_say(get_logger("calibrate"), f"[calibrate] {msg}", echo=progress)

@@ -18,6 +18,7 @@ from ..kinds import LAYOUT_MEMBERS, kind_of, missing_members
 from .activation import FollowingReLU
 from .lstsq import GramStats, block_error, gram_matrix, quadratic_error, ridge_solve
 from .patches_nd import gather_patches_nd
+from .patches_transposed import gather_transposed_patches
 from .relu_fit import cross_product, fit_through_relu, predict, relu_error
 from .results import LayerCalibration
 
@@ -75,7 +76,10 @@ class LayerFit:
         if self.joint:
             c = self.conv
             assert x is not None  # internal invariant
-            p = gather_patches_nd(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
+            if getattr(c, "transposed", False):
+                p = gather_transposed_patches(x, pos, c.kernel_size, c.stride, c.padding, c.dilation)
+            else:
+                p = gather_patches_nd(x, pos, c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode)
             return p.reshape(p.shape[0], -1)
         assert z is not None  # internal invariant
         return self.lay.last_features(z, pos)
