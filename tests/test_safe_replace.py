@@ -198,7 +198,7 @@ def test_old_weight_norm_rewrite_saves_and_reloads(tmp_path: Path, on: tuple[str
     model = Three("old_weight", on=on).eval()
     res = dsrewrite.rewrite_and_report(model, {"name": "b_only", "select": {"include": ["b"]}},
                                        example_inputs=_x(), depth_multiplier=FULL)
-    assert _entry(res.plan, "b").action == "replace"
+    assert _entry(res.plan, "b").action == "replace", _entry(res.plan, "b").reason
     w, p = save_rewrite(res.model, res.plan, tmp_path / "o.pt")
     fresh = Three("old_weight", on=on, seed=5)  # never run: its weight_norm attribute is not a graph leaf
     again = load_rewrite(fresh, p, w)

@@ -469,11 +469,8 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: 
     state: dict[str, Any] = {}
     target = layer.block if layer.joint else layer.last
 
-    def grab(module: nn.Module, args: Any) -> None:
-        if layer.joint:
-            state["x"], state["z"] = args[0], None
-        else:
-            state["x"], state["z"] = None, args[0]
+    def grab(module: nn.Module, args: Any) -> None:  # the block's input (joint refit) or its last stage's
+        state["x"], state["z"] = (args[0], None) if layer.joint else (None, args[0])
         raise Stop
 
     new_cache: list[dict[Key, Any]] = []
