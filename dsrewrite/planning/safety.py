@@ -202,11 +202,14 @@ def check_safety(model: nn.Module, example_inputs: Any = None, *,
         for hook in norm_hooks(conv):
             attrs.append((conv, getattr(hook, "name", "weight")))
 
+    kept: list[Tensor] = []  # watched by id: each stays alive for the probe, so no other tensor reuses its id
+
     def watch_attrs() -> None:
         for conv, attr in attrs:
             value = conv.__dict__.get(attr)
             if isinstance(value, Tensor) and id(conv) not in owners.get(id(value), []):
                 owners.setdefault(id(value), []).append(id(conv))
+                kept.append(value)
 
     reads: dict[str, str] = {}
     active: Counter = Counter()
