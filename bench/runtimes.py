@@ -232,7 +232,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {env['cpu']}, {env['cpu_count']} CPUs; load average (1, 5, 15 min) before "
         f"{lb[0]:.2f}, {lb[1]:.2f}, {lb[2]:.2f}, after {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}"
         + (" — **the machine was busy: these ratios are noisier than on an idle machine**"
-           if max(lb[0], la[0]) > 0.5 * (env["cpu_count"] or 1) else "")
+           if lb[0] > 0.5 * (env["cpu_count"] or 1) else "")  # "after" includes the bench's own threads
         + f". {env['rounds']} rounds after {env['warmup']} warm-up; wall {result['wall_s']:.0f} s. Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k in ("torch", "onnxruntime", "executorch",
                                                                  "segmentation_models_pytorch", "python") and v),
