@@ -933,7 +933,7 @@ def render_markdown(results: Sequence[ZooResult], *, command: str, tol: float = 
     if dec:
         lines += ["## decoder_only on classification models", "",
                   "`decoder_only` selects by region name (`head`, `neck`, `classifier`, …) and, where no conv",
-                  "of the model sits in one, by the graph (downstream of an upsample). On these classification",
+                  "of the model sits in one, by the graph (after the encoder's deepest point). On these classification",
                   "models that finds convs; the selection reasons:", ""]
         for r in dec:
             why = "; ".join(f"{k} ×{v}" for k, v in r.recipes["decoder_only"].selected_because.items())

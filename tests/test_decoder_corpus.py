@@ -270,8 +270,11 @@ def test_the_decoder_by_graph_is_what_runs_after_the_bottleneck(case: Case) -> N
 def test_a_classifier_has_nothing_after_its_bottleneck() -> None:
     clf = FusingClassifier().eval()
     xc = torch.randn(1, 3, 32, 32)
-    assert _plan_selected(clf, "decoder_only", xc)[0] == {"fuse", "deep"}  # downstream of the encoder's upsample
+    by_upsample = {**BY_BOTTLENECK, "name": "by_upsample",
+                   "select": {**BY_BOTTLENECK["select"], "when_no_region_matches": {"downstream_of_upsample": True}}}
+    assert _plan_selected(clf, by_upsample, xc)[0] == {"fuse", "deep"}  # downstream of the encoder's upsample
     assert _plan_selected(clf, BY_BOTTLENECK, xc)[0] == set()
+    assert _plan_selected(clf, "decoder_only", xc)[0] == set()  # the built-in falls back on the bottleneck
 
 
 def test_the_report_says_which_capture_was_used_and_why() -> None:

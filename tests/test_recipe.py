@@ -489,18 +489,19 @@ def test_decoder_only_on_torchvision_heads() -> None:
 
 def test_region_fallback_is_a_model_level_decision() -> None:
     # names say nothing: a plain model with "features" and "up" blocks
-    plain = [fact("features.0", downstream_of_upsample=False), fact("features.3", downstream_of_upsample=False),
-             fact("up.1", downstream_of_upsample=True)]
+    # (decoder_only falls back on after_bottleneck: what runs after the encoder's deepest point)
+    plain = [fact("features.0", after_bottleneck=False), fact("features.3", after_bottleneck=False),
+             fact("up.1", after_bottleneck=True)]
     sels = select(load_recipe("decoder_only"), plain)
     assert [s.selected for s in sels] == [False, False, True]
-    assert "downstream of upsample" in sels[2].reason and "fallback: no conv in select.regions" in sels[2].reason
-    assert "not downstream of an upsample" in sels[0].reason and "fallback" in sels[0].reason
+    assert "after bottleneck" in sels[2].reason and "fallback: no conv in select.regions" in sels[2].reason
+    assert "not after the bottleneck" in sels[0].reason and "fallback" in sels[0].reason
     # one conv in a listed region switches the fallback off for the whole model
     with_head = [*plain, fact("head.0")]
     assert chosen("decoder_only", with_head) == ["head.0"]
     assert "region 'up' not in select.regions" in select(load_recipe("decoder_only"), with_head)[2].reason
     # name-only capture: the fallback cannot be checked, and says so
-    unknown = [dataclasses.replace(f, downstream_of_upsample=None) for f in plain]
+    unknown = [dataclasses.replace(f, after_bottleneck=None) for f in plain]
     reasons = [s.reason for s in select(load_recipe("decoder_only"), unknown)]
     assert all("graph could not be captured" in r and "when_no_region_matches" in r for r in reasons), reasons
     # without when_no_region_matches there is no fallback

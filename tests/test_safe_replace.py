@@ -241,3 +241,47 @@ def test_cli_apply_refuses_before_the_work(tmp_path: Path) -> None:
     assert_clean_cli_error("parametrized leftover", r, ["parametrized module", "'c'", "--save-format safetensors"])
     assert "rewriting" not in r.stderr, "the check came after the work"
     assert not out2.exists() and not (tmp_path / "o2.plan.json").exists()
+
+
+class _BiasCache(nn.Module):
+    """Like timm's LeViT/EfficientFormer attention: an eval forward caches a tensor computed from a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(16, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2  # non-leaf when the forward runs with gradients
+            return self.conv(x) + self.cache["b"]
+        return self.conv(x) + self.bias * 2
+
+
+def test_a_model_caching_a_computed_tensor_in_a_dict_is_rewritten() -> None:
+    torch.manual_seed(0)
+    model = _BiasCache().eval()
+    x = torch.randn(1, 16, 8, 8)
+    model(x)  # the cache holds a non-leaf tensor now (grad enabled), as after capture's eager run
+    assert not model.cache["b"].is_leaf
+    res = dsrewrite.rewrite_and_report(model, {"name": "all", "select": {"in_channels": {"min": 1}}},
+                                       example_inputs=x, depth_multiplier=9)
+    assert res.plan.entries[0].action == "replace", res.plan.entries[0].reason
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).abs().max())
+    assert err < 1e-4, f"max error {err:.3g}"
+
+
+def test_the_callers_model_still_deepcopies_after_planning() -> None:
+    """Capture's eager run (with gradients, for final predictors) must not leave a graph-attached cache behind."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _BiasCache().eval()
+    x = torch.randn(1, 16, 8, 8)
+    dsrewrite.plan(model, {"name": "all", "select": {"in_channels": {"min": 1}}}, x)
+    assert "b" in model.cache and model.cache["b"].is_leaf
+    copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user ..." before the fix
+

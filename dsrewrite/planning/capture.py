@@ -53,7 +53,7 @@ from ..facts import PREDICATES, Capture, ConvFact
 from ..graph import ConvLeafTracer, GraphView, Predicates, export_view, fx_view, site_predicates
 from .final import ConvOutputs
 from .verify import compare_outputs, detached, seeded
-from ..runtime.conv_weight import raw_weight
+from ..runtime.conv_weight import detach_cached, raw_weight
 from ..runtime.run import evaluating
 from ..runtime.tracer import timm_fx_extras
 
@@ -225,9 +225,12 @@ def _eager(model: nn.Module, args: tuple[Any, ...], spy: TorchFunctionMode) -> t
     """The eager outputs (detached) and the final predictors; with grad, else (if that fails) without."""
     rec = ConvOutputs()
     try:
-        with torch.enable_grad(), seeded(), spy:
-            out = rec.run(model, args)
-            final = rec.final(out)
+        try:
+            with torch.enable_grad(), seeded(), spy:
+                out = rec.run(model, args)
+                final = rec.final(out)
+        finally:
+            detach_cached(model)  # a cache the forward filled with grad must not keep the graph (deepcopy refuses)
     except Exception:  # e.g. ``.numpy()`` on a tensor that requires grad: run as before, finals unknown
         run = spy.run  # type: ignore[attr-defined]
         for record in (run.calls, run.in_shape, run.out_shape, run.functional):

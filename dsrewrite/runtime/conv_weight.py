@@ -153,12 +153,69 @@ def leaf_memo(model: nn.Module) -> dict[int, Any]:
         >>> copy.deepcopy(net, leaf_memo(net))[0].weight.shape
         torch.Size([2, 2, 3, 3])
 
-    Any other non-leaf tensor a module keeps as a plain attribute (a forward that stores
-    ``self.last = features(x)`` after a run with gradients) is mapped the same way.
+    Any other non-leaf tensor a module keeps as a plain attribute or in a dict/list/tuple
+    attribute (a forward that stores ``self.last = features(x)``, or an attention-bias cache
+    filled by an eval forward run with gradients) is mapped the same way.
     """
     memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in module.__dict__.values():  # parameters and buffers live in their own dicts: leaves
-            if isinstance(value, Tensor) and not value.is_leaf:
+
+    def walk(value: Any, depth: int) -> None:
+        if isinstance(value, Tensor):
+            if not value.is_leaf:
                 memo[id(value)] = value.detach()
+        elif depth and isinstance(value, dict):
+            for v in value.values():
+                walk(v, depth - 1)
+        elif depth and isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, depth - 1)
+
+    for module in model.modules():
+        for key, value in module.__dict__.items():
+            if key not in ("_parameters", "_buffers", "_modules"):  # parameters and buffers are leaves
+                walk(value, 3)  # also caches: timm's LeViT/EfficientFormer keep {device: bias} dicts
     return memo
+
+
+def detach_cached(model: nn.Module) -> None:
+    """Replace, in place, every non-leaf tensor a module keeps in an attribute (or a dict/list in one) by
+    its detached value.
+
+    A forward run with gradients enabled (capture's eager run, which reads final predictors off
+    the autograd graph) lets a model that caches computed tensors (timm's LeViT and
+    EfficientFormer attention-bias caches) keep graph-attached ones, which ``copy.deepcopy``
+    refuses. The values are unchanged; only their autograd history is dropped.
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> m.cache = {"w": m.weight * 2}
+        >>> detach_cached(m); m.cache["w"].is_leaf
+        True
+    """
+
+    def fix(value: Any, depth: int) -> Any:
+        if isinstance(value, Tensor):
+            return value.detach() if not value.is_leaf else value
+        if depth and isinstance(value, dict):
+            for k, v in list(value.items()):
+                new = fix(v, depth - 1)
+                if new is not v:
+                    value[k] = new
+        elif depth and isinstance(value, list):
+            for i, v in enumerate(value):
+                new = fix(v, depth - 1)
+                if new is not v:
+                    value[i] = new
+        elif depth and isinstance(value, tuple) and not hasattr(value, "_fields"):
+            items = [fix(v, depth - 1) for v in value]
+            if any(a is not b for a, b in zip(items, value)):
+                return tuple(items)
+        return value
+
+    for module in model.modules():
+        for key, value in list(module.__dict__.items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            new = fix(value, 3)
+            if new is not value:
+                module.__dict__[key] = new
