@@ -33,7 +33,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -159,21 +159,11 @@ def leaf_memo(model: nn.Module) -> dict[int, Any]:
     """
     memo: dict[int, Any] = {}
 
-    def walk(value: Any, depth: int) -> None:
-        if isinstance(value, Tensor):
-            if not value.is_leaf:
-                memo[id(value)] = value.detach()
-        elif depth and isinstance(value, dict):
-            for v in value.values():
-                walk(v, depth - 1)
-        elif depth and isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, depth - 1)
+    def note(t: Tensor) -> Tensor:
+        memo[id(t)] = t.detach()
+        return t  # the model itself is not changed
 
-    for module in model.modules():
-        for key, value in module.__dict__.items():
-            if key not in ("_parameters", "_buffers", "_modules"):  # parameters and buffers are leaves
-                walk(value, 3)  # also caches: timm's LeViT/EfficientFormer keep {device: bias} dicts
+    _map_non_leaf(model, note)
     return memo
 
 
@@ -192,30 +182,31 @@ def detach_cached(model: nn.Module) -> None:
         >>> detach_cached(m); m.cache["w"].is_leaf
         True
     """
+    _map_non_leaf(model, Tensor.detach)
 
-    def fix(value: Any, depth: int) -> Any:
+
+def _map_non_leaf(model: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+    """Call ``fn`` on every non-leaf tensor a module keeps in an attribute, or up to 3 levels deep in
+    dicts/lists/tuples there (parameters and buffers, always leaves, aside); where ``fn`` returns
+    another tensor it takes the old one's place."""
+
+    def visit(value: Any, depth: int) -> Any:
         if isinstance(value, Tensor):
-            return value.detach() if not value.is_leaf else value
-        if depth and isinstance(value, dict):
-            for k, v in list(value.items()):
-                new = fix(v, depth - 1)
+            return fn(value) if not value.is_leaf else value
+        if depth and isinstance(value, (dict, list)):
+            for k, v in (list(value.items()) if isinstance(value, dict) else list(enumerate(value))):
+                new = visit(v, depth - 1)
                 if new is not v:
                     value[k] = new
-        elif depth and isinstance(value, list):
-            for i, v in enumerate(value):
-                new = fix(v, depth - 1)
-                if new is not v:
-                    value[i] = new
         elif depth and isinstance(value, tuple) and not hasattr(value, "_fields"):
-            items = [fix(v, depth - 1) for v in value]
+            items = [visit(v, depth - 1) for v in value]
             if any(a is not b for a, b in zip(items, value)):
                 return tuple(items)
         return value
 
     for module in model.modules():
         for key, value in list(module.__dict__.items()):
-            if key in ("_parameters", "_buffers", "_modules"):
-                continue
-            new = fix(value, 3)
-            if new is not value:
-                module.__dict__[key] = new
+            if key not in ("_parameters", "_buffers", "_modules"):
+                new = visit(value, 3)  # also caches: timm's LeViT/EfficientFormer keep {key: bias} dicts
+                if new is not value:
+                    module.__dict__[key] = new
