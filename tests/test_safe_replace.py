@@ -285,3 +285,43 @@ def test_the_callers_model_still_deepcopies_after_planning() -> None:
     assert "b" in model.cache and model.cache["b"].is_leaf
     copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user ..." before the fix
 
+
+
+class _SpectralConv3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.utils.parametrizations.spectral_norm(nn.Conv3d(16, 16, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+class _ReusedConv1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x) + torch.nn.functional.conv1d(x, self.c.weight, padding=2, dilation=2)
+
+
+_ND = {"name": "nd", "select": {"in_channels": {"min": 1}, "kernel_size": ["3x3x3", [3]]}}
+
+
+def test_a_parametrized_conv3d_is_read_as_a_conv3d_and_exact_at_full_rank() -> None:
+    torch.manual_seed(0)
+    model, x = _SpectralConv3d().eval(), torch.randn(1, 16, 6, 6, 6)
+    res = dsrewrite.rewrite_and_report(model, _ND, example_inputs=x, depth_multiplier=27)
+    assert _entry(res.plan, "c").action == "replace", _entry(res.plan, "c").reason
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).abs().max())
+    assert err < 1e-4, f"max error {err:.3g}"
+
+
+def test_kernel_reuse_of_a_conv1d_keeps_it_dense() -> None:
+    torch.manual_seed(0)
+    model, x = _ReusedConv1d().eval(), torch.randn(1, 16, 20)
+    with pytest.warns(UserWarning):  # nothing selected
+        p = dsrewrite.plan(model, _ND, x)
+    e = _entry(p, "c")
+    assert e.action == "skip" and "read outside its own forward" in e.reason and "conv1d" in e.reason, e.reason

@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
@@ -122,7 +123,7 @@ def static_safety(model: nn.Module) -> Safety:
 
 
 def _convs(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, _ConvNd)}  # every conv the kinds take
 
 
 class _LazyReached(Exception):

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .run import evaluating
@@ -116,8 +117,9 @@ def raw_weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
-def plain_view(conv: nn.Conv2d) -> nn.Conv2d:
-    """``conv`` itself when its weight and bias are plain parameters; else a plain ``nn.Conv2d`` holding them.
+def plain_view(conv: _ConvNd) -> _ConvNd:
+    """``conv`` itself when its weight and bias are plain parameters; else a plain conv of its torch class
+    (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) holding them.
 
     The view's parameters are the effective (eval-mode) weight and bias, with the
     ``requires_grad`` of the tensors they are computed from, on their device and dtype;
@@ -127,9 +129,11 @@ def plain_view(conv: nn.Conv2d) -> nn.Conv2d:
         return conv
     weight = effective_tensor(conv, "weight")
     bias = effective_tensor(conv, "bias")
-    view = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
-                     conv.dilation, conv.groups, bias=bias is not None, padding_mode=conv.padding_mode,
-                     device="meta", dtype=weight.dtype)
+    base = next(c for c in type(conv).__mro__ if c.__module__ == _ConvNd.__module__ and not c.__name__.startswith("_"))
+    extra = {"output_padding": conv.output_padding} if conv.transposed else {}
+    view = base(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=bias is not None, padding_mode=conv.padding_mode,
+                device="meta", dtype=weight.dtype, **extra)
     grad = raw_weight(conv).requires_grad
     view.weight = nn.Parameter(weight.clone(), requires_grad=grad)
     if bias is not None:
