@@ -172,3 +172,17 @@ def test_check_outputs_api(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="--report: output .*sub is a directory; pass a file path to --report"):
         (tmp_path / "sub").mkdir()
         check_outputs({"--report": tmp_path / "sub"}, force=True)
+
+
+def test_plan_sweep_plot_never_overwrites_an_input(tmp_path: Path) -> None:
+    """`plan --sweep-plot` naming the model file is refused before any work (it was replaced with force)."""
+    from cli_checks import assert_clean_cli_error, run_cli
+
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    torch.save(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)), model)
+    before = model.read_bytes()
+    r = run_cli(["plan", model, "--recipe", "all_3x3", "--input-shape", "1,16,8,8", "--budget-sweep", "0.5", "--sweep-plot", model])
+    assert_clean_cli_error("--sweep-plot = MODEL", r, ["--sweep-plot", "is the same file as the input MODEL"])
+    assert model.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]

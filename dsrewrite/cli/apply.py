@@ -11,7 +11,7 @@ import click
 
 from ..runtime.input_files import path_exists
 from .common import (check_report_path, handle_errors, example_inputs_of, load_model_arg, make_plan, model_options, progress, recipe_options, RegistryChoice, presets, save_formats)
-from .export import export_formats, prepare_export, run_export
+from .export import export_entry, export_formats, run_export
 from ..errors import UsageError
 from .budget import budget_of, budget_options
 
@@ -80,7 +80,7 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
                   inputs={"MODEL": input_path, "--recipe": recipe if path_exists(recipe) else None,
                           "--calib": calib, "--example-inputs": example_inputs},
                   force=force, replaceable=("--report", "--plot"))  # all together, before any work
-    export_entry = prepare_export(export_path, export_format, input_path=input_path, force=force) if export_path else None
+    exporting = export_entry(export_path, export_format) if export_path else None  # its path: checked above
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     calib_data = None
@@ -114,8 +114,8 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
                                                f"{cal.output_rel_error_after:.4g}")
             click.echo(f"{note}{measured}", err=True)
     exported = None
-    if export_entry is not None and not dry_run:
-        exported = run_export(result.model, x, str(export_path), export_entry.name, static=export_static, opset=None)
+    if exporting is not None and not dry_run:
+        exported = run_export(result.model, x, str(export_path), exporting.name, static=export_static, opset=None)
     if as_json:
         click.echo(json.dumps({**rep.to_dict(), **({"export": exported.to_dict()} if exported else {})}, indent=2))
     else:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import click
 
+from ..runtime.input_files import path_exists
 from .common import RegistryChoice, example_inputs_of, handle_errors, load_model_arg, model_options, progress
 
 
@@ -28,14 +29,13 @@ def export_options(fn: Any) -> Any:
     return fn
 
 
-def prepare_export(path: str, fmt: Optional[str], *, input_path: Optional[Path], force: bool) -> Any:
-    """Check an export's output path and format (and that its runtime is installed) before any work."""
+def export_entry(path: str, fmt: Optional[str]) -> Any:
+    """The export format for ``path`` (``--format`` or its suffix), its runtime checked as installed, before any
+    work. The output path itself is checked by the command, with its other outputs."""
     from ..deploy.export import export_format_for
-    from ..io import check_output_path
 
     entry = export_format_for(path, fmt)
     entry.require()
-    check_output_path(Path(path), input_path=input_path, force=force)
     return entry
 
 
@@ -67,8 +67,10 @@ def export_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_input
     one more in the batch, 32 more in each spatial axis) and kept only if it matches MODEL run in
     PyTorch within a dtype-aware tolerance. MODEL may be a file written by `dsrewrite apply`.
     """
-    input_path = Path(model) if Path(model).exists() else None
-    entry = prepare_export(output, fmt, input_path=input_path, force=force)
+    from ..io import check_output_path
+
+    entry = export_entry(output, fmt)
+    check_output_path(Path(output), input_path=Path(model) if path_exists(model) else None, force=force)
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, _shape = example_inputs_of(loaded, input_shape, example_inputs)
     result = run_export(loaded.model, x, output, entry.name, static=static, opset=opset)

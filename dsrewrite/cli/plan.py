@@ -39,10 +39,12 @@ def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs:
 
     budget = budget_of(target_macs, target_params, target_latency, max_error)
     fractions = _fractions(budget_sweep) if budget_sweep else None
-    if sweep_plot:
-        from ..io import check_output_path
+    if sweep_plot:  # before any work, never one of the inputs (replaced if it exists, as apply's --plot)
+        from ..io import check_outputs
 
-        check_output_path(Path(sweep_plot), input_path=None, force=True)
+        check_outputs({"--sweep-plot": sweep_plot}, inputs={"MODEL": model if path_exists(model) else None,
+                      "--recipe": recipe if path_exists(recipe) else None, "--calib": calib,
+                      "--example-inputs": example_inputs}, replaceable=("--sweep-plot",))
     loaded = load_model_arg(model, arch, arch_args, trust_pickle, **load_options)
     x, shape = example_inputs_of(loaded, input_shape, example_inputs)
     calib_data = None
