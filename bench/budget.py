@@ -234,11 +234,26 @@ def table(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _timed(fn: Any) -> dict[str, Any]:
+    """Run ``fn()``: its wall and process CPU seconds, the load average before and after."""
+    load0, w0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
+    value = fn()
+    return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "load_before": load0,
+            "load_after": os.getloadavg(), "ended_at": time.strftime("%H:%M:%S"), "value": value}
+
+
 def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str, Any]:
-    """One calibration vs one planning with data sensitivity on the demo U-Net, interleaved in one run."""
+    """One planning with data sensitivity against one calibration on the demo U-Net, in one process, one thread.
+
+    Interleaved so that both see the same load: calibration, planning, calibration again (each calibration
+    on a fresh copy of the same uncalibrated m=1 rewrite). Each step records its wall time and the process's
+    CPU time (``time.process_time``; with one torch thread that is the work done, whatever the load); the
+    ratios divide the planning by the mean of the two calibrations.
+    """
     from dsrewrite.calibrate import calibrate, replaced_names
     from dsrewrite.demo import demo_unet
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     dense = demo_unet(num_classes=4).eval()
     x, _ = make_shapes(images, size=size, seed=7)
@@ -246,15 +261,31 @@ def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str
     ex = x[:1]
     p = plan_rewrite(dense, "all_3x3", ex, depth_multiplier=1, order="dw_pw")
     light = rewrite_with_plan(dense, p, ex, with_report=False).model
-    t0 = time.perf_counter()
-    calibrate(dense, light, batches, names=replaced_names(dense, light))
-    cal = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    bp = plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": 0.5}), calibration=batches, order="auto")
-    plan = time.perf_counter() - t1
-    return {"images": images, "size": size, "calibration_seconds": cal, "planning_seconds": plan,
-            "ratio": plan / cal, "sensitivity_seconds": bp.sensitivity.seconds, "convs": len(bp.problem.layers),
-            "candidates": sum(len(l.candidates) for l in bp.problem.layers), "load_before": os.getloadavg()}
+    names = replaced_names(dense, light)
+
+    def calibration() -> None:
+        calibrate(dense, copy.deepcopy(light), batches, names=names)
+
+    def planning() -> Any:
+        return plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": 0.5}), calibration=batches, order="auto")
+
+    steps, bp = [], None
+    for label, fn in (("calibration", calibration), ("planning", planning), ("calibration", calibration)):
+        t = _timed(fn)
+        bp = t.pop("value") or bp
+        steps.append({"step": label, **t})
+        print(f"timing: {label}: {t}", flush=True)
+    cal = [s for s in steps if s["step"] == "calibration"]
+    plan = steps[1]
+    cal_wall = sum(s["wall_s"] for s in cal) / len(cal)
+    cal_cpu = sum(s["cpu_s"] for s in cal) / len(cal)
+    return {"images": images, "size": size, "batch": batch, "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "steps": steps,
+            "calibration_wall_s_mean": cal_wall, "calibration_cpu_s_mean": cal_cpu,
+            "planning_wall_s": plan["wall_s"], "planning_cpu_s": plan["cpu_s"],
+            "ratio_wall": plan["wall_s"] / cal_wall, "ratio_cpu": plan["cpu_s"] / cal_cpu,
+            "sensitivity_seconds": bp.sensitivity.seconds, "convs": len(bp.problem.layers),
+            "candidates": sum(len(l.candidates) for l in bp.problem.layers)}
 
 
 def plot_row(row: dict[str, Any]) -> None:
