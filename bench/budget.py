@@ -228,7 +228,7 @@ def merge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
         uni = sorted((r for r in mine if r["part"].startswith("uniform")), key=lambda r: r["macs"])
-        bud = sorted((r for r in mine if r["part"].startswith("budget")), key=lambda r: r["macs"])
+        bud = sorted((r for r in mine if r["part"].startswith(("budget", "oracle"))), key=lambda r: r["macs"])
         for b in bud:
             fits = [u for u in uni if u["macs"] <= b["target_macs"]]
             best = min(fits, key=lambda u: u["rel_err"]) if fits else None
@@ -316,7 +316,7 @@ def plot_row(row: dict[str, Any]) -> None:
     from dsrewrite.budget.sweep import SweepPoint, save_sweep_plot, sweep_table
 
     pts = [SweepPoint("budget", b["target"], b["macs"], 0, b["predicted_err"], b["rel_err"])
-           for b in sorted(row["budgets"], key=lambda b: b["macs"])]
+           for b in sorted(row["budgets"], key=lambda b: b["macs"]) if b.get("part", "budget").startswith("budget")]
     pts += [SweepPoint("uniform", u["config"], u["macs"], 0, None, u["rel_err"]) for u in row["uniform"]]
     name = row["model"].split()[-1].lower().replace("-", "")
     save_sweep_plot(pts, DOCS / f"budget_{name}.png",
