@@ -1,0 +1,278 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Latency costs for a ``latency_ms`` budget: measured per-conv times and an additive model of the whole.
+
+What is measured (once per plan, before the sensitivity and before any rewrite):
+
+* the **dense model** at the example input: :func:`~dsrewrite.measure.latency.compare_latency` of the
+  model against itself, ``rounds`` interleaved rounds after ``warmup`` (the recipe's ``latency:``
+  section, default 15 and 3), the median of all ``2·rounds`` calls;
+* every **candidate of every selected conv**, at the conv's recorded input shape, on its device and
+  dtype, in the memory format of ``latency.channels_last``: each separable block against the dense
+  conv with the same interleaved method (:func:`~dsrewrite.measure.timing.time_candidates`), with fewer
+  rounds to keep the number of timings reasonable (``max(3, rounds // 3)`` rounds, ``min(warmup, 1)``
+  warmup). A block's time is the conv's dense median × the median of its per-round ratios.
+
+The **predicted model latency** of a configuration is additive:
+``dense model − Σ dense conv times + Σ chosen candidate times``. It assumes that a conv timed alone
+costs what it costs inside the model (no cache, fusion or scheduling effects between layers); the
+check after the rewrite (:func:`latency_check`) says how far off that was. The allocation works on
+exact integers, so times are converted to integer **nanoseconds** (rounded; at least 1 ns).
+
+The timing functions are looked up in this module at call time (:func:`time_model`,
+:func:`time_layer`, :func:`time_result`): pass a :class:`LatencyTimer` or monkeypatch them to plan
+from given timings (tests do; real timings are noisy).
+
+Example:
+    >>> from dsrewrite.recipe.schema import LatencySpec
+    >>> c = LatencyCosts(10.0, (("a", (4.0, 1.0, 2.0)), ("b", (3.0, 0.5))), LatencySpec(), "cpu", "float32")
+    >>> c.fixed_ns, c.costs_ns(0), c.predicted_ms((1, 0))
+    (3000000, [4000000, 1000000, 2000000], 7.0)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..measure.latency import compare_latency
+from ..measure.timing import time_candidates
+from ..planning.types import LayerConfig, Plan
+from ..recipe.schema import LatencySpec
+from .candidates import LayerCandidates
+from .types import Budget, BudgetError
+
+__all__ = ["LatencyCosts", "LatencyTimer", "measure_latency_costs", "latency_check", "latency_check_for_plan",
+           "time_model", "time_layer", "time_result", "candidate_rounds", "NS_PER_MS"]
+
+NS_PER_MS = 1_000_000
+_NOTE = "latency budget:"
+
+
+def candidate_rounds(spec: LatencySpec) -> tuple[int, int]:
+    """``(rounds, warmup)`` for each candidate block: fewer than the model's (many candidates per conv)."""
+    return max(3, spec.rounds // 3), min(spec.warmup, 1)
+
+
+def _ns(ms: float) -> int:
+    return max(1, int(round(ms * NS_PER_MS)))
+
+
+def _fmt(ms: float) -> str:
+    return f"{ms:.3g}"
+
+
+# ----------------------------------------------------------------------------- the timings (replaceable)
+def time_model(model: nn.Module, example_inputs: Any, spec: LatencySpec) -> float:
+    """The model's median latency (ms) at ``example_inputs``: interleaved against itself, ``2·rounds`` calls."""
+    cmp = compare_latency(model, model, example_inputs, rounds=spec.rounds, warmup=spec.warmup,
+                          channels_last=spec.channels_last)
+    return statistics.median([*cmp.times_a_ms, *cmp.times_b_ms])
+
+
+def time_layer(conv: nn.Module, lc: LayerCandidates, cfg: Optional[LayerConfig], spec: LatencySpec) -> list[float]:
+    """Each candidate's time (ms) for one conv, ``[dense, *blocks]`` in ``lc.candidates`` order."""
+    shape = lc.fact.input_shape
+    rounds, warmup = candidate_rounds(spec)
+    cl = spec.channels_last and shape is not None and len(shape) in (4, 5)
+    dense, blocks = time_candidates(conv, [(c.kind, c.m) for c in lc.candidates[1:]], shape,  # type: ignore[misc]
+                                    cfg=cfg, rounds=rounds, warmup=warmup, channels_last=cl)
+    return [dense, *blocks]
+
+
+def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any, spec: LatencySpec) -> tuple[float, float, float]:
+    """``(dense ms, rewritten ms, median per-round ratio rewritten / dense)``, interleaved."""
+    cmp = compare_latency(dense, rewritten, example_inputs, rounds=spec.rounds, warmup=spec.warmup,
+                          channels_last=spec.channels_last)
+    return cmp.median_a_ms, cmp.median_b_ms, cmp.ratio
+
+
+@dataclass(frozen=True)
+class LatencyTimer:
+    """The three timings a latency budget needs (defaults: this module's functions, read at call time)."""
+
+    model: Callable[[nn.Module, Any, LatencySpec], float] = field(default_factory=lambda: time_model)
+    layer: Callable[[nn.Module, LayerCandidates, Optional[LayerConfig], LatencySpec], list[float]] = field(
+        default_factory=lambda: time_layer)
+    result: Callable[[nn.Module, nn.Module, Any, LatencySpec], tuple[float, float, float]] = field(
+        default_factory=lambda: time_result)
+
+
+# ----------------------------------------------------------------------------- the costs
+@dataclass(frozen=True)
+class LatencyCosts:
+    """Measured times (ms): the dense model, and per selected conv each candidate's (index 0: dense)."""
+
+    model_ms: float
+    layers: tuple[tuple[str, tuple[float, ...]], ...]
+    spec: LatencySpec
+    device: str
+    dtype: str
+
+    @property
+    def model_ns(self) -> int:
+        return _ns(self.model_ms)
+
+    def costs_ns(self, layer: int) -> list[int]:
+        """Layer ``layer``'s candidate times as integer nanoseconds (the allocation's costs)."""
+        return [_ns(t) for t in self.layers[layer][1]]
+
+    @property
+    def fixed_ns(self) -> int:
+        """What the rest of the model costs in the additive model: dense model − Σ dense conv times."""
+        return self.model_ns - sum(self.costs_ns(i)[0] for i in range(len(self.layers)))
+
+    def predicted_ms(self, choice: Sequence[int]) -> float:
+        """The additive model's latency (ms) with candidate ``choice[i]`` for conv ``i``."""
+        return (self.fixed_ns + sum(self.costs_ns(l)[i] for l, i in enumerate(choice))) / NS_PER_MS
+
+    def limit_ns(self, budget: Budget) -> int:
+        """The budget's latency as nanoseconds (a value ≤ 1: that fraction of the dense model's)."""
+        v = budget.latency_ms
+        if v is None:
+            raise KeyError("latency_ms")
+        return int(math.floor(v * self.model_ns)) if budget.is_fraction("latency_ms") else int(math.floor(v * NS_PER_MS))
+
+    def describe_limit(self, limit_ns: int) -> str:
+        return (f"latency {_fmt(limit_ns / NS_PER_MS)} ms ({limit_ns / self.model_ns:.3g} of the dense model's "
+                f"measured {_fmt(self.model_ms)} ms)")
+
+    def unmet(self, limit_ns: int, reach_ns: int, n_layers: int, recipe: str) -> BudgetError:
+        """The refusal of a latency budget that even every conv's fastest candidate cannot meet."""
+        reach = reach_ns / NS_PER_MS
+        return BudgetError(
+            f"budget {self.describe_limit(limit_ns)} cannot be met: with every selected conv ({n_layers} "
+            f"of recipe {recipe!r}) at its fastest measured candidate the predicted latency is {_fmt(reach)} ms "
+            f"({100.0 * reach_ns / self.model_ns:.1f}% of the dense model). Hint: ask for at least {_fmt(reach)} ms "
+            f"({reach_ns / self.model_ns:.3g} of the model), or select more convs (another recipe); timings are "
+            f"measured on this machine now and vary with its load.")
+
+    def reason(self, layer: int, lc: LayerCandidates, errors: Sequence[float], i: int) -> str:
+        """A plan entry's reason in ms: what candidate ``i`` of conv ``layer`` costs, and why it was taken."""
+        ms = self.layers[layer][1]
+        c = lc.candidates[i]
+        if c.dense:
+            if len(ms) < 2:
+                return f"kept dense (budget): no separable candidate costs fewer MACs ({_fmt(ms[0])} ms measured)"
+            j = min(range(1, len(ms)), key=lambda j: (ms[j], j))
+            if ms[j] >= ms[0]:
+                return (f"kept dense (budget): {_fmt(ms[0])} ms measured, no candidate is faster (the fastest, "
+                        f"{lc.candidates[j].label}, {_fmt(ms[j])} ms)")
+            return (f"kept dense (budget): {_fmt(ms[0])} ms measured; the fastest candidate, {lc.candidates[j].label} "
+                    f"({_fmt(ms[j])} ms), would save {_fmt(ms[0] - ms[j])} ms but add {errors[j]:.3g} to the "
+                    f"predicted squared output error")
+        text = (f"budget: {c.label}: {_fmt(ms[i])} ms (dense {_fmt(ms[0])} ms, measured), predicted squared "
+                f"output error {errors[i]:.3g}")
+        prev = [j for j, d in enumerate(lc.candidates) if d.kind == c.kind and d.m == c.m - 1]
+        if prev and errors[prev[0]] > 0:
+            text += (f"; m={c.m - 1} → m={c.m} cuts it by {100.0 * (1 - errors[i] / errors[prev[0]]):.0f}% "
+                     f"for {ms[i] - ms[prev[0]]:+.3g} ms")
+        return text
+
+    def measured(self, layer: int, i: int) -> dict[str, float]:
+        """What a plan entry records: the dense conv's and the chosen candidate's time (ms)."""
+        ms = self.layers[layer][1]
+        return {"dense_ms": ms[0], "budget_ms": ms[i]}
+
+    def notes(self, choice: Sequence[int], limit_ns: int) -> list[str]:
+        """The plan's notes: target, prediction, and how the times were measured."""
+        n = sum(len(t) for _, t in self.layers)
+        rounds, warmup = candidate_rounds(self.spec)
+        fmt = "channels_last" if self.spec.channels_last else "contiguous"
+        pred = self.predicted_ms(choice)
+        dense_sum = sum(t[0] for _, t in self.layers)
+        return [
+            f"{_NOTE} target {limit_ns / NS_PER_MS:.6g} ms, predicted {pred:.6g} ms, dense model {self.model_ms:.6g} ms "
+            f"({pred / self.model_ms:.3f} of it predicted; {fmt}, {self.spec.rounds} rounds)",
+            f"latency costs: dense model measured at the example input (median of {2 * self.spec.rounds} calls, "
+            f"{self.spec.rounds} interleaved rounds after {self.spec.warmup} warmup; {self.device}, {self.dtype}, "
+            f"{fmt}); {n} candidate times over {len(self.layers)} convs (dense included, the selected convs' dense "
+            f"times sum to {_fmt(dense_sum)} ms), each block timed against its dense conv at the conv's input shape "
+            f"({rounds} interleaved rounds after {warmup} warmup: dense median × median per-round ratio); predicted "
+            f"latency = dense model − Σ dense conv times + Σ chosen times (additive: convs timed alone are assumed "
+            f"to cost the same inside the model); costs as integer nanoseconds",
+        ]
+
+
+def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], example_inputs: Any, *,
+                          configs: Mapping[str, Optional[LayerConfig]], spec: Optional[LatencySpec] = None,
+                          timer: Optional[LatencyTimer] = None) -> LatencyCosts:
+    """Time the dense model and every candidate of ``layers`` (see the module doc).
+
+    ``configs``: each conv's planned :class:`~dsrewrite.planning.types.LayerConfig` (its ``mid_norm``/
+    ``mid_act`` shape the blocks that are timed). ``spec``: the recipe's ``latency:`` section (rounds,
+    warmup, channels_last); default :class:`~dsrewrite.recipe.schema.LatencySpec`.
+
+    Raises:
+        RewriteError: a timing that is not a finite number > 0 (a broken timer).
+    """
+    from ..errors import RewriteError
+
+    spec = spec or LatencySpec()
+    timer = timer or LatencyTimer()
+    modules = dict(model.named_modules())
+    out = []
+    for lc in layers:
+        ms = tuple(float(t) for t in timer.layer(modules[lc.name], lc, configs.get(lc.name), spec))
+        if len(ms) != len(lc.candidates) or not all(math.isfinite(t) and t > 0 for t in ms):
+            raise RewriteError(f"latency timing of {lc.name!r} gave {ms!r} for {len(lc.candidates)} candidates "
+                               "(expected one finite time > 0 each)")
+        out.append((lc.name, ms))
+    model_ms = float(timer.model(model, example_inputs, spec))
+    if not (math.isfinite(model_ms) and model_ms > 0):
+        raise RewriteError(f"latency timing of the model gave {model_ms!r} ms")
+    param = next(iter(model.parameters()), None)
+    device = str(param.device) if param is not None else "cpu"
+    dtype = str(param.dtype).replace("torch.", "") if param is not None else str(torch.get_default_dtype())
+    return LatencyCosts(model_ms, tuple(out), spec, device, dtype)
+
+
+# ----------------------------------------------------------------------------- the check after the rewrite
+def latency_check(dense: Optional[nn.Module], rewritten: nn.Module, example_inputs: Any, *, target_ms: float,
+                  predicted_ms: float, planned_dense_ms: float, spec: Optional[LatencySpec] = None,
+                  timer: Optional[LatencyTimer] = None) -> str:
+    """One note: the rewritten model's latency measured against the dense model, next to target and prediction.
+
+    ``dense=None`` (the caller's model was rewritten in place): the rewritten model is timed alone and
+    compared with the dense latency measured at planning time (not interleaved; said in the note).
+    The prediction's error is judged on ratios to the dense model (robust to a change of machine load
+    between planning and check): ``measured ratio / predicted ratio − 1``.
+    """
+    spec = spec or LatencySpec()
+    timer = timer or LatencyTimer()
+    if dense is None:
+        new_ms = float(timer.model(rewritten, example_inputs, spec))
+        dense_ms, ratio = planned_dense_ms, new_ms / planned_dense_ms
+        how = f"timed alone, against the dense {_fmt(dense_ms)} ms measured at planning time (rewritten in place)"
+    else:
+        dense_ms, new_ms, ratio = (float(v) for v in timer.result(dense, rewritten, example_inputs, spec))
+        how = (f"vs dense {_fmt(dense_ms)} ms now, interleaved ({spec.rounds} rounds, median per-round ratio "
+               f"{ratio:.3f})")
+    pred_ratio = predicted_ms / planned_dense_ms
+    off = ratio / pred_ratio - 1.0
+    within = "within the target" if new_ms <= target_ms else f"over the target by {100.0 * (new_ms / target_ms - 1):.1f}%"
+    return (f"latency check: target {_fmt(target_ms)} ms, predicted {_fmt(predicted_ms)} ms ({pred_ratio:.3f} of "
+            f"dense), measured {_fmt(new_ms)} ms {how}: {within}; the prediction was off by {100.0 * off:+.1f}% "
+            f"(measured/predicted ratio to dense {1 + off:.3f}; timings vary with the machine's load)")
+
+
+_NOTE_RE = re.compile(r"^latency budget: target (\S+) ms, predicted (\S+) ms, dense model (\S+) ms "
+                      r"\(\S+ of it predicted; (channels_last|contiguous), (\d+) rounds\)")
+
+
+def latency_check_for_plan(plan: Plan, dense: Optional[nn.Module], rewritten: nn.Module, example_inputs: Any, *,
+                           timer: Optional[LatencyTimer] = None) -> Optional[str]:
+    """:func:`latency_check` from a plan's notes (a plan made for a ``latency_ms`` budget), else ``None``."""
+    for note in plan.notes:
+        m = _NOTE_RE.match(note)
+        if m:
+            spec = LatencySpec(rounds=int(m.group(5)), channels_last=m.group(4) == "channels_last")
+            return latency_check(dense, rewritten, example_inputs, target_ms=float(m.group(1)),
+                                 predicted_ms=float(m.group(2)), planned_dense_ms=float(m.group(3)), spec=spec,
+                                 timer=timer)
+    return None
