@@ -43,11 +43,13 @@ class FakeTimes:
     """Deterministic 'measurements': a candidate's time is an affine function of its MACs (a per-layer
     overhead makes the small multipliers relatively slow, as on a CPU); the model is 0.2 ms more than its convs."""
 
-    def __init__(self, per_mac: float = 1e-6, overhead: float = 0.03, result: tuple = (1.0, 0.6, 0.6)) -> None:
-        self.per_mac, self.overhead, self.result_value = per_mac, overhead, result
+    def __init__(self, per_mac: float = 1e-6, overhead: float = 0.03, result: tuple = (1.0, 0.6, 0.6),
+                 slower: float = 1.0) -> None:
+        self.per_mac, self.overhead, self.result_value, self.slower = per_mac, overhead, result, slower
         self.layers: dict[str, list[float]] = {}
         self.specs: list = []
-        self.calls = {"model": 0, "layer": 0, "result": 0}
+        self.confirmed: list[tuple[str, int]] = []
+        self.calls = {"model": 0, "layer": 0, "result": 0, "confirm": 0}
 
     def layer(self, conv, lc, cfg, spec):
         self.calls["layer"] += 1
@@ -55,6 +57,13 @@ class FakeTimes:
         ms = [c.macs * self.per_mac + (0.0 if c.dense else self.overhead) for c in lc.candidates]
         self.layers[lc.name] = ms
         return ms
+
+    def confirm(self, conv, lc, index, cfg, spec):
+        """The re-timing with more rounds: ``slower`` times the quick ratio (2.0: every block was timed too fast)."""
+        self.calls["confirm"] += 1
+        self.confirmed.append((lc.name, index))
+        ms = self.layers[lc.name]
+        return 2 * ms[0], 2 * ms[index] * self.slower
 
     def model(self, model, x, spec):
         self.calls["model"] += 1
@@ -65,12 +74,13 @@ class FakeTimes:
         return self.result_value
 
     def timer(self) -> LatencyTimer:
-        return LatencyTimer(model=self.model, layer=self.layer, result=self.result)
+        return LatencyTimer(model=self.model, layer=self.layer, result=self.result, confirm=self.confirm)
 
     def patch(self, monkeypatch) -> "FakeTimes":
         monkeypatch.setattr(lc_mod, "time_model", self.model)
         monkeypatch.setattr(lc_mod, "time_layer", self.layer)
         monkeypatch.setattr(lc_mod, "time_result", self.result)
+        monkeypatch.setattr(lc_mod, "time_confirm", self.confirm)
         return self
 
 
@@ -112,10 +122,10 @@ def test_allocation_is_optimal_and_within_the_predicted_latency(fraction: float)
     assert lat is not None and bp.budget_key == "latency_ms"
     # the costs are the given times in integer ns; the model's time is the fake's
     names = [lc.name for lc in bp.problem.layers]
-    assert [list(t) for _, t in lat.layers] == [fake.layers[n] for n in names]
+    assert [list(t) for _, t in lat.layers] == [pytest.approx(fake.layers[n], rel=1e-12) for n in names]
     assert lat.model_ms == pytest.approx(sum(t[0] for t in fake.layers.values()) + 0.2)
     costs = [lat.costs_ns(i) for i in range(len(names))]
-    assert costs == [[round(t * NS_PER_MS) for t in fake.layers[n]] for n in names]
+    assert all(abs(c - t * NS_PER_MS) <= 1 for n, cs in zip(names, costs) for c, t in zip(cs, fake.layers[n]))
     limit = math.floor(fraction * round(lat.model_ms * NS_PER_MS))
     assert bp.budget_value == limit
     # the additive prediction: dense model − Σ dense conv times + Σ chosen times
@@ -153,7 +163,7 @@ def test_plan_entries_give_each_choice_in_ms() -> None:
     for lc, i in zip(bp.problem.layers, bp.allocation.choice):
         e = by_name[lc.name]
         ms = fake.layers[lc.name]
-        assert e.measured["dense_ms"] == ms[0] and e.measured["budget_ms"] == ms[i]
+        assert e.measured["dense_ms"] == ms[0] and e.measured["budget_ms"] == pytest.approx(ms[i], rel=1e-12)
         if i == 0:
             kinds["dense"] += 1
             assert not e.replaced and e.reason.startswith("kept dense (budget): ")
@@ -173,6 +183,27 @@ def test_max_error_with_a_latency_budget_is_refused_with_the_best_error() -> Non
     with pytest.raises(BudgetError, match=r"max_error .* cannot be met within latency .* ms .*best reachable"):
         plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.6, "max_error": best / 2}),
                          calibration=data, latency_timer=FakeTimes().timer())
+
+
+def test_chosen_blocks_are_re_timed_and_the_plan_follows_the_confirmed_times() -> None:
+    net, x = _net(), _data()[0][:1]
+    quick = FakeTimes()  # re-timing agrees: the first choice stands, each chosen block re-timed once
+    a = plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.6}), max_m=4, latency_timer=quick.timer())
+    chosen = [(lc.name, i) for lc, i in zip(a.problem.layers, a.allocation.choice) if i]
+    assert chosen and sorted(quick.confirmed) == sorted(chosen)
+    assert a.latency.passes == 1 and a.latency.unconfirmed == 0
+    assert any("re-timed against their dense conv with 15 rounds" in n for n in a.plan.notes)
+    slow = FakeTimes(slower=1.6)  # every block 1.6× slower than first timed
+    b = plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.6}), max_m=4, latency_timer=slow.timer())
+    lat = b.latency
+    assert lat.passes >= 2 and b.allocation.choice != a.allocation.choice
+    names = [lc.name for lc in b.problem.layers]
+    for l, i in enumerate(b.allocation.choice):  # the plan's times are the confirmed ones where it chose a block
+        if i and (l, i) in lat.confirmed:
+            assert lat.layers[l][1][i] == pytest.approx(slow.layers[names[l]][i] * 1.6)
+    if lat.unconfirmed == 0:
+        assert lat.predicted_ms(b.allocation.choice) * NS_PER_MS <= b.budget_value
+    assert b.allocation.error > a.allocation.error  # slower blocks buy less accuracy within the same target
 
 
 def test_unreachable_latency_is_refused_before_any_work_with_the_fastest_figure(monkeypatch) -> None:
@@ -258,9 +289,9 @@ def test_latency_check_after_the_rewrite(monkeypatch) -> None:
                                                       r"dense model (\S+) ms", plan_note).groups())
     check = next(n for n in res.plan.notes if n.startswith("latency check:"))
     off = 0.75 / (pred / dense) - 1
-    assert f"measured 1.5 ms vs dense 2 ms now, interleaved" in check, check
+    assert "measured 1.5 ms vs dense 2 ms now, interleaved" in check and "0.750 of dense" in check, check
     assert f"off by {100 * off:+.1f}%" in check, check
-    assert ("within the target" in check) == (1.5 <= target), check
+    assert ("within the target" in check) == (0.75 <= target / dense), check
     # rewritten in place: the result is timed alone against the planning-time dense latency
     fake2 = FakeTimes().patch(monkeypatch)
     res = rewrite_and_report(_net(), "all_3x3", example_inputs=data[0][:1], budget={"latency_ms": 0.6}, inplace=True)

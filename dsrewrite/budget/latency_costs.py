@@ -11,6 +11,11 @@ What is measured (once per plan, before the sensitivity and before any rewrite):
   conv with the same interleaved method (:func:`~dsrewrite.measure.timing.time_candidates`), with fewer
   rounds to keep the number of timings reasonable (``max(3, rounds // 3)`` rounds, ``min(warmup, 1)``
   warmup). A block's time is the conv's dense median × the median of its per-round ratios.
+* **confirmation** (:func:`confirm_choice`): so few rounds are noisy, and an allocation favours the
+  candidates whose time came out too low. After each allocation, every chosen block not yet confirmed is
+  timed again against its dense conv with the model's ``rounds``/``warmup``, its cost replaced by that
+  time, and the allocation repeated, until every chosen block's time is a confirmed one (at most
+  ``max_passes``; the plan's notes say how many were re-timed and whether any is left unconfirmed).
 
 The **predicted model latency** of a configuration is additive:
 ``dense model − Σ dense conv times + Σ chosen candidate times``. It assumes that a conv timed alone
@@ -34,7 +39,8 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -47,8 +53,9 @@ from ..recipe.schema import LatencySpec
 from .candidates import LayerCandidates
 from .types import Budget, BudgetError
 
-__all__ = ["LatencyCosts", "LatencyTimer", "measure_latency_costs", "latency_check", "latency_check_for_plan",
-           "time_model", "time_layer", "time_result", "candidate_rounds", "NS_PER_MS"]
+__all__ = ["LatencyCosts", "LatencyTimer", "measure_latency_costs", "confirm_choice", "latency_check",
+           "latency_check_for_plan", "time_model", "time_layer", "time_confirm", "time_result", "candidate_rounds",
+           "NS_PER_MS"]
 
 NS_PER_MS = 1_000_000
 _NOTE = "latency budget:"
@@ -85,6 +92,17 @@ def time_layer(conv: nn.Module, lc: LayerCandidates, cfg: Optional[LayerConfig],
     return [dense, *blocks]
 
 
+def time_confirm(conv: nn.Module, lc: LayerCandidates, index: int, cfg: Optional[LayerConfig],
+                 spec: LatencySpec) -> tuple[float, float]:
+    """``(dense ms, block ms)`` of candidate ``index`` of one conv, interleaved with the model's rounds."""
+    shape = lc.fact.input_shape
+    c = lc.candidates[index]
+    cl = spec.channels_last and shape is not None and len(shape) in (4, 5)
+    dense, blocks = time_candidates(conv, [(c.kind, c.m)], shape, cfg=cfg, rounds=spec.rounds,  # type: ignore[arg-type]
+                                    warmup=spec.warmup, channels_last=cl)
+    return dense, blocks[0]
+
+
 def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any, spec: LatencySpec) -> tuple[float, float, float]:
     """``(dense ms, rewritten ms, median per-round ratio rewritten / dense)``, interleaved."""
     cmp = compare_latency(dense, rewritten, example_inputs, rounds=spec.rounds, warmup=spec.warmup,
@@ -101,6 +119,8 @@ class LatencyTimer:
         default_factory=lambda: time_layer)
     result: Callable[[nn.Module, nn.Module, Any, LatencySpec], tuple[float, float, float]] = field(
         default_factory=lambda: time_result)
+    confirm: Callable[[nn.Module, LayerCandidates, int, Optional[LayerConfig], LatencySpec], tuple[float, float]] = (
+        field(default_factory=lambda: time_confirm))
 
 
 # ----------------------------------------------------------------------------- the costs
@@ -113,6 +133,12 @@ class LatencyCosts:
     spec: LatencySpec
     device: str
     dtype: str
+    #: wall-clock seconds the timings took
+    seconds: float = 0.0
+    #: ``(layer, candidate)`` pairs re-timed by :func:`confirm_choice`, its allocation passes, chosen blocks left unconfirmed
+    confirmed: tuple[tuple[int, int], ...] = ()
+    passes: int = 0
+    unconfirmed: int = 0
 
     @property
     def model_ns(self) -> int:
@@ -195,8 +221,16 @@ class LatencyCosts:
             f"times sum to {_fmt(dense_sum)} ms), each block timed against its dense conv at the conv's input shape "
             f"({rounds} interleaved rounds after {warmup} warmup: dense median × median per-round ratio); predicted "
             f"latency = dense model − Σ dense conv times + Σ chosen times (additive: convs timed alone are assumed "
-            f"to cost the same inside the model); costs as integer nanoseconds",
+            f"to cost the same inside the model); costs as integer nanoseconds; {self._confirm_note()}",
         ]
+
+    def _confirm_note(self) -> str:
+        if not self.confirmed:
+            return "no separable block chosen, nothing re-timed"
+        left = (f"; {self.unconfirmed} chosen block(s) still unconfirmed after {self.passes} passes"
+                if self.unconfirmed else "")
+        return (f"{len(self.confirmed)} chosen block(s) re-timed against their dense conv with {self.spec.rounds} "
+                f"rounds after {self.spec.warmup} warmup ({self.passes} allocation pass(es)){left}")
 
 
 def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], example_inputs: Any, *,
@@ -215,6 +249,7 @@ def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], e
 
     spec = spec or LatencySpec()
     timer = timer or LatencyTimer()
+    start = time.perf_counter()
     modules = dict(model.named_modules())
     out = []
     for lc in layers:
@@ -229,7 +264,43 @@ def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], e
     param = next(iter(model.parameters()), None)
     device = str(param.device) if param is not None else "cpu"
     dtype = str(param.dtype).replace("torch.", "") if param is not None else str(torch.get_default_dtype())
-    return LatencyCosts(model_ms, tuple(out), spec, device, dtype)
+    return LatencyCosts(model_ms, tuple(out), spec, device, dtype, time.perf_counter() - start)
+
+
+def confirm_choice(model: nn.Module, layers: Sequence[LayerCandidates], costs: LatencyCosts, choice: Sequence[int],
+                   choose: Callable[[list[list[int]]], Any], *, configs: Mapping[str, Optional[LayerConfig]],
+                   timer: Optional[LatencyTimer] = None, max_passes: int = 3) -> tuple[LatencyCosts, Any]:
+    """Re-time the chosen blocks with the model's rounds and re-allocate until the choice is confirmed.
+
+    ``choice``: the first allocation's candidate index per conv; ``choose``: the allocation itself, from
+    per-conv integer-ns costs to an object with a ``choice`` (an :class:`~dsrewrite.budget.allocate.Allocation`;
+    its exceptions pass through). Returns the costs with the re-timed blocks and the last allocation
+    (``None`` when nothing needed re-timing: keep the first).
+    """
+    timer = timer or LatencyTimer()
+    modules = dict(model.named_modules())
+    times = [list(t) for _, t in costs.layers]
+    done: list[tuple[int, int]] = list(costs.confirmed)
+    alloc, passes = None, 0
+    while passes < max_passes:
+        todo = [(l, i) for l, i in enumerate(choice) if i != 0 and (l, i) not in done]
+        if not todo:
+            break
+        for l, i in todo:
+            lc = layers[l]
+            d, c = (float(v) for v in timer.confirm(modules[lc.name], lc, i, configs.get(lc.name), costs.spec))
+            if not (math.isfinite(d) and math.isfinite(c) and d > 0 and c > 0):
+                from ..errors import RewriteError
+
+                raise RewriteError(f"latency timing of {lc.name!r} {lc.candidates[i].label} gave {(d, c)!r}")
+            times[l][i] = times[l][0] * c / d  # on the conv's pooled dense time, as the first timings
+            done.append((l, i))
+        passes += 1
+        costs = replace(costs, layers=tuple((n, tuple(t)) for (n, _), t in zip(costs.layers, times)))
+        alloc = choose([costs.costs_ns(l) for l in range(len(times))])
+        choice = alloc.choice
+    left = sum(1 for l, i in enumerate(choice) if i != 0 and (l, i) not in done)
+    return replace(costs, confirmed=tuple(done), passes=passes, unconfirmed=left), alloc
 
 
 # ----------------------------------------------------------------------------- the check after the rewrite
@@ -240,8 +311,8 @@ def latency_check(dense: Optional[nn.Module], rewritten: nn.Module, example_inpu
 
     ``dense=None`` (the caller's model was rewritten in place): the rewritten model is timed alone and
     compared with the dense latency measured at planning time (not interleaved; said in the note).
-    The prediction's error is judged on ratios to the dense model (robust to a change of machine load
-    between planning and check): ``measured ratio / predicted ratio − 1``.
+    The target and the prediction are judged on ratios to the dense model (robust to a change of the
+    machine's load between planning and check): ``measured ratio / predicted ratio − 1``.
     """
     spec = spec or LatencySpec()
     timer = timer or LatencyTimer()
@@ -251,14 +322,16 @@ def latency_check(dense: Optional[nn.Module], rewritten: nn.Module, example_inpu
         how = f"timed alone, against the dense {_fmt(dense_ms)} ms measured at planning time (rewritten in place)"
     else:
         dense_ms, new_ms, ratio = (float(v) for v in timer.result(dense, rewritten, example_inputs, spec))
-        how = (f"vs dense {_fmt(dense_ms)} ms now, interleaved ({spec.rounds} rounds, median per-round ratio "
-               f"{ratio:.3f})")
-    pred_ratio = predicted_ms / planned_dense_ms
+        how = f"vs dense {_fmt(dense_ms)} ms now, interleaved ({spec.rounds} rounds, median per-round ratio)"
+    pred_ratio, target_ratio = predicted_ms / planned_dense_ms, target_ms / planned_dense_ms
     off = ratio / pred_ratio - 1.0
-    within = "within the target" if new_ms <= target_ms else f"over the target by {100.0 * (new_ms / target_ms - 1):.1f}%"
-    return (f"latency check: target {_fmt(target_ms)} ms, predicted {_fmt(predicted_ms)} ms ({pred_ratio:.3f} of "
-            f"dense), measured {_fmt(new_ms)} ms {how}: {within}; the prediction was off by {100.0 * off:+.1f}% "
-            f"(measured/predicted ratio to dense {1 + off:.3f}; timings vary with the machine's load)")
+    within = ("within the target" if ratio <= target_ratio
+              else f"over the target by {100.0 * (ratio / target_ratio - 1):.1f}%")
+    return (f"latency check: target {_fmt(target_ms)} ms ({target_ratio:.3f} of dense), predicted "
+            f"{_fmt(predicted_ms)} ms ({pred_ratio:.3f} of dense), measured {_fmt(new_ms)} ms {how}: "
+            f"{ratio:.3f} of dense, {_fmt(ratio * planned_dense_ms)} ms at the planning-time dense "
+            f"{_fmt(planned_dense_ms)} ms: {within}; the prediction was off by {100.0 * off:+.1f}% (ratios to the "
+            f"dense model, which the machine's load changes less than absolute times)")
 
 
 _NOTE_RE = re.compile(r"^latency budget: target (\S+) ms, predicted (\S+) ms, dense model (\S+) ms "

@@ -46,7 +46,7 @@ from ..recipe import load_recipe, select
 from ..recipe.schema import AUTO, LatencySpec
 from .allocate import Allocation, Infeasible, Option, Unreachable, allocate, cheapest
 from .candidates import LayerCandidates, layer_candidates
-from .latency_costs import LatencyCosts, LatencyTimer, measure_latency_costs
+from .latency_costs import LatencyCosts, LatencyTimer, confirm_choice, measure_latency_costs
 from .sensitivity import Sensitivity, data_sensitivity, weight_sensitivity
 from .types import Budget, BudgetError
 
@@ -210,11 +210,21 @@ def plan_with_budget(
         sens = data_sensitivity(model, prob.layers, calibration, max_positions=max_positions, gain_images=gain_images)
     else:
         sens = weight_sensitivity(model, prob.layers, example_inputs)
-    groups = [[Option(c, e) for c, e in zip(gc, ls.errors)] for gc, ls in zip(groups_cost, sens.layers)]
     ceiling = None if budget.max_error is None else budget.max_error ** 2
+
+    def choose(costs: list[list[int]]) -> Allocation:
+        groups = [[Option(c, e) for c, e in zip(gc, ls.errors)] for gc, ls in zip(costs, sens.layers)]
+        return allocate(groups, max_cost=None if limit is None else limit - fixed, max_error=ceiling)
+
     try:
-        alloc = allocate(groups, max_cost=None if limit is None else limit - fixed, max_error=ceiling)
-    except Infeasible as exc:  # pragma: no cover - checked above
+        alloc = choose(groups_cost)
+        if lat is not None:  # the chosen blocks re-timed with more rounds, re-allocated until confirmed
+            lat, again = confirm_choice(model, prob.layers, lat, alloc.choice, choose, timer=latency_timer,
+                                        configs={e.name: e.config for e in prob.base.entries})
+            alloc = again or alloc
+    except Infeasible as exc:  # MACs/params: checked above; latency: a fastest block re-timed slower
+        if lat is not None and limit is not None:
+            raise lat.unmet(limit, fixed + exc.cheapest, len(prob.layers), rec_name) from exc
         raise BudgetError(f"budget {key} {limit:,} cannot be met (cheapest {fixed + exc.cheapest:,})") from exc
     except Unreachable as exc:
         best = exc.best
