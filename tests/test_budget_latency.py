@@ -290,6 +290,7 @@ def test_latency_check_after_the_rewrite(monkeypatch) -> None:
     check = next(n for n in res.plan.notes if n.startswith("latency check:"))
     off = 0.75 / (pred / dense) - 1
     assert "measured 1.5 ms vs dense 2 ms now, interleaved" in check and "0.750 of dense" in check, check
+    assert fake.calls["result"] == 1 and fake.calls["confirm"] >= 1
     assert f"off by {100 * off:+.1f}%" in check, check
     assert ("within the target" in check) == (0.75 <= target / dense), check
     # rewritten in place: the result is timed alone against the planning-time dense latency
