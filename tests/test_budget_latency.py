@@ -206,6 +206,15 @@ def test_chosen_blocks_are_re_timed_and_the_plan_follows_the_confirmed_times() -
     assert b.allocation.error > a.allocation.error  # slower blocks buy less accuracy within the same target
 
 
+def test_a_target_missed_after_re_timing_is_refused_with_the_confirmed_figure() -> None:
+    net, x = _net(), _data()[0][:1]
+    slow = FakeTimes(slower=50.0)  # the one block per conv (m=1) is really 50× slower than first timed
+    with pytest.raises(BudgetError, match=r"cannot be met: .*fastest measured candidate the predicted latency is "
+                                          r"(\S+) ms .*ask for at least \1 ms"):
+        plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.5}), max_m=1, latency_timer=slow.timer())
+    assert slow.calls["confirm"] >= 1
+
+
 def test_unreachable_latency_is_refused_before_any_work_with_the_fastest_figure(monkeypatch) -> None:
     import dsrewrite.budget.planner as planner
     from dsrewrite.api import rewrite
