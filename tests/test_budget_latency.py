@@ -93,7 +93,7 @@ def test_latency_budget_parses_and_combines_like_the_others() -> None:
     assert not parse_budget({"latency_ms": 12.0}).is_fraction("latency_ms")
     assert parse_budget({"latency_ms": 12.0, "max_error": 0.1}).cost_key == "latency_ms"
     for other in ("macs", "params"):
-        with pytest.raises(BudgetError, match=rf"give one cost target .* not both \(got {other} 0.5 and latency_ms 3\)"):
+        with pytest.raises(BudgetError, match=rf"one cost target .* not both \(got {other} 0.5 and latency_ms 3\)"):
             parse_budget({other: 0.5, "latency_ms": 3})
     with pytest.raises(BudgetError, match="not several"):
         parse_budget({"macs": 0.5, "params": 0.5, "latency_ms": 3})

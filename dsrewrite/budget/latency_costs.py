@@ -24,8 +24,8 @@ check after the rewrite (:func:`latency_check`) says how far off that was. The a
 exact integers, so times are converted to integer **nanoseconds** (rounded; at least 1 ns).
 
 The timing functions are looked up in this module at call time (:func:`time_model`,
-:func:`time_layer`, :func:`time_result`): pass a :class:`LatencyTimer` or monkeypatch them to plan
-from given timings (tests do; real timings are noisy).
+:func:`time_layer`, :func:`time_confirm`, :func:`time_result`): pass a :class:`LatencyTimer` or
+monkeypatch them to plan from given timings (tests do; real timings are noisy).
 
 Example:
     >>> from dsrewrite.recipe.schema import LatencySpec
@@ -58,7 +58,6 @@ __all__ = ["LatencyCosts", "LatencyTimer", "measure_latency_costs", "confirm_cho
            "NS_PER_MS"]
 
 NS_PER_MS = 1_000_000
-_NOTE = "latency budget:"
 
 
 def candidate_rounds(spec: LatencySpec) -> tuple[int, int]:
@@ -103,7 +102,8 @@ def time_confirm(conv: nn.Module, lc: LayerCandidates, index: int, cfg: Optional
     return dense, blocks[0]
 
 
-def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any, spec: LatencySpec) -> tuple[float, float, float]:
+def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any,
+                spec: LatencySpec) -> tuple[float, float, float]:
     """``(dense ms, rewritten ms, median per-round ratio rewritten / dense)``, interleaved."""
     cmp = compare_latency(dense, rewritten, example_inputs, rounds=spec.rounds, warmup=spec.warmup,
                           channels_last=spec.channels_last)
@@ -112,7 +112,7 @@ def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any, spe
 
 @dataclass(frozen=True)
 class LatencyTimer:
-    """The three timings a latency budget needs (defaults: this module's functions, read at call time)."""
+    """The four timings a latency budget needs (defaults: this module's functions, read when the timer is made)."""
 
     model: Callable[[nn.Module, Any, LatencySpec], float] = field(default_factory=lambda: time_model)
     layer: Callable[[nn.Module, LayerCandidates, Optional[LayerConfig], LatencySpec], list[float]] = field(
@@ -135,7 +135,8 @@ class LatencyCosts:
     dtype: str
     #: wall-clock seconds the timings took
     seconds: float = 0.0
-    #: ``(layer, candidate)`` pairs re-timed by :func:`confirm_choice`, its allocation passes, chosen blocks left unconfirmed
+    #: ``(layer, candidate)`` pairs re-timed by :func:`confirm_choice`, its allocation passes, and how
+    #: many chosen blocks it left unconfirmed
     confirmed: tuple[tuple[int, int], ...] = ()
     passes: int = 0
     unconfirmed: int = 0
@@ -162,7 +163,8 @@ class LatencyCosts:
         v = budget.latency_ms
         if v is None:
             raise KeyError("latency_ms")
-        return int(math.floor(v * self.model_ns)) if budget.is_fraction("latency_ms") else int(math.floor(v * NS_PER_MS))
+        whole = self.model_ns if budget.is_fraction("latency_ms") else NS_PER_MS
+        return int(math.floor(v * whole))
 
     def describe_limit(self, limit_ns: int) -> str:
         return (f"latency {_fmt(limit_ns / NS_PER_MS)} ms ({limit_ns / self.model_ns:.3g} of the dense model's "
@@ -213,7 +215,8 @@ class LatencyCosts:
         pred = self.predicted_ms(choice)
         dense_sum = sum(t[0] for _, t in self.layers)
         return [
-            f"{_NOTE} target {limit_ns / NS_PER_MS:.6g} ms, predicted {pred:.6g} ms, dense model {self.model_ms:.6g} ms "
+            f"latency budget: target {limit_ns / NS_PER_MS:.6g} ms, predicted {pred:.6g} ms, "
+            f"dense model {self.model_ms:.6g} ms "
             f"({pred / self.model_ms:.3f} of it predicted; {fmt}, {self.spec.rounds} rounds)",
             f"latency costs: dense model measured at the example input (median of {2 * self.spec.rounds} calls, "
             f"{self.spec.rounds} interleaved rounds after {self.spec.warmup} warmup; {self.device}, {self.dtype}, "

@@ -59,7 +59,7 @@ class Budget:
 
     @property
     def cost_key(self) -> Optional[str]:
-        """The cost that is bounded (``"macs"``, ``"params"``, ``"latency_ms"``), or ``None`` for an error ceiling alone."""
+        """The bounded cost (``"macs"``, ``"params"``, ``"latency_ms"``), or ``None`` for an error ceiling alone."""
         if self.latency_ms is not None:
             return "latency_ms"
         return "macs" if self.macs is not None else "params" if self.params is not None else None
@@ -134,8 +134,9 @@ def parse_budget(value: Any, *, source: str = "budget") -> Optional[Budget]:
         vals[key] = _number(v, key, source)
     costs = [k for k in ("macs", "params", "latency_ms") if k in vals]
     if len(costs) > 1:
+        got = " and ".join(f"{k} {vals[k]:g}" for k in costs)
         raise BudgetError(f"{source}: give one cost target (macs, params or latency_ms), not "
-                          f"{'both' if len(costs) == 2 else 'several'} (got {' and '.join(f'{k} {vals[k]:g}' for k in costs)}).")
+                          f"{'both' if len(costs) == 2 else 'several'} (got {got}).")
     if "max_error" in vals and vals["max_error"] >= 1:
         raise BudgetError(f"{source}: max_error is a relative output error (e.g. 0.05); got {vals['max_error']:g} "
                           "(≥ 1 allows any output).")
