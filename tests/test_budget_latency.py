@@ -307,6 +307,12 @@ def test_latency_check_after_the_rewrite(monkeypatch) -> None:
     res = rewrite_and_report(_net(), "all_3x3", example_inputs=data[0][:1], budget={"latency_ms": 0.6}, inplace=True)
     check = next(n for n in res.plan.notes if n.startswith("latency check:"))
     assert "timed alone, against the dense" in check and fake2.calls["result"] == 0
+    # rewrite() returns only the model: nothing would show the check, so the result is not timed
+    from dsrewrite.api import rewrite
+
+    fake3 = FakeTimes().patch(monkeypatch)
+    rewrite(_net(), "all_3x3", example_inputs=data[0][:1], budget={"latency_ms": 0.6})
+    assert fake3.calls["model"] == 1 and fake3.calls["result"] == 0
 
 
 def test_cli_target_latency(tmp_path, monkeypatch) -> None:

@@ -63,7 +63,8 @@ def plan_for(model: nn.Module, recipe: Any, example_inputs: Any, budget: Budget,
 def checked_result(res: Any, bp: BudgetPlan, example_inputs: Any, dense: Optional[nn.Module] = None) -> Any:
     """``res`` (a :class:`~dsrewrite.api.RewriteResult`) with the budget check in its plan's notes.
 
-    A ``latency_ms`` budget adds a ``latency check`` note: the result timed against ``dense`` (the
+    A ``latency_ms`` budget adds a ``latency check`` note when ``res`` has a report (``rewrite`` returns only
+    the model: nothing would show the note, so it is not timed): the result timed against ``dense`` (the
     original model; ``None`` when it was rewritten in place) next to the target and the prediction.
     """
     costs = count_costs(res.model, example_inputs)
@@ -82,7 +83,7 @@ def checked_result(res: Any, bp: BudgetPlan, example_inputs: Any, dense: Optiona
     else:
         note += " (no calibration data: not measured)"
     notes = [note]
-    if bp.latency is not None and bp.budget_value is not None:
+    if bp.latency is not None and bp.budget_value is not None and res.report is not None:
         lat = bp.latency
         notes.append(latency_check(dense, res.model, example_inputs, target_ms=bp.budget_value / NS_PER_MS,
                                    predicted_ms=lat.predicted_ms(bp.allocation.choice),
