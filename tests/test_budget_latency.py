@@ -44,12 +44,13 @@ class FakeTimes:
     overhead makes the small multipliers relatively slow, as on a CPU); the model is 0.2 ms more than its convs."""
 
     def __init__(self, per_mac: float = 1e-6, overhead: float = 0.03, result: tuple = (1.0, 0.6, 0.6),
-                 slower: float = 1.0) -> None:
+                 slower: float = 1.0, alpha: float = 1.0) -> None:
         self.per_mac, self.overhead, self.result_value, self.slower = per_mac, overhead, result, slower
+        self.alpha = alpha
         self.layers: dict[str, list[float]] = {}
         self.specs: list = []
         self.confirmed: list[tuple[str, int]] = []
-        self.calls = {"model": 0, "layer": 0, "result": 0, "confirm": 0}
+        self.calls = {"model": 0, "layer": 0, "result": 0, "confirm": 0, "fastest": 0}
 
     def layer(self, conv, lc, cfg, spec):
         self.calls["layer"] += 1
@@ -65,6 +66,14 @@ class FakeTimes:
         ms = self.layers[lc.name]
         return 2 * ms[0], 2 * ms[index] * self.slower
 
+    def fastest(self, dense, fast, x, spec):
+        """The model with every conv at its fastest block: ``alpha`` × the saving the plain sum predicts."""
+        self.calls["fastest"] += 1
+        model = self.model(dense, x, spec)
+        self.calls["model"] -= 1
+        saved = sum(t[0] - min(t) for t in self.layers.values()) / model
+        return model, model * (1 - self.alpha * saved), 1 - self.alpha * saved
+
     def model(self, model, x, spec):
         self.calls["model"] += 1
         return sum(t[0] for t in self.layers.values()) + 0.2
@@ -74,13 +83,15 @@ class FakeTimes:
         return self.result_value
 
     def timer(self) -> LatencyTimer:
-        return LatencyTimer(model=self.model, layer=self.layer, result=self.result, confirm=self.confirm)
+        return LatencyTimer(model=self.model, layer=self.layer, result=self.result, confirm=self.confirm,
+                            fastest=self.fastest)
 
     def patch(self, monkeypatch) -> "FakeTimes":
         monkeypatch.setattr(lc_mod, "time_model", self.model)
         monkeypatch.setattr(lc_mod, "time_layer", self.layer)
         monkeypatch.setattr(lc_mod, "time_result", self.result)
         monkeypatch.setattr(lc_mod, "time_confirm", self.confirm)
+        monkeypatch.setattr(lc_mod, "time_fastest", self.fastest)
         return self
 
 
@@ -140,8 +151,9 @@ def test_allocation_is_optimal_and_within_the_predicted_latency(fraction: float)
     assert bp.allocation.error == pytest.approx(best, rel=1e-12, abs=1e-15), (bp.allocation.error, best)
     note = [n for n in bp.plan.notes if n.startswith("latency budget:")]
     assert note and f"predicted {pred:.6g} ms" in note[0]
-    assert any(n.startswith("latency costs:") and "additive" in n and "integer nanoseconds" in n
+    assert any(n.startswith("latency costs:") and "α = 1.000" in n and "integer nanoseconds" in n
                for n in bp.plan.notes)
+    assert lat.scale == pytest.approx(1.0) and fake.calls["fastest"] == 1
 
 
 def test_more_latency_never_predicts_more_error_and_plans_are_deterministic() -> None:
@@ -183,6 +195,27 @@ def test_max_error_with_a_latency_budget_is_refused_with_the_best_error() -> Non
     with pytest.raises(BudgetError, match=r"max_error .* cannot be met within latency .* ms .*best reachable"):
         plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.6, "max_error": best / 2}),
                          calibration=data, latency_timer=FakeTimes().timer())
+
+
+def test_the_scale_is_calibrated_on_the_all_fastest_model() -> None:
+    net, x = _net(), _data()[0][:1]
+    fake = FakeTimes(alpha=0.5)  # the model with every conv at its fastest saves half what the plain sum says
+    bp = plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": 0.8}), max_m=4, latency_timer=fake.timer())
+    lat = bp.latency
+    assert lat.scale == pytest.approx(0.5)
+    names = [lc.name for lc in bp.problem.layers]
+    dense = sum(fake.layers[n][0] for n in names)
+    chosen = sum(lat.layers[l][1][i] for l, i in enumerate(bp.allocation.choice))
+    assert lat.predicted_ms(bp.allocation.choice) == pytest.approx(lat.model_ms - 0.5 * (dense - chosen), abs=1e-5)
+    # the floor is what the all-fastest model measured: a target under it is refused with that figure
+    saved = sum(t[0] - min(t) for t in fake.layers.values()) / lat.model_ms
+    floor = 1 - 0.5 * saved
+    assert any(f"ran at {floor:.3f} of the dense model" in n and "α = 0.500" in n for n in bp.plan.notes)
+    with pytest.raises(BudgetError, match=rf"predicted latency is \S+ ms \({100 * floor:.1f}% of the dense model\)"):
+        plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": floor - 0.02}), max_m=4,
+                         latency_timer=FakeTimes(alpha=0.5).timer())
+    plan_with_budget(net, "all_3x3", x, parse_budget({"latency_ms": floor + 0.02}), max_m=4,
+                     latency_timer=FakeTimes(alpha=0.5).timer())
 
 
 def test_chosen_blocks_are_re_timed_and_the_plan_follows_the_confirmed_times() -> None:
@@ -361,3 +394,5 @@ def test_real_timings_on_a_small_model() -> None:
     assert dense > 0 and 0 < pred <= target
     check = next(n for n in res.plan.notes if n.startswith("latency check:"))
     assert re.search(r"measured \S+ ms vs dense \S+ ms now, interleaved", check), check
+    costs = next(n for n in res.plan.notes if n.startswith("latency costs:"))
+    assert re.search(r"α = \d+\.\d+: every selected conv at its fastest block ran at \d", costs), costs

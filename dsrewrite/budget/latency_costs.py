@@ -18,14 +18,18 @@ What is measured (once per plan, before the sensitivity and before any rewrite):
   ``max_passes``; the plan's notes say how many were re-timed and whether any is left unconfirmed).
 
 The **predicted model latency** of a configuration is additive:
-``dense model − Σ dense conv times + Σ chosen candidate times``. It assumes that a conv timed alone
-costs what it costs inside the model (no cache, fusion or scheduling effects between layers); the
-check after the rewrite (:func:`latency_check`) says how far off that was. The allocation works on
-exact integers, so times are converted to integer **nanoseconds** (rounded; at least 1 ns).
+``dense model − α · (Σ dense conv times − Σ chosen candidate times)``. With ``α = 1`` it assumes that
+a conv timed alone costs what it costs inside the model (no cache, fusion or scheduling effects
+between layers). ``α`` is **calibrated** on one more measurement (:func:`calibrate_scale`): the model
+with every selected conv at its fastest block (random weights: only the speed matters) is timed against
+the dense model, interleaved, and ``α`` = measured saving / additive saving, so that the prediction is
+exact at both ends (all dense, all fastest) and linear in between. The check after the rewrite
+(:func:`latency_check`) says how far off that was. The allocation works on exact integers, so times
+(× ``α``) are converted to integer **nanoseconds** (rounded; at least 1 ns).
 
 The timing functions are looked up in this module at call time (:func:`time_model`,
-:func:`time_layer`, :func:`time_confirm`, :func:`time_result`): pass a :class:`LatencyTimer` or
-monkeypatch them to plan from given timings (tests do; real timings are noisy).
+:func:`time_layer`, :func:`time_confirm`, :func:`time_fastest`, :func:`time_result`): pass a
+:class:`LatencyTimer` or monkeypatch them to plan from given timings (tests do; real timings are noisy).
 
 Example:
     >>> from dsrewrite.recipe.schema import LatencySpec
@@ -54,8 +58,8 @@ from .candidates import LayerCandidates
 from .types import Budget, BudgetError
 
 __all__ = ["LatencyCosts", "LatencyTimer", "measure_latency_costs", "confirm_choice", "latency_check",
-           "latency_check_for_plan", "time_model", "time_layer", "time_confirm", "time_result", "candidate_rounds",
-           "NS_PER_MS"]
+           "latency_check_for_plan", "calibrate_scale", "time_model", "time_layer", "time_confirm", "time_fastest",
+           "time_result", "candidate_rounds", "NS_PER_MS"]
 
 NS_PER_MS = 1_000_000
 
@@ -110,6 +114,12 @@ def time_result(dense: nn.Module, rewritten: nn.Module, example_inputs: Any,
     return cmp.median_a_ms, cmp.median_b_ms, cmp.ratio
 
 
+def time_fastest(dense: nn.Module, fastest: nn.Module, example_inputs: Any,
+                 spec: LatencySpec) -> tuple[float, float, float]:
+    """The calibration's timing (:func:`calibrate_scale`): :func:`time_result` of dense vs all-fastest."""
+    return time_result(dense, fastest, example_inputs, spec)
+
+
 @dataclass(frozen=True)
 class LatencyTimer:
     """The four timings a latency budget needs (defaults: this module's functions, read when the timer is made)."""
@@ -121,6 +131,8 @@ class LatencyTimer:
         default_factory=lambda: time_result)
     confirm: Callable[[nn.Module, LayerCandidates, int, Optional[LayerConfig], LatencySpec], tuple[float, float]] = (
         field(default_factory=lambda: time_confirm))
+    fastest: Callable[[nn.Module, nn.Module, Any, LatencySpec], tuple[float, float, float]] = field(
+        default_factory=lambda: time_fastest)
 
 
 # ----------------------------------------------------------------------------- the costs
@@ -140,6 +152,11 @@ class LatencyCosts:
     confirmed: tuple[tuple[int, int], ...] = ()
     passes: int = 0
     unconfirmed: int = 0
+    #: ``α``: the measured times are multiplied by it in the costs (1: uncalibrated); the all-fastest
+    #: model's measured and additive ratios to dense that gave it (``None``: not calibrated)
+    scale: float = 1.0
+    fastest_measured: Optional[float] = None
+    fastest_additive: Optional[float] = None
 
     @property
     def model_ns(self) -> int:
@@ -147,11 +164,11 @@ class LatencyCosts:
 
     def costs_ns(self, layer: int) -> list[int]:
         """Layer ``layer``'s candidate times as integer nanoseconds (the allocation's costs)."""
-        return [_ns(t) for t in self.layers[layer][1]]
+        return [_ns(t * self.scale) for t in self.layers[layer][1]]
 
     @property
     def fixed_ns(self) -> int:
-        """What the rest of the model costs in the additive model: dense model − Σ dense conv times."""
+        """What the rest of the model costs in the additive model: dense model − α · Σ dense conv times."""
         return self.model_ns - sum(self.costs_ns(i)[0] for i in range(len(self.layers)))
 
     def predicted_ms(self, choice: Sequence[int]) -> float:
@@ -223,9 +240,16 @@ class LatencyCosts:
             f"{fmt}); {n} candidate times over {len(self.layers)} convs (dense included, the selected convs' dense "
             f"times sum to {_fmt(dense_sum)} ms), each block timed against its dense conv at the conv's input shape "
             f"({rounds} interleaved rounds after {warmup} warmup: dense median × median per-round ratio); predicted "
-            f"latency = dense model − Σ dense conv times + Σ chosen times (additive: convs timed alone are assumed "
-            f"to cost the same inside the model); costs as integer nanoseconds; {self._confirm_note()}",
+            f"latency = dense model − α·(Σ dense conv times − Σ chosen times), {self._scale_note()}; costs as "
+            f"integer nanoseconds; {self._confirm_note()}",
         ]
+
+    def _scale_note(self) -> str:
+        if self.fastest_measured is None or self.fastest_additive is None:
+            return "α = 1 (additive: convs timed alone are assumed to cost the same inside the model; not calibrated)"
+        return (f"α = {self.scale:.3f}: every selected conv at its fastest block ran at {self.fastest_measured:.3f} "
+                f"of the dense model (interleaved, {self.spec.rounds} rounds) where the plain sum of the conv times "
+                f"predicted {self.fastest_additive:.3f}")
 
     def _confirm_note(self) -> str:
         if not self.confirmed:
@@ -238,12 +262,13 @@ class LatencyCosts:
 
 def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], example_inputs: Any, *,
                           configs: Mapping[str, Optional[LayerConfig]], spec: Optional[LatencySpec] = None,
-                          timer: Optional[LatencyTimer] = None) -> LatencyCosts:
+                          timer: Optional[LatencyTimer] = None, base: Optional[Plan] = None) -> LatencyCosts:
     """Time the dense model and every candidate of ``layers`` (see the module doc).
 
     ``configs``: each conv's planned :class:`~dsrewrite.planning.types.LayerConfig` (its ``mid_norm``/
     ``mid_act`` shape the blocks that are timed). ``spec``: the recipe's ``latency:`` section (rounds,
-    warmup, channels_last); default :class:`~dsrewrite.recipe.schema.LatencySpec`.
+    warmup, channels_last); default :class:`~dsrewrite.recipe.schema.LatencySpec`. ``base``: the recipe's
+    plan; given, ``α`` is calibrated (:func:`calibrate_scale`).
 
     Raises:
         RewriteError: a timing that is not a finite number > 0 (a broken timer).
@@ -267,7 +292,47 @@ def measure_latency_costs(model: nn.Module, layers: Sequence[LayerCandidates], e
     param = next(iter(model.parameters()), None)
     device = str(param.device) if param is not None else "cpu"
     dtype = str(param.dtype).replace("torch.", "") if param is not None else str(torch.get_default_dtype())
-    return LatencyCosts(model_ms, tuple(out), spec, device, dtype, time.perf_counter() - start)
+    costs = LatencyCosts(model_ms, tuple(out), spec, device, dtype)
+    if base is not None:
+        costs = calibrate_scale(model, base, layers, costs, example_inputs, timer=timer)
+    return replace(costs, seconds=time.perf_counter() - start)
+
+
+def calibrate_scale(model: nn.Module, base: Plan, layers: Sequence[LayerCandidates], costs: LatencyCosts,
+                    example_inputs: Any, *, timer: Optional[LatencyTimer] = None) -> LatencyCosts:
+    """``costs`` with ``α`` calibrated on the model with every conv of ``layers`` at its fastest block.
+
+    The blocks are built with random weights (only their speed matters) from ``base``'s entries (their
+    ``mid_norm``/``mid_act``), sharing the model's other tensors; the caller's model is not changed.
+    ``α = (1 − measured ratio) / (1 − additive ratio)``, kept ≥ 0 (a fastest model measured no faster
+    than dense: no conv change is predicted to save time). Without any block faster than its dense conv
+    there is nothing to calibrate: ``costs`` is returned as is.
+    """
+    from ..planning.apply import apply_checked
+    from ..planning.types import PlanEntry
+
+    timer = timer or LatencyTimer()
+    fastest = {lc.name: (lc, min(range(len(t)), key=lambda i, t=t: (t[i], i)))
+               for lc, (_, t) in zip(layers, costs.layers)}
+    picked = {n: v for n, v in fastest.items() if v[1] != 0}
+    if not picked:
+        return costs
+    entries = []
+    for e in base.entries:
+        if e.name in picked:
+            lc, i = picked[e.name]
+            c = lc.candidates[i]
+            cfg = replace(e.config or LayerConfig(), order=c.kind, depth_multiplier=c.m, init="random")
+            entries.append(PlanEntry(e.name, "replace", "latency calibration: fastest block", config=cfg, fact=e.fact))
+        else:
+            entries.append(PlanEntry(e.name, "skip", "latency calibration: kept", fact=e.fact))
+    fast = apply_checked(model, replace(base, entries=tuple(entries)), init="random", share_weights=True)
+    ratio = float(timer.fastest(model, fast, example_inputs, costs.spec)[2])
+    saved = sum(t[0] - t[fastest[n][1]] for n, t in costs.layers) / costs.model_ms
+    if not (math.isfinite(ratio) and ratio > 0 and saved > 0):
+        return costs
+    alpha = max(0.0, (1.0 - ratio) / saved)
+    return replace(costs, scale=alpha, fastest_measured=ratio, fastest_additive=1.0 - saved)
 
 
 def confirm_choice(model: nn.Module, layers: Sequence[LayerCandidates], costs: LatencyCosts, choice: Sequence[int],

@@ -185,7 +185,7 @@ def plan_with_budget(
     lat = None
     if lat_spec is not None:
         lat = measure_latency_costs(model, prob.layers, example_inputs, spec=lat_spec, timer=latency_timer,
-                                    configs={e.name: e.config for e in prob.base.entries})
+                                    configs={e.name: e.config for e in prob.base.entries}, base=prob.base)
         groups_cost = [lat.costs_ns(i) for i in range(len(prob.layers))]
         fixed, limit = lat.fixed_ns, lat.limit_ns(budget)
         reach = fixed + cheapest([[Option(c, 0.0) for c in g] for g in groups_cost]).cost
