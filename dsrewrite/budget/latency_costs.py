@@ -190,10 +190,12 @@ class LatencyCosts:
     def unmet(self, limit_ns: int, reach_ns: int, n_layers: int, recipe: str) -> BudgetError:
         """The refusal of a latency budget that even every conv's fastest candidate cannot meet."""
         reach = reach_ns / NS_PER_MS
+        timed = ("" if self.fastest_measured is None else
+                 f"; that model, built and timed against the dense one, ran at {self.fastest_measured:.3f} of it")
         return BudgetError(
             f"budget {self.describe_limit(limit_ns)} cannot be met: with every selected conv ({n_layers} "
             f"of recipe {recipe!r}) at its fastest measured candidate the predicted latency is {_fmt(reach)} ms "
-            f"({100.0 * reach_ns / self.model_ns:.1f}% of the dense model). Hint: ask for at least {_fmt(reach)} ms "
+            f"({100.0 * reach_ns / self.model_ns:.1f}% of the dense model{timed}). Hint: ask for at least {_fmt(reach)} ms "
             f"({reach_ns / self.model_ns:.3g} of the model), or select more convs (another recipe); timings are "
             f"measured on this machine now and vary with its load.")
 
