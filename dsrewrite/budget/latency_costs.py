@@ -195,9 +195,9 @@ class LatencyCosts:
         return BudgetError(
             f"budget {self.describe_limit(limit_ns)} cannot be met: with every selected conv ({n_layers} "
             f"of recipe {recipe!r}) at its fastest measured candidate the predicted latency is {_fmt(reach)} ms "
-            f"({100.0 * reach_ns / self.model_ns:.1f}% of the dense model{timed}). Hint: ask for at least {_fmt(reach)} ms "
-            f"({reach_ns / self.model_ns:.3g} of the model), or select more convs (another recipe); timings are "
-            f"measured on this machine now and vary with its load.")
+            f"({100.0 * reach_ns / self.model_ns:.1f}% of the dense model{timed}). Hint: ask for at least "
+            f"{_fmt(reach)} ms ({reach_ns / self.model_ns:.3g} of the model), or select more convs (another recipe); "
+            f"timings are measured on this machine now and vary with its load.")
 
     def reason(self, layer: int, lc: LayerCandidates, errors: Sequence[float], i: int) -> str:
         """A plan entry's reason in ms: what candidate ``i`` of conv ``layer`` costs, and why it was taken."""
