@@ -225,7 +225,7 @@ def _run(
     bp = plan_for(pf.model, recipe, x, bud, inputs, depth_multiplier=depth_multiplier, order=order, init=init)
     res = _carry_out(pf, bp.plan, x, calibration=None, calib_options=calib_options, inplace=inplace,
                      with_report=with_report, benchmark=benchmark, calib_inputs=inputs)
-    return checked_result(res, bp, x)
+    return checked_result(res, bp, x, dense=None if inplace else pf.model)
 
 
 def plan_rewrite(
@@ -251,7 +251,7 @@ def plan_rewrite(
     model can be rewritten, captures its graph and plans; ``source``/``source_spec`` name the
     model in messages, ``progress`` (if given) hears "capturing the graph ...". ``must_replace=False``
     returns a plan that replaces nothing instead of raising (``dsrewrite plan`` shows its reasons).
-    ``budget`` (``{"macs": 5.8e9}``, keys ``macs``, ``params``, ``max_error``; a value ≤ 1 is a fraction of
+    ``budget`` (``{"macs": 5.8e9}``, keys ``macs``, ``params``, ``latency_ms``, ``max_error``; a value ≤ 1 is a fraction of
     the whole model; see docs/budget.md) chooses, per selected conv, dense or a kind and multiplier,
     from the ``calibration`` batches' sensitivity (or a weight-space proxy without them).
 
@@ -330,7 +330,7 @@ def rewrite(
     :func:`~dsrewrite.calibrate.calibrate` (e.g. ``{"activation": "none"}`` for a purely
     linear fit). ``depth_multiplier``, ``order`` and ``init``
     override the recipe for every selected conv. ``budget`` (e.g. ``{"macs": 0.5}``; keys ``macs``,
-    ``params``, ``max_error``, a value ≤ 1 a fraction of the whole model) lets the planner choose, per
+    ``params``, ``latency_ms``, ``max_error``, a value ≤ 1 a fraction of the whole model) lets the planner choose, per
     selected conv, dense or a kind and depth multiplier with the least predicted output error that fits
     (docs/budget.md). To get the plan and the report of the call, use :func:`rewrite_and_report`.
 

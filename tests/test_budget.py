@@ -110,7 +110,7 @@ def test_allocator_is_deterministic_and_refuses_clearly() -> None:
     ({"macs": True}, "must be a number"),
     ({"macs": "1e9"}, "must be a number"),
     ({"macs": 0.5, "params": 0.5}, "not both"),
-    ({"latency_ms": 5.0}, "not implemented"),
+    ({"latency_ms": 5.0, "params": 0.5}, "not both"),
     ({"max_error": 1.5}, "relative output error"),
     ([("macs", 1)], "expected a mapping"),
 ])
@@ -258,8 +258,8 @@ def test_recipe_budget_section(tmp_path) -> None:
     bad.write_text("name: b\nbudget:\n  macs: -2\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=r"budget.macs: -2 is out of range"):
         load_recipe(str(bad))
-    bad.write_text("name: b\nbudget:\n  latency_ms: 3\n", encoding="utf-8")
-    with pytest.raises(RecipeError, match=r"budget: latency_ms budgets are not implemented"):
+    bad.write_text("name: b\nbudget:\n  latency_ms: 3\n  macs: 0.5\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"budget: give one cost target .*not both"):
         load_recipe(str(bad))
 
 
@@ -292,8 +292,8 @@ def test_cli_budget_refusal_exits_2_and_plan_prints_the_choice(tmp_path) -> None
     assert r.exit_code == 0, r.output
     assert "budget (budget: macs 0.5 of the model)" in r.output
     r = runner.invoke(main, ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
-                             "--trust-pickle", "--target-latency", "3"])
-    assert r.exit_code == 2 and "not implemented" in r.output
+                             "--trust-pickle", "--target-latency", "3", "--target-macs", "0.5"])
+    assert r.exit_code == 2 and "not both" in r.output
 
 
 def test_cli_budget_sweep_prints_and_plots(tmp_path) -> None:

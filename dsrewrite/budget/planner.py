@@ -43,9 +43,10 @@ from ..planning.safety import check_safety
 from ..planning.planner import NothingSelectedWarning, RecipeLike, plan_from_capture
 from ..planning.types import LayerConfig, Plan, PlanEntry
 from ..recipe import load_recipe, select
-from ..recipe.schema import AUTO
+from ..recipe.schema import AUTO, LatencySpec
 from .allocate import Allocation, Infeasible, Option, Unreachable, allocate, cheapest
 from .candidates import LayerCandidates, layer_candidates
+from .latency_costs import LatencyCosts, LatencyTimer, confirm_choice, measure_latency_costs
 from .sensitivity import Sensitivity, data_sensitivity, weight_sensitivity
 from .types import Budget, BudgetError
 
@@ -86,6 +87,8 @@ class BudgetPlan:
     budget_value: Optional[int]
     planned_macs: int
     planned_params: int
+    #: the measured times of a ``latency_ms`` budget (``budget_value`` is then in nanoseconds)
+    latency: Optional[LatencyCosts] = None
 
     @property
     def predicted_error(self) -> float:
@@ -156,29 +159,44 @@ def plan_with_budget(
     max_positions: int = 4096,
     gain_images: int = 8,
     max_m: Optional[int] = None,
+    latency_timer: Optional[LatencyTimer] = None,
 ) -> BudgetPlan:
     """The plan of ``recipe``'s selection that best fits ``budget`` (see the module doc).
 
     ``calibration``: model inputs (already through :func:`~dsrewrite.refit.batches.iter_inputs`) for the
     data sensitivity; ``None`` uses the weight-space proxy. ``order="auto"`` lets every auto kind compete.
+    A ``latency_ms`` budget times the dense model and every candidate first
+    (:mod:`~dsrewrite.budget.latency_costs`; ``latency_timer`` replaces the timings, e.g. in tests).
 
     Raises:
         BudgetError: the budget cannot be met (the smallest reachable figure, or the best reachable error).
         RecipeError: the recipe is not valid.
     """
-    if budget.latency_ms is not None:  # parse_budget refuses it already; a hand-made Budget too
-        raise BudgetError(f"{budget.source}: latency_ms budgets are not implemented yet.")
+    lat_spec = None
+    if budget.latency_ms is not None:  # the budget, not latency.min_speedup, decides; the section says how to time
+        rec = load_recipe(recipe)
+        lat_spec, recipe = rec.latency or LatencySpec(), replace(rec, latency=None)
     prob = budget_problem(model, recipe, example_inputs, order=order, init=init, max_m=max_m)
     key = budget.cost_key
     rec_name = prob.base.recipe
     if not prob.layers:
         raise BudgetError(f"{budget.source}: recipe {rec_name!r} selects no conv that a budget can change "
                           f"({len(prob.base.replaced)} selected). Hint: `dsrewrite plan` shows why each was skipped.")
-    groups_cost = [lc.cost(key or "macs") for lc in prob.layers]
-    whole = prob.total_macs if key != "params" else prob.total_params
-    fixed = prob.fixed_macs if key != "params" else prob.fixed_params
-    limit = budget.absolute(key, whole) if key else None
-    if limit is not None:
+    lat = None
+    if lat_spec is not None:
+        lat = measure_latency_costs(model, prob.layers, example_inputs, spec=lat_spec, timer=latency_timer,
+                                    configs={e.name: e.config for e in prob.base.entries}, base=prob.base)
+        groups_cost = [lat.costs_ns(i) for i in range(len(prob.layers))]
+        fixed, limit = lat.fixed_ns, lat.limit_ns(budget)
+        reach = fixed + cheapest([[Option(c, 0.0) for c in g] for g in groups_cost]).cost
+        if reach > limit:
+            raise lat.unmet(limit, reach, len(prob.layers), rec_name)
+    else:
+        groups_cost = [lc.cost(key or "macs") for lc in prob.layers]
+        whole = prob.total_macs if key != "params" else prob.total_params
+        fixed = prob.fixed_macs if key != "params" else prob.fixed_params
+        limit = budget.absolute(key, whole) if key else None
+    if limit is not None and lat is None:
         low = cheapest([[Option(c, 0.0) for c in g] for g in groups_cost])
         if fixed + low.cost > limit:
             reach = fixed + low.cost
@@ -192,45 +210,60 @@ def plan_with_budget(
         sens = data_sensitivity(model, prob.layers, calibration, max_positions=max_positions, gain_images=gain_images)
     else:
         sens = weight_sensitivity(model, prob.layers, example_inputs)
-    groups = [[Option(c, e) for c, e in zip(gc, ls.errors)] for gc, ls in zip(groups_cost, sens.layers)]
     ceiling = None if budget.max_error is None else budget.max_error ** 2
+
+    def choose(costs: list[list[int]]) -> Allocation:
+        groups = [[Option(c, e) for c, e in zip(gc, ls.errors)] for gc, ls in zip(costs, sens.layers)]
+        return allocate(groups, max_cost=None if limit is None else limit - fixed, max_error=ceiling)
+
     try:
-        alloc = allocate(groups, max_cost=None if limit is None else limit - fixed, max_error=ceiling)
-    except Infeasible as exc:  # pragma: no cover - checked above
+        alloc = choose(groups_cost)
+        if lat is not None:  # the chosen blocks re-timed with more rounds, re-allocated until confirmed
+            lat, again = confirm_choice(model, prob.layers, lat, alloc.choice, choose, timer=latency_timer,
+                                        configs={e.name: e.config for e in prob.base.entries})
+            alloc = again or alloc
+    except Infeasible as exc:  # MACs/params: checked above; latency: a fastest block re-timed slower
+        if lat is not None and limit is not None:
+            raise lat.unmet(limit, fixed + exc.cheapest, len(prob.layers), rec_name) from exc
         raise BudgetError(f"budget {key} {limit:,} cannot be met (cheapest {fixed + exc.cheapest:,})") from exc
     except Unreachable as exc:
         best = exc.best
         macs, _ = prob.totals(best.choice)
         within = f" within {key} {limit:,}" if limit is not None else ""
+        if lat is not None and limit is not None:
+            within = f" within {lat.describe_limit(limit)} (predicted {lat.predicted_ms(best.choice):.3g} ms)"
         raise BudgetError(
             f"{budget.source}: max_error {budget.max_error:g} cannot be met{within}: the best reachable predicted "
             f"output error is {math.sqrt(best.error):.4g} (at {macs:,} MACs, {_pct(macs, prob.total_macs)} of the "
             f"model). Hint: raise max_error to at least {math.sqrt(best.error):.4g}"
             f"{', or the cost target' if limit is not None else ''}.") from exc
-    return _build(prob, sens, alloc, budget, key or "macs", limit)
+    return _build(prob, sens, alloc, budget, key or "macs", limit, lat)
 
 
 def _build(prob: BudgetProblem, sens: Sensitivity, alloc: Allocation, budget: Budget, key: str,
-           limit: Optional[int]) -> BudgetPlan:
-    chosen = {lc.name: (lc, ls, i) for lc, ls, i in zip(prob.layers, sens.layers, alloc.choice)}
+           limit: Optional[int], lat: Optional[LatencyCosts] = None) -> BudgetPlan:
+    chosen = {lc.name: (n, lc, ls, i) for n, (lc, ls, i) in enumerate(zip(prob.layers, sens.layers, alloc.choice))}
     entries = []
     for e in prob.base.entries:
         if e.name not in chosen:
             entries.append(e)
             continue
-        lc, ls, i = chosen[e.name]
+        n, lc, ls, i = chosen[e.name]
         c = lc.candidates[i]
-        why = _reason(lc, ls, i, prob.total_macs, key)
+        why = _reason(lc, ls, i, prob.total_macs, key) if lat is None else lat.reason(n, lc, ls.errors, i)
+        measured = e.measured if lat is None else {**(e.measured or {}), **lat.measured(n, i)}
         if c.dense:
-            entries.append(PlanEntry(e.name, "skip", f"{why}; {e.reason}", fact=e.fact, measured=e.measured))
+            entries.append(PlanEntry(e.name, "skip", f"{why}; {e.reason}", fact=e.fact, measured=measured))
             continue
         cfg = e.config or LayerConfig()
         new = replace(cfg, order=c.kind, depth_multiplier=c.m, note=f"chosen by the budget ({sens.method} sensitivity)")
         entries.append(PlanEntry(e.name, "replace", f"{why}; {e.reason}", config=new, fact=e.fact,
-                                 measured=e.measured))
+                                 measured=measured))
     macs, params = prob.totals(alloc.choice)
     pred = math.sqrt(max(alloc.error, 0.0))
     target = f"{limit:,} {key}" if limit is not None else f"predicted output error ≤ {budget.max_error:g}"
+    if lat is not None and limit is not None:
+        target = f"{lat.describe_limit(limit)}; predicted {lat.predicted_ms(alloc.choice):.3g} ms"
     notes = [
         *prob.base.notes,
         f"budget ({budget.source}: {budget.describe()}): target {target}; planned {macs:,} MACs "
@@ -239,6 +272,7 @@ def _build(prob: BudgetProblem, sens: Sensitivity, alloc: Allocation, budget: Bu
         f"allocation: {alloc.method} over {len(prob.layers)} convs, "
         f"{sum(len(l.candidates) for l in prob.layers)} candidates",
         sens.note,
+        *(lat.notes(alloc.choice, limit) if lat is not None and limit is not None else ()),
     ]
     plan = replace(prob.base, entries=tuple(entries), notes=tuple(notes))
-    return BudgetPlan(plan, prob, alloc, sens, budget, key, limit, macs, params)
+    return BudgetPlan(plan, prob, alloc, sens, budget, key, limit, macs, params, lat)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import RewriteError, UsageError
 from ..measure.macs import count_costs
+from .latency_costs import NS_PER_MS, latency_check
 from .planner import BudgetPlan, plan_with_budget
 from .types import Budget
 
@@ -59,11 +60,16 @@ def plan_for(model: nn.Module, recipe: Any, example_inputs: Any, budget: Budget,
     return plan_with_budget(model, recipe, example_inputs, budget, calibration=inputs, order=order, init=init)
 
 
-def checked_result(res: Any, bp: BudgetPlan, example_inputs: Any) -> Any:
-    """``res`` (a :class:`~dsrewrite.api.RewriteResult`) with the budget check in its plan's notes."""
+def checked_result(res: Any, bp: BudgetPlan, example_inputs: Any, dense: Optional[nn.Module] = None) -> Any:
+    """``res`` (a :class:`~dsrewrite.api.RewriteResult`) with the budget check in its plan's notes.
+
+    A ``latency_ms`` budget adds a ``latency check`` note when ``res`` has a report (``rewrite`` returns only
+    the model: nothing would show the note, so it is not timed): the result timed against ``dense`` (the
+    original model; ``None`` when it was rewritten in place) next to the target and the prediction.
+    """
     costs = count_costs(res.model, example_inputs)
     counted = costs.total_macs if bp.budget_key == "macs" else costs.total_params
-    if bp.budget_value is not None and counted > bp.budget_value:
+    if bp.budget_value is not None and bp.latency is None and counted > bp.budget_value:
         raise RewriteError(f"the rewritten model has {counted:,} {bp.budget_key} counted, over the budget's "
                            f"{bp.budget_value:,} (planned {bp.planned_macs:,} MACs): a bug, please report it.")
     note = (f"budget check: counted on the result {costs.total_macs:,} MACs, {costs.total_params:,} params; "
@@ -76,7 +82,13 @@ def checked_result(res: Any, bp: BudgetPlan, example_inputs: Any) -> Any:
                  f"({ratio:.2f}× the prediction)")
     else:
         note += " (no calibration data: not measured)"
-    res.plan = dataclasses.replace(res.plan, notes=(*res.plan.notes, note))
+    notes = [note]
+    if bp.latency is not None and bp.budget_value is not None and res.report is not None:
+        lat = bp.latency
+        notes.append(latency_check(dense, res.model, example_inputs, target_ms=bp.budget_value / NS_PER_MS,
+                                   predicted_ms=lat.predicted_ms(bp.allocation.choice),
+                                   planned_dense_ms=lat.model_ms, spec=lat.spec))
+    res.plan = dataclasses.replace(res.plan, notes=(*res.plan.notes, *notes))
     if res.report is not None and hasattr(res.report, "plan_notes"):
         try:
             res.report.plan_notes = res.plan.notes

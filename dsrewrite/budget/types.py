@@ -7,11 +7,13 @@ Keys (the same in Python ``budget={...}``, a recipe's ``budget:`` section and th
 * ``macs``: the whole model's MACs at the example input (batch included), as counted by
   :mod:`dsrewrite.measure.macs`; a value ≤ 1 is a fraction of the original model's MACs.
 * ``params``: the whole model's parameter count; a value ≤ 1 is a fraction of the original's.
-* ``latency_ms``: a measured-latency target (not implemented: refused with a clear message).
+* ``latency_ms``: the whole model's measured latency at the example input, in milliseconds; a value
+  ≤ 1 is a fraction of the dense model's latency measured at planning time
+  (:mod:`dsrewrite.budget.latency_costs`).
 * ``max_error``: a ceiling on the predicted relative L2 output error (``‖ŷ − y‖ / ‖y‖``, so
   always a fraction, e.g. ``0.05``). Alone: the fewest MACs whose predicted error is under it.
-  With ``macs`` or ``params``: the most accurate plan within the cost, refused when even that
-  one's predicted error is above the ceiling.
+  With ``macs``, ``params`` or ``latency_ms``: the most accurate plan within the cost, refused when
+  even that one's predicted error is above the ceiling.
 
 Example:
     >>> b = parse_budget({"macs": 0.5})
@@ -57,13 +59,15 @@ class Budget:
 
     @property
     def cost_key(self) -> Optional[str]:
-        """The cost that is bounded (``"macs"``, ``"params"``), or ``None`` for an error ceiling alone."""
+        """The bounded cost (``"macs"``, ``"params"``, ``"latency_ms"``), or ``None`` for an error ceiling alone."""
+        if self.latency_ms is not None:
+            return "latency_ms"
         return "macs" if self.macs is not None else "params" if self.params is not None else None
 
     def is_fraction(self, key: str) -> bool:
         """Whether ``key``'s value is a fraction of the whole model (a value ≤ 1)."""
         v = getattr(self, key)
-        return v is not None and key in ("macs", "params") and v <= 1
+        return v is not None and key in ("macs", "params", "latency_ms") and v <= 1
 
     def absolute(self, key: str, whole: int) -> int:
         """``key``'s value as an absolute count, given the original model's ``whole`` count (floored)."""
@@ -82,7 +86,8 @@ class Budget:
             if k == "max_error":
                 parts.append(f"max_error {v:g}")
             elif self.is_fraction(k):
-                parts.append(f"{k} {v:g} of the model")
+                whole = "dense model's latency" if k == "latency_ms" else "model"
+                parts.append(f"{k} {v:g} of the {whole}")
             else:
                 parts.append(f"{k} {v:,.0f}" if k != "latency_ms" else f"latency {v:g} ms")
         return ", ".join(parts) or "none"
@@ -102,9 +107,8 @@ def parse_budget(value: Any, *, source: str = "budget") -> Optional[Budget]:
 
     Raises:
         BudgetError: not a mapping, an unknown key (with "did you mean"), a value that is not a finite
-            number > 0, ``macs`` together with ``params`` (give one cost), ``max_error`` ≥ 1 given
-            as a budget on its own (a relative error of 1 is the zero output), or ``latency_ms``
-            (not implemented yet).
+            number > 0, two costs together (``macs``, ``params``, ``latency_ms``: give one), or
+            ``max_error`` ≥ 1 (a relative error of 1 is the zero output).
 
     Example:
         >>> parse_budget({"params": 2e6, "max_error": 0.1}).cost_key
@@ -128,12 +132,11 @@ def parse_budget(value: Any, *, source: str = "budget") -> Optional[Budget]:
         if v is None:
             continue
         vals[key] = _number(v, key, source)
-    if "latency_ms" in vals:
-        raise BudgetError(f"{source}: latency_ms budgets are not implemented yet (issue 18): give a MAC target "
-                          "(macs) instead; `dsrewrite apply --benchmark` measures the latency of the result.")
-    if "macs" in vals and "params" in vals:
-        raise BudgetError(f"{source}: give one cost target, macs or params, not both "
-                          f"(got macs {vals['macs']:g} and params {vals['params']:g}).")
+    costs = [k for k in ("macs", "params", "latency_ms") if k in vals]
+    if len(costs) > 1:
+        got = " and ".join(f"{k} {vals[k]:g}" for k in costs)
+        raise BudgetError(f"{source}: give one cost target (macs, params or latency_ms), not "
+                          f"{'both' if len(costs) == 2 else 'several'} (got {got}).")
     if "max_error" in vals and vals["max_error"] >= 1:
         raise BudgetError(f"{source}: max_error is a relative output error (e.g. 0.05); got {vals['max_error']:g} "
                           "(≥ 1 allows any output).")

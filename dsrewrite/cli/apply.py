@@ -113,6 +113,11 @@ def apply(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Op
             measured = "" if cal is None else (f"; measured after calibration on the calibration inputs "
                                                f"{cal.output_rel_error_after:.4g}")
             click.echo(f"{note}{measured}", err=True)
+    from ..budget.latency_costs import latency_check_for_plan  # a latency budget: the result timed against the dense
+
+    lat_check = latency_check_for_plan(p, loaded.model, result.model, x)
+    if lat_check is not None:
+        click.echo(lat_check, err=True)
     exported = None
     if exporting is not None and not dry_run:
         exported = run_export(result.model, x, str(export_path), exporting.name, static=export_static, opset=None)

@@ -13,7 +13,10 @@ def budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Ceiling on the predicted relative output error (e.g. 0.05): alone, the fewest MACs "
                            "under it; with a target, refused when the target cannot keep it.")(fn)
     fn = click.option("--target-latency", type=float, default=None, metavar="MS",
-                      help="Latency target in ms (not implemented yet: refused).")(fn)
+                      help="Plan for this measured latency of the whole model at the example input, in ms (≤ 1: a "
+                           "fraction of the dense model's latency, measured first); every candidate of every "
+                           "selected conv is timed on this machine (the recipe's latency: section sets rounds and "
+                           "channels_last). apply then measures the result against the dense model.")(fn)
     fn = click.option("--target-params", type=float, default=None, metavar="N",
                       help="Plan for this many parameters in the whole model (≤ 1: a fraction of the original's).")(fn)
     fn = click.option("--target-macs", type=float, default=None, metavar="N",

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Optional, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from ..kinds import get_kind
 from .latency import compare_latency
 from ..planning.types import LayerConfig
 
-__all__ = ["time_dense_vs_separable", "time_orders", "ratio_key"]
+__all__ = ["time_dense_vs_separable", "time_orders", "time_candidates", "ratio_key"]
 
 
 def _input(conv: nn.Conv2d, shape: Sequence[int]) -> torch.Tensor:
@@ -104,3 +105,41 @@ def time_orders(
         out[f"{name}_ms"] = cmp.median_b_ms
         out[ratio_key(name, names)] = cmp.ratio
     return out
+
+
+def time_candidates(
+    conv: nn.Module,
+    candidates: Sequence[tuple[str, int]],
+    input_shape: Sequence[int],
+    *,
+    cfg: Optional[LayerConfig] = None,
+    rounds: int = 5,
+    warmup: int = 1,
+    channels_last: bool = False,
+) -> tuple[float, list[float]]:
+    """Median times (ms) of the dense conv and of each ``(kind, m)`` block, each block timed against the dense conv.
+
+    Each block gets its own interleaved run against the dense conv (``rounds`` rounds, dense then block).
+    The dense time is the median over all those runs' dense calls; a block's time is that median ×
+    the median of its per-round ratios (block / dense), so that drifts of the machine between runs
+    cancel. ``cfg`` gives ``mid_norm``/``mid_act`` of the blocks. Returns ``(dense_ms, [block ms, ...])``.
+
+    Example:
+        >>> d, t = time_candidates(nn.Conv2d(8, 8, 3, padding=1), [("dw_pw", 1), ("dw_pw", 2)], (1, 8, 8, 8), rounds=2)
+        >>> d > 0, len(t), all(v > 0 for v in t)
+        (True, 2, True)
+    """
+    dense = copy.deepcopy(conv).eval()
+    x = _input(dense, input_shape)
+    dense_times: list[float] = []
+    ratios: list[float] = []
+    for kind, m in candidates:
+        cmp = compare_latency(dense, _block(dense, kind, m, cfg), x, rounds=rounds, warmup=warmup,
+                              channels_last=channels_last)
+        dense_times.extend(cmp.times_a_ms)
+        ratios.append(cmp.ratio)
+    if not dense_times:  # no candidate: time the dense conv alone
+        dense_times.extend(compare_latency(dense, dense, x, rounds=rounds, warmup=warmup,
+                                           channels_last=channels_last).times_a_ms)
+    dense_ms = statistics.median(dense_times)
+    return dense_ms, [dense_ms * r for r in ratios]
