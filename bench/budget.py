@@ -9,7 +9,7 @@ For two trained models,
 
 * the shipped demo U-Net trained on shapes (:mod:`dsrewrite.shapes`; metric: held-out mIoU), and
 * a small CNN classifier trained HERE on generated shapes images (the class covering most pixels;
-  seeded; cached in ``bench/.cache/budget_classifier.pt``; metric: held-out accuracy),
+  seeded, about 100 s of CPU on one thread; cached in ``bench/.cache/``; metric: held-out accuracy),
 
 it rewrites ``all_3x3`` uniformly (``dw_pw``/``pw_dw`` × m = 1, 2, 3), calibrates on 64 unlabeled
 images and measures, on held-out images, the output relative L2 error against the dense model and
@@ -59,13 +59,19 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # --------------------------------------------------------------------------------------
 # the classifier, trained here
 # --------------------------------------------------------------------------------------
-def classifier() -> nn.Module:
+CLASSIFIER_WIDTHS = (16, 32, 64)
+CLASSIFIER_TRAIN = {"images": 16384, "steps": 1200, "batch": 64, "lr": 3e-3, "seed": 0, "data_seed": 11}
+
+
+def classifier(widths: tuple[int, int, int] = CLASSIFIER_WIDTHS) -> nn.Module:
+    """Six 3×3 conv + BN + ReLU blocks (two per width, max-pool between widths), global average pool, linear."""
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                         nn.MaxPool2d(2), *block(64, 128), *block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(128, 3))
+    a, b, c = widths
+    return nn.Sequential(*block(3, a), *block(a, a), nn.MaxPool2d(2), *block(a, b), *block(b, b),
+                         nn.MaxPool2d(2), *block(b, c), *block(c, c), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(c, 3))
 
 
 def classes_of(masks: Tensor) -> Tensor:
@@ -79,30 +85,47 @@ def classifier_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x, classes_of(m)
 
 
-def train_classifier(steps: int = 600, batch: int = 64) -> tuple[nn.Module, float]:
-    path = CACHE / "budget_classifier.pt"
-    torch.manual_seed(0)
+def train_classifier() -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier trained on ``CLASSIFIER_TRAIN["images"]`` generated images (each seen about 5 times),
+    seeded, one torch thread; cached in ``bench/.cache/`` with its training record (wall and CPU seconds,
+    held-out accuracy on 1024 images of seed 12, the majority-class rate of those)."""
+    cfg = CLASSIFIER_TRAIN
+    tag = f"budget_classifier_w{'-'.join(map(str, CLASSIFIER_WIDTHS))}_s{cfg['steps']}_n{cfg['images']}"
+    path, info_path = CACHE / f"{tag}.pt", CACHE / f"{tag}.json"
+    torch.manual_seed(cfg["seed"])
     model = classifier()
-    if path.exists():
+    if path.exists() and info_path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval(), 0.0
-    x, y = classifier_data(4096, seed=11)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
+        return model.eval(), {**json.loads(info_path.read_text(encoding="utf-8")), "cached": True}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    load0, w0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
+    x, y = classifier_data(cfg["images"], seed=cfg["data_seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"])
+    g = torch.Generator().manual_seed(cfg["seed"])
     model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
+    for _ in range(cfg["steps"]):
+        idx = torch.randint(0, len(x), (cfg["batch"],), generator=g)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    seconds = time.perf_counter() - t0
+    info: dict[str, Any] = {**cfg, "widths": list(CLASSIFIER_WIDTHS), "train_wall_s": time.perf_counter() - w0,
+                            "train_cpu_s": time.process_time() - c0, "final_batch_loss": loss.item(),
+                            "load_before": load0, "load_after": os.getloadavg()}
+    torch.set_num_threads(threads)
+    xt, yt = classifier_data(1024, seed=12)
+    info.update(held_out_images=1024, held_out_accuracy=accuracy(model, xt, yt),
+                majority_class_rate=float(torch.bincount(yt, minlength=3).max()) / len(yt))
     CACHE.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval(), seconds
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    print(f"trained the classifier: {info}", flush=True)
+    return model.eval(), {**info, "cached": False}
 
 
 @torch.no_grad()
@@ -205,7 +228,7 @@ def merge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
         uni = sorted((r for r in mine if r["part"].startswith("uniform")), key=lambda r: r["macs"])
-        bud = sorted((r for r in mine if r["part"].startswith("budget")), key=lambda r: r["macs"])
+        bud = sorted((r for r in mine if r["part"].startswith(("budget", "oracle"))), key=lambda r: r["macs"])
         for b in bud:
             fits = [u for u in uni if u["macs"] <= b["target_macs"]]
             best = min(fits, key=lambda u: u["rel_err"]) if fits else None
@@ -234,11 +257,26 @@ def table(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _timed(fn: Any) -> dict[str, Any]:
+    """Run ``fn()``: its wall and process CPU seconds, the load average before and after."""
+    load0, w0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
+    value = fn()
+    return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "load_before": load0,
+            "load_after": os.getloadavg(), "ended_at": time.strftime("%H:%M:%S"), "value": value}
+
+
 def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str, Any]:
-    """One calibration vs one planning with data sensitivity on the demo U-Net, interleaved in one run."""
+    """One planning with data sensitivity against one calibration on the demo U-Net, in one process, one thread.
+
+    Interleaved so that both see the same load: calibration, planning, calibration again (each calibration
+    on a fresh copy of the same uncalibrated m=1 rewrite). Each step records its wall time and the process's
+    CPU time (``time.process_time``; with one torch thread that is the work done, whatever the load); the
+    ratios divide the planning by the mean of the two calibrations.
+    """
     from dsrewrite.calibrate import calibrate, replaced_names
     from dsrewrite.demo import demo_unet
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     dense = demo_unet(num_classes=4).eval()
     x, _ = make_shapes(images, size=size, seed=7)
@@ -246,15 +284,31 @@ def time_planning(images: int = 64, size: int = 256, batch: int = 8) -> dict[str
     ex = x[:1]
     p = plan_rewrite(dense, "all_3x3", ex, depth_multiplier=1, order="dw_pw")
     light = rewrite_with_plan(dense, p, ex, with_report=False).model
-    t0 = time.perf_counter()
-    calibrate(dense, light, batches, names=replaced_names(dense, light))
-    cal = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    bp = plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": 0.5}), calibration=batches, order="auto")
-    plan = time.perf_counter() - t1
-    return {"images": images, "size": size, "calibration_seconds": cal, "planning_seconds": plan,
-            "ratio": plan / cal, "sensitivity_seconds": bp.sensitivity.seconds, "convs": len(bp.problem.layers),
-            "candidates": sum(len(l.candidates) for l in bp.problem.layers), "load_before": os.getloadavg()}
+    names = replaced_names(dense, light)
+
+    def calibration() -> None:
+        calibrate(dense, copy.deepcopy(light), batches, names=names)
+
+    def planning() -> Any:
+        return plan_with_budget(dense, "all_3x3", ex, parse_budget({"macs": 0.5}), calibration=batches, order="auto")
+
+    steps, bp = [], None
+    for label, fn in (("calibration", calibration), ("planning", planning), ("calibration", calibration)):
+        t = _timed(fn)
+        bp = t.pop("value") or bp
+        steps.append({"step": label, **t})
+        print(f"timing: {label}: {t}", flush=True)
+    cal = [s for s in steps if s["step"] == "calibration"]
+    plan = steps[1]
+    cal_wall = sum(s["wall_s"] for s in cal) / len(cal)
+    cal_cpu = sum(s["cpu_s"] for s in cal) / len(cal)
+    return {"images": images, "size": size, "batch": batch, "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "steps": steps,
+            "calibration_wall_s_mean": cal_wall, "calibration_cpu_s_mean": cal_cpu,
+            "planning_wall_s": plan["wall_s"], "planning_cpu_s": plan["cpu_s"],
+            "ratio_wall": plan["wall_s"] / cal_wall, "ratio_cpu": plan["cpu_s"] / cal_cpu,
+            "sensitivity_seconds": bp.sensitivity.seconds, "convs": len(bp.problem.layers),
+            "candidates": sum(len(l.candidates) for l in bp.problem.layers)}
 
 
 def plot_row(row: dict[str, Any]) -> None:
@@ -262,7 +316,7 @@ def plot_row(row: dict[str, Any]) -> None:
     from dsrewrite.budget.sweep import SweepPoint, save_sweep_plot, sweep_table
 
     pts = [SweepPoint("budget", b["target"], b["macs"], 0, b["predicted_err"], b["rel_err"])
-           for b in sorted(row["budgets"], key=lambda b: b["macs"])]
+           for b in sorted(row["budgets"], key=lambda b: b["macs"]) if b.get("part", "budget").startswith("budget")]
     pts += [SweepPoint("uniform", u["config"], u["macs"], 0, None, u["rel_err"]) for u in row["uniform"]]
     name = row["model"].split()[-1].lower().replace("-", "")
     save_sweep_plot(pts, DOCS / f"budget_{name}.png",
@@ -303,7 +357,8 @@ def main() -> None:
             calib, metric = [c[i:i + 16] for i in range(0, 64, 16)], lambda out: miou(confusion(out.argmax(1), yt))
             name = "shapes U-Net"
         else:
-            dense, _ = train_classifier()
+            dense, info = train_classifier()
+            print(f"classifier: {info}", flush=True)
             xt, yt = classifier_data(args.held_out, seed=12)
             xc, _ = classifier_data(64, seed=13)
             calib, metric = [xc[i:i + 16] for i in range(0, 64, 16)], lambda out: float((out.argmax(1) == yt).float().mean())
@@ -333,12 +388,12 @@ def main() -> None:
         results["models"].append(compare("shapes U-Net", unet, xt[:1], calib_u, xt, miou_of, mults,
                                          () if args.skip_sweep else (0.25, 0.4, 0.65)))
     if args.only in (None, "classifier"):
-        clf, train_s = train_classifier()
+        clf, train_info = train_classifier()
         xt, yt = classifier_data(args.held_out, seed=12)
         xc, _ = classifier_data(64, seed=13)
         row = compare("classifier", clf, xt[:1], [xc[i:i + 16] for i in range(0, 64, 16)], xt,
                       lambda out: float((out.argmax(1) == yt).float().mean()), mults, () if args.skip_sweep else (0.25, 0.4, 0.65))
-        row["train_seconds"] = train_s
+        row["training"] = train_info
         results["models"].append(row)
     if not args.skip_timing and args.only in (None, "timing"):
         results["timing"] = time_planning()
