@@ -52,7 +52,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,17 +72,23 @@ __all__ = ["LayerSensitivity", "Sensitivity", "data_sensitivity", "weight_sensit
 @dataclass(frozen=True)
 class LayerSensitivity:
     """One conv: ``layer_errors[i]`` its own predicted squared relative error with candidate ``i``,
-    ``errors[i] = gain · layer_errors[i]`` the predicted contribution to the model's squared relative
-    output error (``0`` for dense), and how the gain was measured."""
+    ``gains[i]`` how much of it reaches the model's output (measured), ``errors[i] = gains[i] ·
+    layer_errors[i]`` the predicted contribution to the model's squared relative output error (``0``
+    for dense), and how the gains were measured."""
 
     name: str
     layer_errors: tuple[float, ...]
-    gain: float
+    gains: tuple[float, ...]
     gain_note: str
 
     @property
+    def gain(self) -> float:
+        """The largest candidate gain (the ``m = 1`` one, where the output sees most of the conv's error)."""
+        return max(self.gains, default=0.0)
+
+    @property
     def errors(self) -> tuple[float, ...]:
-        return tuple(self.gain * e for e in self.layer_errors)
+        return tuple(g * e for g, e in zip(self.gains, self.layer_errors))
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,12 @@ class _Accum:
         return self.err / self.ref if self.ref > 0 else 0.0
 
 
-def _measure_gains(work: nn.Module, blocks: dict[str, nn.Module], batches: Sequence[Any],
-                   refs: Sequence[list[Tensor]]) -> dict[str, tuple[float, float, float]]:
-    """Per name: ``(gain, output rel err², layer rel err²)`` with ``blocks[name]`` alone in place of the conv."""
-    out: dict[str, tuple[float, float, float]] = {}
-    for name, block in blocks.items():
+def _measure_gains(work: nn.Module, blocks: dict[Any, tuple[str, nn.Module]], batches: Sequence[Any],
+                   refs: Sequence[list[Tensor]]) -> dict[Any, tuple[float, float, float]]:
+    """Per key: ``(gain, output rel err², layer rel err²)`` with ``blocks[key] = (conv name, block)`` alone in
+    place of that conv."""
+    out: dict[Any, tuple[float, float, float]] = {}
+    for key, (name, block) in blocks.items():
         parent_name, _, attr = name.rpartition(".")
         parent = work.get_submodule(parent_name) if parent_name else work
         conv = getattr(parent, attr)
@@ -168,8 +175,23 @@ def _measure_gains(work: nn.Module, blocks: dict[str, nn.Module], batches: Seque
             handle.remove()
             setattr(parent, attr, conv)
         le, oe = layer_acc.value(), out_acc.value()
-        out[name] = (oe / le if le > 0 else 0.0, oe, le)
+        out[key] = (oe / le if le > 0 else 0.0, oe, le)
     return out
+
+
+def _gain_at(measured: Sequence[tuple[int, float]], m: int) -> float:
+    """The gain at multiplier ``m`` from gains measured at some multipliers (sorted by ``m``): the measured one,
+    else linear interpolation between the nearest two, else the nearest (the largest measured for larger ``m``)."""
+    if not measured:
+        return 0.0
+    lower = [(mm, g) for mm, g in measured if mm <= m]
+    upper = [(mm, g) for mm, g in measured if mm >= m]
+    if not lower:
+        return upper[0][1]
+    if not upper:
+        return lower[-1][1]
+    (m0, g0), (m1, g1) = lower[-1], upper[0]
+    return g0 if m1 == m0 else g0 + (g1 - g0) * (m - m0) / (m1 - m0)
 
 
 def _gain_batches(batches: Sequence[Any], images: int) -> list[Any]:
@@ -185,7 +207,7 @@ def _gain_batches(batches: Sequence[Any], images: int) -> list[Any]:
 def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batches: Sequence[Any], *,
                      max_positions: int = 4096, ridge: float = 1e-3, gain_images: int = 8,
                      max_patch_dim: int = 2304, exact_m: int = 4, alternate: int = 1,
-                     max_joint_dim: int = 2304, seed: int = 0) -> Sensitivity:
+                     max_joint_dim: int = 2304, gain_m: int = 4, seed: int = 0) -> Sensitivity:
     """Predicted errors from calibration batches (model inputs, as :func:`~dsrewrite.refit.batches.iter_inputs`
     gives them); see the module doc. The model is not changed (the gains run on a copy).
 
@@ -245,43 +267,59 @@ def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batche
             h.remove()
 
     errors: dict[str, dict[tuple[str, int], float]] = {}
-    gain_blocks: dict[str, tuple[str, nn.Module]] = {}
+    measured_blocks: dict[tuple[str, str, int], tuple[str, nn.Module]] = {}
     for lc in layers:
         conv = modules[lc.name]
         spec = _spectral_ratios(conv, lc)  # type: ignore[arg-type]
         if lc.name in full:
-            errors[lc.name], gain_blocks[lc.name] = _exact_errors(lc, conv, patch_stats[lc.name], spec, ridge,
-                                                                  exact_m, alternate, max_joint_dim)
+            errors[lc.name], blocks = _exact_errors(lc, conv, patch_stats[lc.name], spec, ridge, exact_m, alternate,
+                                                    max_joint_dim)
         else:
-            errors[lc.name], gain_blocks[lc.name] = _scaled_errors(lc, conv, probe[lc.name], spec, ridge)
+            errors[lc.name], blocks = _scaled_errors(lc, conv, probe[lc.name], spec, ridge)
+        # gains are measured with one kind's blocks (the best at m=1) and shared by the kinds: on the bench's
+        # trained U-Net the gain depends on the conv and the multiplier, hardly on the kind (docs/budget.md)
+        kind = min(_kinds_of(lc), key=lambda k: (errors[lc.name].get((k, 1), math.inf), k))
+        ms = sorted(m for (k, m) in blocks if k == kind)
+        for m in {ms[0], max(m for m in ms if m <= max(gain_m, ms[0]))} if ms else ():
+            measured_blocks[(lc.name, kind, m)] = (lc.name, blocks[(kind, m)])
     work = copy.deepcopy(model)
     with evaluating(work), torch.no_grad():
-        gains = _measure_gains(work, {n: b for n, (_, b) in gain_blocks.items()}, gain_data, refs)
+        gains = _measure_gains(work, measured_blocks, gain_data, refs)
     out_layers = []
     n_gain = sum(batch_size_of(b) for b in gain_data)
     for lc in layers:
-        errs = tuple(0.0 if c.kind is None else errors[lc.name][(c.kind, c.m)] for c in lc.candidates)
-        g, oe, le = gains[lc.name]
+        measured = sorted((m, g) for (name, _, m), (g, _, _) in gains.items() if name == lc.name)
+        kind = next((k for (name, k, _) in gains if name == lc.name), "?")
+        layer_errs, cand_gains = [], []
+        for c in lc.candidates:
+            if c.kind is None:
+                layer_errs.append(0.0)
+                cand_gains.append(0.0)
+                continue
+            layer_errs.append(errors[lc.name][(c.kind, c.m)])
+            cand_gains.append(_gain_at(measured, c.m))
         how = "refit as calibration does" if lc.name in full else "last stage refit"
+        shown = ", ".join(f"m={m} {g:.3g}" for m, g in measured)
         out_layers.append(LayerSensitivity(
-            lc.name, errs, g,
-            f"gain {g:.3g}: {gain_blocks[lc.name][0]} m=1 ({how}) alone gave output rel err² {oe:.3g} for layer "
-            f"rel err² {le:.3g} on {n_gain} calibration images"))
+            lc.name, tuple(layer_errs), tuple(cand_gains),
+            f"gain (output rel err² per layer rel err²; {kind} block alone, {how}, {n_gain} calibration images): "
+            f"{shown}"))
     note = (f"sensitivity from data: {images} calibration images, {max_positions} positions per conv; "
             f"{len(full)} of {len(layers)} convs scored exactly up to m={exact_m} from their input-patch Gram "
             f"matrices (refit as calibration does, {alternate} alternating round(s)), the others from the m=1 "
-            f"last-stage refit; larger multipliers follow the kernel's spectrum; per-conv gains measured on "
-            f"{n_gain} images")
+            f"last-stage refit; larger multipliers follow the kernel's spectrum; per-conv output gains measured "
+            f"at m=1 and m={gain_m} (m=1 only for the others; the block alone in the model, {n_gain} images), "
+            f"linear in between, the last measured one's beyond")
     return Sensitivity(tuple(out_layers), "data", note, time.perf_counter() - t0)
 
 
 def _exact_errors(lc: LayerCandidates, conv: nn.Module, stats: GramStats, spec: dict[tuple[str, int], float],
                   ridge: float, exact_m: int, alternate: int, max_joint_dim: int
-                  ) -> tuple[dict[tuple[str, int], float], tuple[str, nn.Module]]:
-    """Every candidate's layer error from the patch statistics (refit in closed form); the best m=1 block."""
+                  ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], nn.Module]]:
+    """Every candidate's layer error from the patch statistics (refit in closed form); the refit blocks
+    (``m ≤ exact_m``) by ``(kind, m)``."""
     out: dict[tuple[str, int], float] = {}
-    best: Optional[tuple[float, str, nn.Module]] = None
-    yy = stats.yy if stats.yy > 0 else 1.0
+    blocks: dict[tuple[str, int], nn.Module] = {}
     for kname in _kinds_of(lc):
         kind = get_kind(kname)
         ms = sorted(c.m for c in lc.candidates if c.kind == kname)
@@ -299,20 +337,15 @@ def _exact_errors(lc: LayerCandidates, conv: nn.Module, stats: GramStats, spec: 
             rec = fit.refit(ridge, rounds)
             e = min(rec.rel_error_after, rec.rel_error_before) ** 2 if stats.count else 0.0
             out[(kname, m)] = e
+            blocks[(kname, m)] = block
             last_exact = (e, m)
-            if m == 1 and (best is None or e < best[0]):
-                best = (e, kname, block)
-    if best is None:  # no m=1 candidate (cannot happen with the built-ins): the first kind's SVD block
-        kname = _kinds_of(lc)[0]
-        return out, (kname, get_kind(kname).build(conv, LayerConfig(order=kname), name=lc.name))
-    del yy
-    return out, (best[1], best[2])
+    return out, blocks
 
 
 def _scaled_errors(lc: LayerCandidates, conv: nn.Module, probe: list[tuple[str, nn.Module, Any, GramStats]],
                    spec: dict[tuple[str, int], float], ridge: float
-                   ) -> tuple[dict[tuple[str, int], float], tuple[str, nn.Module]]:
-    """The m=1 last-stage refit's error, other multipliers scaled by the spectrum; the best m=1 block."""
+                   ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], nn.Module]]:
+    """The m=1 last-stage refit's error, other multipliers scaled by the spectrum; the m=1 blocks by ``(kind, 1)``."""
     has_bias = conv.bias is not None
     level: dict[str, float] = {}
     for kname, block, lay, st in probe:
@@ -334,8 +367,7 @@ def _scaled_errors(lc: LayerCandidates, conv: nn.Module, probe: list[tuple[str, 
             continue
         w1 = spec.get((c.kind, 1)) or 0.0
         out[(c.kind, c.m)] = level[c.kind] * (spec[(c.kind, c.m)] / w1 if w1 > 0 else 0.0)
-    kname, block = min(((k, b) for k, b, _, _ in probe), key=lambda t: level[t[0]])
-    return out, (kname, block)
+    return out, {(k, 1): b for k, b, _, _ in probe}
 
 
 def weight_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], example_inputs: Any) -> Sensitivity:
@@ -360,7 +392,8 @@ def weight_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], exam
         spec[lc.name] = _spectral_ratios(conv, lc)  # type: ignore[arg-type]
         kname = _kinds_of(lc)[0] if _kinds_of(lc) else None
         if kname is not None:
-            blocks[lc.name] = get_kind(kname).build(conv, LayerConfig(order=kname, depth_multiplier=1), name=lc.name)
+            blocks[lc.name] = (lc.name, get_kind(kname).build(conv, LayerConfig(order=kname, depth_multiplier=1),
+                                                               name=lc.name))
     with evaluating(model), torch.no_grad():
         refs = [[t.detach() for _, t in flatten_outputs(call_model(model, example_inputs))]]
     work = copy.deepcopy(model)
@@ -375,7 +408,7 @@ def weight_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], exam
         g = oe / w1 if w1 > 0 else 0.0
         errs = tuple(0.0 if c.kind is None else s[(c.kind, c.m)] for c in lc.candidates)
         out_layers.append(LayerSensitivity(
-            lc.name, errs, g, f"gain {g:.3g}: {first} m=1 (SVD) alone gave output rel err² {oe:.3g} for weight "
+            lc.name, errs, tuple(0.0 if c.kind is None else g for c in lc.candidates), f"gain {g:.3g}: {first} m=1 (SVD) alone gave output rel err² {oe:.3g} for weight "
                               f"rel err² {w1:.3g} on the example input"))
     note = ("sensitivity without data (weight-space proxy): the discarded spectral energy of each kernel's SVD, "
             "weighted by a per-conv gain measured on the example input")
