@@ -315,6 +315,36 @@ def test_cli_budget_sweep_prints_and_plots(tmp_path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_budget_sweep_times_each_point_when_asked(tmp_path) -> None:
+    """--sweep-latency: a latency column (ratio to dense, measured) for every measured point, and a second panel."""
+    from click.testing import CliRunner
+
+    from dsrewrite.cli import main
+
+    net = _net()
+    path, data, png = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "sweep.png"
+    torch.save(net, path)
+    torch.save(torch.cat(_data()), data)
+    args = ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16", "--trust-pickle", "--calib",
+            str(data), "--budget-sweep", "0.5"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0 and "latency" not in plain.output, plain.output
+    r = CliRunner().invoke(main, [*args, "--sweep-latency", "3", "--sweep-plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "| latency (of dense) |" in r.output
+    rows = [l for l in r.output.splitlines() if l.startswith("| budget") or l.startswith("| uniform")]
+    assert rows
+    for row in rows:
+        ratio = float(row.rstrip(" |").rsplit("|", 1)[1])
+        assert 0.0 < ratio < 100.0, row
+    from matplotlib.image import imread
+
+    h, w = imread(str(png)).shape[:2]
+    assert w > 1.5 * h, (w, h)  # two panels side by side
+    bad = CliRunner().invoke(main, [*args, "--sweep-latency", "-1"])
+    assert bad.exit_code == 2 and "--sweep-latency" in bad.output
+
+
 def test_cli_apply_with_a_budget_writes_a_model_within_it(tmp_path) -> None:
     from click.testing import CliRunner
 

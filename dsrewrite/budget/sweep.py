@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from .allocate import Allocation, Infeasible, Option, allocate
+from .allocate import Infeasible, Option, allocate
 from .planner import BudgetPlan, _build, budget_problem
 from .sensitivity import data_sensitivity, weight_sensitivity
 from .types import Budget
@@ -46,7 +46,9 @@ class SweepPoint:
 
     ``macs``/``params``: counted on the rewritten model (planned totals when not carried out);
     ``predicted_error``: relative L2 output error the sensitivity predicts (``None`` for a recipe whose
-    choices are not among the candidates); ``measured_error``: after calibration, on the calibration inputs.
+    choices are not among the candidates); ``measured_error``: after calibration, on the calibration inputs;
+    ``latency_ratio``: measured latency of the rewritten model over the dense model's at the example input
+    (interleaved rounds, median of per-round ratios; ``None`` unless the sweep was asked to time).
     """
 
     series: str
@@ -55,9 +57,12 @@ class SweepPoint:
     params: int
     predicted_error: Optional[float]
     measured_error: Optional[float]
+    latency_ratio: Optional[float] = None
 
 
-def _measure(model: nn.Module, plan: Any, x: Any, inputs: Sequence[Any]) -> tuple[int, int, float]:
+def _measure(model: nn.Module, plan: Any, x: Any, inputs: Sequence[Any],
+             latency_rounds: int = 0) -> tuple[int, int, float, Optional[float]]:
+    from ..measure.latency import compare_latency
     from ..measure.macs import count_costs
     from ..planning.apply import apply_checked
     from ..refit.calibrate import calibrate
@@ -65,17 +70,21 @@ def _measure(model: nn.Module, plan: Any, x: Any, inputs: Sequence[Any]) -> tupl
     light = apply_checked(model, plan, inplace=False)
     res = calibrate(model, light, list(inputs), names=[e.name for e in plan.replaced], example_inputs=x)
     costs = count_costs(light, x)
-    return costs.total_macs, costs.total_params, float(res.output_rel_error_after or 0.0)
+    ratio = compare_latency(model, light, x, rounds=latency_rounds).ratio if latency_rounds > 0 else None
+    return costs.total_macs, costs.total_params, float(res.output_rel_error_after or 0.0), ratio
 
 
 def budget_sweep(model: nn.Module, recipe: Any, example_inputs: Any, calibration: Optional[Sequence[Any]], *,
                  fractions: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), uniform: Sequence[int] = (1, 2),
                  recipes: Sequence[str] = ("decoder_only", "all_3x3"), order: Optional[str] = "auto",
-                 measure: bool = True, max_positions: int = 4096, gain_images: int = 8) -> list[SweepPoint]:
+                 measure: bool = True, max_positions: int = 4096, gain_images: int = 8,
+                 latency_rounds: int = 0) -> list[SweepPoint]:
     """Planned points for each MAC fraction, then uniform ``m`` (each kind) and ``recipes`` (see the module doc).
 
     ``calibration``: model inputs; ``None`` gives the weight-space sensitivity and no measured errors.
-    A fraction below the cheapest reachable configuration is left out.
+    A fraction below the cheapest reachable configuration is left out. ``latency_rounds > 0``: every
+    measured point is also timed against the dense model (:func:`~dsrewrite.measure.latency.compare_latency`,
+    that many interleaved rounds) on this machine, at the example input.
     """
     prob = budget_problem(model, recipe, example_inputs, order=order)
     if calibration:
@@ -97,7 +106,8 @@ def budget_sweep(model: nn.Module, recipe: Any, example_inputs: Any, calibration
             continue
         seen.add(alloc.choice)
         bp = _build(prob, sens, alloc, budget, "macs", limit)
-        points.append(_point("budget", f"budget {f:g}", bp, model, example_inputs, calibration, measure))
+        points.append(_point("budget", f"budget {f:g}", bp, model, example_inputs, calibration, measure,
+                             latency_rounds))
     by_name = {lc.name: i for i, lc in enumerate(prob.layers)}
     kinds = sorted({c.kind for lc in prob.layers for c in lc.candidates if c.kind is not None})
     for m in uniform:
@@ -105,14 +115,14 @@ def budget_sweep(model: nn.Module, recipe: Any, example_inputs: Any, calibration
             p = _plan(model, recipe, example_inputs, depth_multiplier=m, order=kind)
             pred = _predicted(p, prob, sens, by_name)
             points.append(_plan_point("uniform", f"uniform {kind} m={m}", p, pred, model, example_inputs,
-                                      calibration, measure, prob))
+                                      calibration, measure, latency_rounds))
     for name in recipes:
         p = _plan(model, name, example_inputs)
         if not p.replaced:
             continue
         pred = _predicted(p, prob, sens, by_name)
         points.append(_plan_point("recipe", f"recipe {name}", p, pred, model, example_inputs, calibration,
-                                  measure, prob))
+                                  measure, latency_rounds))
     return points
 
 
@@ -140,18 +150,18 @@ def _predicted(plan: Any, prob: Any, sens: Any, by_name: dict[str, int]) -> Opti
 
 
 def _point(series: str, label: str, bp: BudgetPlan, model: nn.Module, x: Any, calibration: Any,
-           measure: bool) -> SweepPoint:
+           measure: bool, latency_rounds: int) -> SweepPoint:
     if measure:
-        macs, params, err = _measure(model, bp.plan, x, calibration)
-        return SweepPoint(series, label, macs, params, bp.predicted_error, err)
+        macs, params, err, lat = _measure(model, bp.plan, x, calibration, latency_rounds)
+        return SweepPoint(series, label, macs, params, bp.predicted_error, err, lat)
     return SweepPoint(series, label, bp.planned_macs, bp.planned_params, bp.predicted_error, None)
 
 
 def _plan_point(series: str, label: str, plan: Any, pred: Optional[float], model: nn.Module, x: Any,
-                calibration: Any, measure: bool, prob: Any) -> SweepPoint:
+                calibration: Any, measure: bool, latency_rounds: int) -> SweepPoint:
     if measure:
-        macs, params, err = _measure(model, plan, x, calibration)
-        return SweepPoint(series, label, macs, params, pred, err)
+        macs, params, err, lat = _measure(model, plan, x, calibration, latency_rounds)
+        return SweepPoint(series, label, macs, params, pred, err, lat)
     from ..measure.macs import count_costs
     from ..planning.apply import apply_checked
 
@@ -160,16 +170,20 @@ def _plan_point(series: str, label: str, plan: Any, pred: Optional[float], model
 
 
 def sweep_table(points: Sequence[SweepPoint], total_macs: Optional[int] = None) -> str:
-    """A Markdown table of the points (MACs, share of ``total_macs``, params, predicted and measured error)."""
+    """A Markdown table of the points (MACs, share of ``total_macs``, params, predicted and measured error,
+    and the measured latency over the dense model's where the sweep timed it)."""
     def num(v: Optional[float]) -> str:
         return "–" if v is None else f"{v:.4f}"
 
-    rows = ["| series | configuration | MACs | of the model | params | predicted error | measured error |",
-            "|---|---|---|---|---|---|---|"]
+    timed = any(p.latency_ratio is not None for p in points)
+    lat_head, lat_rule = (" latency (of dense) |", "---|") if timed else ("", "")
+    rows = [f"| series | configuration | MACs | of the model | params | predicted error | measured error |{lat_head}",
+            f"|---|---|---|---|---|---|---|{lat_rule}"]
     for p in points:
         share = f"{100.0 * p.macs / total_macs:.1f}%" if total_macs else "–"
+        lat = (" – |" if p.latency_ratio is None else f" {p.latency_ratio:.3f} |") if timed else ""
         rows.append(f"| {p.series} | {p.label} | {p.macs:,} | {share} | {p.params:,} | {num(p.predicted_error)} | "
-                    f"{num(p.measured_error)} |")
+                    f"{num(p.measured_error)} |{lat}")
     return "\n".join(rows)
 
 
@@ -194,9 +208,10 @@ def save_sweep_plot(points: Sequence[SweepPoint], path: Union[str, os.PathLike],
         raise PlotUnavailableError("the sweep plot needs matplotlib: pip install matplotlib") from exc
     import io
 
-    fig = Figure(figsize=(8, 5))
+    timed = [q for q in points if q.latency_ratio is not None and q.measured_error is not None]
+    fig = Figure(figsize=(14, 5) if timed else (8, 5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2 if timed else 1, 1)
     planned = [q for q in points if q.series == "budget"]
     xs = [q.macs / 1e6 for q in planned]
     ax.plot(xs, [q.predicted_error for q in planned], "o--", color="tab:blue", label="budget plan: predicted")
@@ -219,7 +234,29 @@ def save_sweep_plot(points: Sequence[SweepPoint], path: Union[str, os.PathLike],
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
+    if timed:
+        _latency_panel(fig.add_subplot(1, 2, 2), timed)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_atomic(p, buf.getvalue())
     return p
+
+
+def _latency_panel(ax: Any, points: Sequence[SweepPoint]) -> None:
+    """Measured latency (of the dense model's) against measured error, one marker per timed point."""
+    styles = {"budget": ("o", "tab:green"), "uniform": ("s", "tab:red"), "recipe": ("^", "tab:purple")}
+    for series, (marker, color) in styles.items():
+        pts = [q for q in points if q.series == series]
+        if not pts:
+            continue
+        ax.plot([q.latency_ratio for q in pts], [q.measured_error for q in pts], marker, color=color,
+                label=f"{series} (measured)")
+        for q in pts:
+            ax.annotate(q.label.replace("uniform ", "").replace("recipe ", ""), (q.latency_ratio, q.measured_error),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("latency of the whole model / dense (measured here, interleaved)")
+    ax.set_ylabel("output rel. L2 error after calibration")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)

@@ -27,13 +27,17 @@ from .common import handle_errors, example_inputs_of, load_model_arg, make_plan,
               help="Print the Pareto curve: plan for each MAC fraction, calibrate and measure each (needs --calib), "
                    "with uniform m=1/m=2 and the built-in recipes for comparison.")
 @click.option("--sweep-plot", type=click.Path(dir_okay=False), default=None, help="Write the sweep as a PNG.")
+@click.option("--sweep-latency", type=click.IntRange(min=0, max=1000), default=0, show_default=True, metavar="ROUNDS",
+              help="Also time every measured sweep point against the dense model on this machine (ROUNDS interleaved "
+                   "rounds, median of per-round ratios); 0: no timing.")
 @handle_errors
 def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs: Optional[str], arch: Optional[str],
              arch_args: tuple[str, ...], trust_pickle: bool, recipe: str, depth_multiplier: Optional[int], order: Optional[str],
              init: Optional[str], as_json: bool, target_macs: Optional[float] = None,
              target_params: Optional[float] = None, target_latency: Optional[float] = None,
              max_error: Optional[float] = None, calib: Optional[str] = None, calib_limit: int = 64,
-             budget_sweep: Optional[str] = None, sweep_plot: Optional[str] = None, **load_options: Any) -> None:
+             budget_sweep: Optional[str] = None, sweep_plot: Optional[str] = None, sweep_latency: int = 0,
+             **load_options: Any) -> None:
     """Dry run: explain, for every candidate conv, whether it would be replaced and why."""
     from ..report import build_plan_report, render_plan, render_table
 
@@ -53,7 +57,7 @@ def plan_cmd(model: str, input_shape: Optional[tuple[int, ...]], example_inputs:
 
         calib_data = open_calibration(calib, input_shape=shape, limit=calib_limit)
     if fractions is not None:
-        _sweep(loaded, recipe, x, calib_data, fractions, order, sweep_plot)
+        _sweep(loaded, recipe, x, calib_data, fractions, order, sweep_plot, sweep_latency)
         return
     p = make_plan(loaded, recipe, x, shape, must_replace=False, depth_multiplier=depth_multiplier, order=order,
                    init=init, budget=budget, calibration=calib_data.loader if calib_data else None)
@@ -127,14 +131,15 @@ def _fractions(text: str) -> list[float]:
 
 
 def _sweep(loaded: Any, recipe: str, x: Any, calib_data: Any, fractions: list[float], order: Optional[str],
-           plot: Optional[str]) -> None:
+           plot: Optional[str], latency_rounds: int = 0) -> None:
     from ..budget.run import budget_inputs
     from ..budget.sweep import budget_sweep, save_sweep_plot, sweep_table
     from ..measure.macs import count_costs
 
     inputs = budget_inputs(loaded.model, x, calib_data.loader if calib_data else None, {})
     progress("sweeping budgets (one calibration per point) ...")
-    points = budget_sweep(loaded.model, recipe, x, inputs, fractions=fractions, order=order or "auto")
+    points = budget_sweep(loaded.model, recipe, x, inputs, fractions=fractions, order=order or "auto",
+                          latency_rounds=latency_rounds)
     click.echo(sweep_table(points, count_costs(loaded.model, x).total_macs))
     if inputs is None:
         click.echo("note: no --calib: errors are the weight-space proxy's predictions, nothing was measured.", err=True)
