@@ -20,9 +20,11 @@ from dsrewrite.budget.sensitivity import _gain_at
 def test_gain_at_interpolates_and_holds() -> None:
     pts = [(1, 0.8), (4, 0.2)]
     assert _gain_at(pts, 1) == 0.8 and _gain_at(pts, 4) == 0.2
-    assert _gain_at(pts, 2) == pytest.approx(0.6) and _gain_at(pts, 3) == pytest.approx(0.4)
+    assert _gain_at(pts, 2) == pytest.approx(0.4)  # log g linear in log m: halfway between log 1 and log 4
+    assert _gain_at(pts, 3) == pytest.approx(0.8 * 0.25 ** (math.log(3) / math.log(4)))
     assert _gain_at(pts, 9) == 0.2  # beyond the last measured multiplier: its gain
     assert _gain_at([(1, 0.5)], 7) == 0.5 and _gain_at([], 3) == 0.0
+    assert _gain_at([(1, 0.0), (4, 0.3)], 2) == pytest.approx(0.15)  # a zero gain: linear in log m
 
 
 def test_predicted_error_matches_the_calibrated_single_conv_at_m1_and_m4() -> None:
@@ -62,3 +64,15 @@ def test_predicted_error_matches_the_calibrated_single_conv_at_m1_and_m4() -> No
         assert 1 / 1.5 <= ratio <= 1.5, (m, sens.errors[i], measured, ratio)
     assert sens.gains[next(i for i, cand in enumerate(lc.candidates) if cand.m == 4)] < sens.gains[1], sens.gains
     assert not math.isnan(sum(sens.errors))
+
+
+def test_unscored_multipliers_lie_between_the_scored_ones() -> None:
+    from dsrewrite.budget.sensitivity import _between, _exact_set
+
+    assert _exact_set(4) == {1, 2, 4} and _exact_set(1) == {1} and _exact_set(6) == {1, 2, 4, 6}
+    spec = {2: 0.4, 3: 0.2, 4: 0.1, 6: 0.02}
+    exact = {2: 0.04, 4: 0.01}
+    e3 = _between(exact, 3, spec)  # w(3)² halfway (in log) between w(2)² and w(4)²: e halfway in log too
+    assert e3 == pytest.approx(0.02) and exact[4] < e3 < exact[2]
+    assert _between(exact, 6, spec) == pytest.approx(0.01 * 0.02 / 0.1)  # above: the spectrum from m=4
+    assert _between({2: 0.04, 4: 0.0}, 3, spec) == pytest.approx(0.02)  # a zero end: linear in m

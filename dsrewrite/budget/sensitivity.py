@@ -10,9 +10,10 @@ model's output, measured.
 original model over the batches plus a few short passes for the gains:
 
 * a conv whose input patches have at most ``max_patch_dim`` features keeps their Gram matrix: every
-  candidate up to ``m = exact_m`` is refit on it in closed form as calibration refits it (last stage,
-  then alternating rounds where the joint size allows; :class:`~dsrewrite.refit.layer_fit.LayerFit`)
-  and its error read off the quadratic form, without running the model; larger multipliers follow the
+  candidate at ``m`` = 1, 2, 4, ... (powers of two up to ``exact_m``, and ``exact_m``) is refit on it in closed
+  form as calibration refits it (last stage, then alternating rounds where the joint size allows;
+  :class:`~dsrewrite.refit.layer_fit.LayerFit`) and its error read off the quadratic form, without running
+  the model; multipliers in between are interpolated in the spectrum's coordinate, larger ones follow the
   spectrum from ``exact_m``;
 * a wider conv: for each kind the ``m = 1`` block's last stage is refit on last-stage statistics
   (:func:`~dsrewrite.refit.lstsq.ridge_solve`, kept only if it lowers the error), and the other
@@ -21,7 +22,8 @@ original model over the batches plus a few short passes for the gains:
 * ``gain_l(m)``: a refit block is put in place of conv ``l`` alone (every other conv dense) and the
   model run on the first ``gain_images`` calibration images: the model's squared relative output
   error divided by the conv's own, both measured in that run. Measured at ``m = 1`` and ``m = gain_m``
-  with the blocks of the kind best at ``m = 1`` (shared by the kinds), linear in between, held beyond;
+  with the blocks of the kind best at ``m = 1`` (shared by the kinds), geometric in ``log m`` between, held
+  beyond;
   convs too wide for the exact scores at ``m = 1`` only. On a trained network the gain falls as ``m``
   grows: a single ``m = 1`` gain over-predicted ``m = 4`` errors up to 4.6× on the bench's U-Net.
 
@@ -184,7 +186,13 @@ def _measure_gains(work: nn.Module, blocks: dict[Any, tuple[str, nn.Module]], ba
 
 def _gain_at(measured: Sequence[tuple[int, float]], m: int) -> float:
     """The gain at multiplier ``m`` from gains measured at some multipliers (sorted by ``m``): the measured one,
-    else linear interpolation between the nearest two, else the nearest (the largest measured for larger ``m``)."""
+    else between the nearest two ``log g`` linear in ``log m`` (geometric; linear where a gain is 0), else the
+    nearest (the largest measured for larger ``m``).
+
+    Geometric in ``log m`` because the gain falls fastest at small ``m``: on the bench's trained U-Net it
+    predicted the m=2 and m=3 errors best of four interpolations (mean log ratio to the measured +0.07,
+    against +0.18 for linear in ``m``).
+    """
     if not measured:
         return 0.0
     lower = [(mm, g) for mm, g in measured if mm <= m]
@@ -194,7 +202,12 @@ def _gain_at(measured: Sequence[tuple[int, float]], m: int) -> float:
     if not upper:
         return lower[-1][1]
     (m0, g0), (m1, g1) = lower[-1], upper[0]
-    return g0 if m1 == m0 else g0 + (g1 - g0) * (m - m0) / (m1 - m0)
+    if m1 == m0:
+        return g0
+    t = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
+    if g0 <= 0 or g1 <= 0:
+        return g0 + (g1 - g0) * t
+    return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
 
 
 def _gain_batches(batches: Sequence[Any], images: int) -> list[Any]:
@@ -314,7 +327,7 @@ def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batche
             f"matrices (refit as calibration does, {alternate} alternating round(s)), the others from the m=1 "
             f"last-stage refit; larger multipliers follow the kernel's spectrum; per-conv output gains measured "
             f"at m=1 and m={gain_m} (m=1 only for the others; the block alone in the model, {n_gain} images), "
-            f"linear in between, the last measured one's beyond")
+            f"geometric in log m between, the last measured one's beyond")
     return Sensitivity(tuple(out_layers), "data", note, time.perf_counter() - t0)
 
 
@@ -328,23 +341,50 @@ def _exact_errors(lc: LayerCandidates, conv: nn.Module, stats: GramStats, spec: 
     for kname in _kinds_of(lc):
         kind = get_kind(kname)
         ms = sorted(c.m for c in lc.candidates if c.kind == kname)
-        last_exact = None
+        exact: dict[int, float] = {}
         for m in ms:
-            if m > exact_m and last_exact is not None:
-                e_ref, m_ref = last_exact
-                w_ref = spec.get((kname, m_ref), 0.0)
-                out[(kname, m)] = e_ref * (spec[(kname, m)] / w_ref if w_ref > 0 else 0.0)
+            if m not in _exact_set(exact_m) and m != ms[0]:
                 continue
             block = kind.build(conv, LayerConfig(order=kname, depth_multiplier=m), name=lc.name)
             fit = LayerFit(lc.name, 0, block, conv)  # type: ignore[arg-type]
             fit.joint, fit.stats = True, stats
             rounds = alternate if fit.lay.linear and (fit.lay.joint_dim or 0) <= max_joint_dim else 0
             rec = fit.refit(ridge, rounds)
-            e = min(rec.rel_error_after, rec.rel_error_before) ** 2 if stats.count else 0.0
-            out[(kname, m)] = e
+            exact[m] = min(rec.rel_error_after, rec.rel_error_before) ** 2 if stats.count else 0.0
             blocks[(kname, m)] = block
-            last_exact = (e, m)
+        for m in ms:
+            out[(kname, m)] = exact[m] if m in exact else _between(exact, m, {mm: spec.get((kname, mm), 0.0)
+                                                                              for mm in ms})
     return out, blocks
+
+
+def _exact_set(exact_m: int) -> set[int]:
+    """Multipliers scored exactly: the powers of two up to ``exact_m``, and ``exact_m`` (1, 2, 4 for 4)."""
+    out, m = {exact_m}, 1
+    while m < exact_m:
+        out.add(m)
+        m *= 2
+    return out
+
+
+def _between(exact: dict[int, float], m: int, spec: dict[int, float]) -> float:
+    """Layer error at an unscored ``m``: between two scored multipliers ``a < m < b``, geometric interpolation in
+    the spectrum's coordinate (``log e`` linear in ``log w(m)²``, exact at both ends); above the largest, that
+    one's error scaled by the spectrum, ``e(a) · w(m)² / w(a)²``."""
+    lower = [a for a in exact if a < m]
+    upper = [b for b in exact if b > m]
+    if not lower:
+        return exact[min(upper)]
+    a = max(lower)
+    ea, wa, wm = exact[a], spec.get(a, 0.0), spec.get(m, 0.0)
+    if not upper:
+        return ea * (wm / wa if wa > 0 else 0.0)
+    b = min(upper)
+    eb, wb = exact[b], spec.get(b, 0.0)
+    if min(ea, eb, wa, wb, wm) <= 0 or wa == wb:
+        return ea + (eb - ea) * (m - a) / (b - a)
+    t = (math.log(wm) - math.log(wa)) / (math.log(wb) - math.log(wa))
+    return math.exp(math.log(ea) + t * (math.log(eb) - math.log(ea)))
 
 
 def _scaled_errors(lc: LayerCandidates, conv: nn.Module, probe: list[tuple[str, nn.Module, Any, GramStats]],
