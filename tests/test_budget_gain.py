@@ -76,3 +76,32 @@ def test_unscored_multipliers_lie_between_the_scored_ones() -> None:
     assert e3 == pytest.approx(0.02) and exact[4] < e3 < exact[2]
     assert _between(exact, 6, spec) == pytest.approx(0.01 * 0.02 / 0.1)  # above: the spectrum from m=4
     assert _between({2: 0.04, 4: 0.0}, 3, spec) == pytest.approx(0.02)  # a zero end: linear in m
+
+
+def test_gain_runs_cut_the_last_batch_and_default_to_an_element_count() -> None:
+    from dsrewrite.budget.sensitivity import GAIN_ELEMENTS, _auto_gain_images, _gain_batches
+
+    batches = [torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8)]
+    cut = _gain_batches(batches, 6)
+    assert [b.shape[0] for b in cut] == [4, 2] and bool((cut[1] == 1).all())
+    assert [b.shape[0] for b in _gain_batches(batches, 100)] == [4, 4]
+    assert _auto_gain_images([torch.zeros(2, 3, 256, 256)]) == math.ceil(GAIN_ELEMENTS / (3 * 256 * 256)) == 3
+    assert _auto_gain_images([(torch.zeros(8, 3, 64, 64), torch.zeros(8))]) == 43
+
+
+def test_data_sensitivity_with_a_cut_gain_batch_names_the_images() -> None:
+    from torch import nn
+
+    from dsrewrite.budget.candidates import layer_candidates
+    from dsrewrite.budget.sensitivity import data_sensitivity
+    from dsrewrite.measure.macs import count_costs
+    from dsrewrite.planning.capture import capture
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    lc = layer_candidates(capture(net, data[0][:1]).by_name()["2"], net[2], ("dw_pw",),
+                          dense_macs=count_costs(net, data[0][:1]).modules["2"].macs)
+    s = data_sensitivity(net, [lc], data, gain_images=3)
+    assert "3 calibration images" in s.layers[0].gain_note, s.layers[0].gain_note
+    assert all(e >= 0 for e in s.layers[0].errors) and s.layers[0].errors[0] == 0.0

@@ -157,7 +157,7 @@ def plan_with_budget(
     order: Optional[str] = None,
     init: Optional[str] = None,
     max_positions: int = 4096,
-    gain_images: int = 8,
+    gain_images: Optional[int] = None,
     max_m: Optional[int] = None,
     latency_timer: Optional[LatencyTimer] = None,
 ) -> BudgetPlan:

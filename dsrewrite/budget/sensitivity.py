@@ -57,7 +57,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from ..factorize import SliceLayout, spectrum
 from ..kinds import get_kind
 from ..planning.types import LayerConfig
-from ..refit.batches import batch_size_of
+from ..refit.batches import batch_size_of, first_samples
 from ..refit.layer_fit import LayerFit
 from ..refit.lstsq import GramStats, gather_patches, quadratic_error, ridge_solve, sample_positions
 from ..runtime.run import call_model, evaluating, flatten_outputs
@@ -210,25 +210,50 @@ def _gain_at(measured: Sequence[tuple[int, float]], m: int) -> float:
     return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
 
 
+#: input elements the gain runs cover when ``gain_images`` is not given (3 images of 3×256², 43 of 3×64²)
+GAIN_ELEMENTS = 1 << 19
+
+
+def _first_tensor(obj: Any) -> Optional[Tensor]:
+    if isinstance(obj, Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _auto_gain_images(batches: Sequence[Any]) -> int:
+    """Images for the gain runs: enough to cover :data:`GAIN_ELEMENTS` input elements (at least one)."""
+    if not batches:
+        return 1
+    t = _first_tensor(batches[0])
+    per = t.numel() // max(1, batch_size_of(batches[0])) if t is not None else 0
+    return max(1, math.ceil(GAIN_ELEMENTS / per)) if per > 0 else 8
+
+
 def _gain_batches(batches: Sequence[Any], images: int) -> list[Any]:
+    """The first ``images`` samples of ``batches``: whole batches, the last one cut (:func:`first_samples`)."""
     out, n = [], 0
     for b in batches:
         if n >= images:
             break
-        out.append(b)
-        n += batch_size_of(b)
+        out.append(first_samples(b, images - n))
+        n += batch_size_of(out[-1])
     return out
 
 
 def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batches: Sequence[Any], *,
-                     max_positions: int = 4096, ridge: float = 1e-3, gain_images: int = 8,
+                     max_positions: int = 4096, ridge: float = 1e-3, gain_images: Optional[int] = None,
                      max_patch_dim: int = 2304, exact_m: int = 4, alternate: int = 1,
                      max_joint_dim: int = 2304, gain_m: int = 4, seed: int = 0) -> Sensitivity:
     """Predicted errors from calibration batches (model inputs, as :func:`~dsrewrite.refit.batches.iter_inputs`
     gives them); see the module doc. The model is not changed (the gains run on a copy).
 
     ``max_positions``: output positions sampled per conv over all batches; ``gain_images``: images
-    the gain runs use (the first batches). A conv whose input patches have at most ``max_patch_dim``
+    the gain runs use (the first ones; default: enough for :data:`GAIN_ELEMENTS` input elements). A conv whose input patches have at most ``max_patch_dim``
     features (``C_in·kh·kw``) keeps their full Gram matrix, and every candidate up to ``m = exact_m`` is
     refit on it as calibration refits (last stage, then ``alternate`` rounds of first and last stage
     where the joint size is at most ``max_joint_dim``) and scored exactly; larger multipliers follow the
@@ -270,19 +295,18 @@ def data_sensitivity(model: nn.Module, layers: Sequence[LayerCandidates], batche
         for _, _, lay, stats in probe[name]:
             stats.add(lay.last_features_from_patches(patches, lay.current()[0]), y)
 
-    gain_data = _gain_batches(batches, gain_images)
-    refs: list[list[Tensor]] = []
+    gain_data = _gain_batches(batches, gain_images if gain_images is not None else _auto_gain_images(batches))
     handles = [modules[lc.name].register_forward_hook(hook) for lc in layers]
     try:
         with evaluating(model), torch.no_grad():
             for b, batch in enumerate(batches):
                 state["b"] = b
-                out = call_model(model, batch)
-                if b < len(gain_data):
-                    refs.append([t.detach() for _, t in flatten_outputs(out)])
+                call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
+    with evaluating(model), torch.no_grad():  # the gain runs' reference outputs (their batches may be cut)
+        refs = [[t.detach() for _, t in flatten_outputs(call_model(model, b))] for b in gain_data]
 
     errors: dict[str, dict[tuple[str, int], float]] = {}
     measured_blocks: dict[tuple[str, str, int], tuple[str, nn.Module]] = {}

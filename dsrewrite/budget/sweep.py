@@ -77,7 +77,7 @@ def _measure(model: nn.Module, plan: Any, x: Any, inputs: Sequence[Any],
 def budget_sweep(model: nn.Module, recipe: Any, example_inputs: Any, calibration: Optional[Sequence[Any]], *,
                  fractions: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), uniform: Sequence[int] = (1, 2),
                  recipes: Sequence[str] = ("decoder_only", "all_3x3"), order: Optional[str] = "auto",
-                 measure: bool = True, max_positions: int = 4096, gain_images: int = 8,
+                 measure: bool = True, max_positions: int = 4096, gain_images: Optional[int] = None,
                  latency_rounds: int = 0) -> list[SweepPoint]:
     """Planned points for each MAC fraction, then uniform ``m`` (each kind) and ``recipes`` (see the module doc).
 

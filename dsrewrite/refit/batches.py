@@ -318,6 +318,34 @@ def batch_size_of(inputs: Any) -> int:
     return 1
 
 
+def first_samples(inputs: Any, n: int) -> Any:
+    """The first ``n`` samples of one batch of model inputs: every tensor leaf whose dim 0 is the batch size
+    (:func:`batch_size_of`) sliced to ``[:n]``, other leaves kept; the batch itself when ``n`` covers it.
+
+    Example:
+        >>> import torch
+        >>> x = first_samples({"img": torch.zeros(8, 3), "scale": 2.0}, 3)
+        >>> x["img"].shape[0], x["scale"]
+        (3, 2.0)
+    """
+    size = batch_size_of(inputs)
+    if n >= size:
+        return inputs
+
+    def cut(obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            return obj[:n] if obj.dim() and obj.shape[0] == size else obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*(cut(v) for v in obj))
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(v) for v in obj)
+        if isinstance(obj, Mapping):
+            return type(obj)((k, cut(v)) for k, v in obj.items())  # type: ignore[call-arg]
+        return obj
+
+    return cut(inputs)
+
+
 def to_device(inputs: Any, device: torch.device) -> Any:
     """``inputs`` (a tensor, or tensors nested in tuples/lists/dicts) moved to ``device``; other leaves kept.
 
