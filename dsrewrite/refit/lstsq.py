@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .spd_solve import solve_spd_in_place
+
 __all__ = [
     "sample_positions",
     "explicit_padding",
@@ -404,11 +406,12 @@ def refit_dwpw_spatial(stats: GramStats, p: Tensor, b: Optional[Tensor], *, k: i
     r = torch.einsum("ocj,cko->cjk", p64, cp)
     if b is not None:
         r = r - torch.einsum("ocj,o,ck->cjk", p64, b.to(spp), sv)
-    # (C_in,m,K,C_in,m,K): built here, so the ridge goes in place and the matrix is freed once factored
-    big = [_ridge_matrix((qm[:, :, None, :, :, None] * spp[:, None, :, :, None, :]).reshape(dim, dim), ridge, dim,
-                         inplace=True)]
-    sol = _solve_owned(big, r.reshape(dim, 1))
-    return sol.reshape(c_in, m, k)
+
+    def system() -> Tensor:  # (C_in,m,K,C_in,m,K), built here: the ridge goes in place, the factor overwrites it
+        return _ridge_matrix((qm[:, :, None, :, :, None] * spp[:, None, :, :, None, :]).reshape(dim, dim), ridge, dim,
+                             inplace=True)
+
+    return solve_spd_in_place(system, r.reshape(dim, 1)).reshape(c_in, m, k)
 
 
 def refit_pwdw_spatial(
