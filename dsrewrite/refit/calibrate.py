@@ -301,12 +301,14 @@ def calibrate(
             notes += [why] if why else []
             for l in layers:
                 l.act = found.get(l.name)
-        ref_outputs = teacher_pass(original, data, layers, per_image, seed, measure_output)
         tracer = CallTracer(rewritten)
-        try:
+        try:  # the probe first: its forward then runs before the teacher's targets are held (peak memory)
+            probe = _probe(rewritten, data[0], layers, tracer)
+            ref_outputs = teacher_pass(original, data, layers, per_image, seed, measure_output)
+            tracer.calls = probe.pop("traced")  # the hooks were inert during the teacher pass (shared submodules)
             result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
                                        max_joint_dim, measure_output, replay_cache, notes, say, callback,
-                                       default_cache_bytes(original) if cache_bytes is None else cache_bytes)
+                                       default_cache_bytes(original) if cache_bytes is None else cache_bytes, probe)
         finally:
             tracer.close()
     out_before, out_after, done, cache_on = result
@@ -315,30 +317,42 @@ def calibrate(
     return CalibrationResult(tuple(done), out_before, out_after, images, len(data), seconds, cache_on, tuple(notes))
 
 
-def _calibrate_layers(
-    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
-    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
-    notes: list[str], say: Callable[[str], None], on_layer: Optional[Callable[[LayerCalibration], None]] = None,
-    cache_bytes: Optional[int] = None,
-) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+def _probe(rewritten: nn.Module, batch: Any, layers: list[LayerFit], tracer: CallTracer) -> dict[str, Any]:
+    """Run the first batch recording the call tree: block ``calls``, the tracer's calls (``traced``), their order
+    (``sequence``) and the model's output (``out``).
+
+    The tracer is left inert (no calls to check) until its calls are given back.
+    """
     by_block = {id(l.block): l for l in layers}
     calls: Counter = Counter()
 
     def count_hook(module: nn.Module, args: Any, output: Any) -> None:
         calls[by_block[id(module)].name] += 1
 
-    # 1. probe the call tree on the first batch (its output also counts for the "before" error)
     handles = [l.block.register_forward_hook(count_hook) for l in layers]
-    before = OutputError()
     try:
         tracer.begin(probe=True)
-        out = call_model(rewritten, data[0])
-        if measure_output:
-            before.add(out, ref_outputs[0])
+        out = call_model(rewritten, batch)
     finally:
         for h in handles:
             h.remove()
-    probe_seq = list(tracer.sequence)
+    traced, tracer.calls = tracer.calls, {}
+    tracer.begin()
+    return {"calls": calls, "traced": traced, "sequence": list(tracer.sequence), "out": out}
+
+
+def _calibrate_layers(
+    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
+    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
+    notes: list[str], say: Callable[[str], None], on_layer: Optional[Callable[[LayerCalibration], None]],
+    cache_bytes: Optional[int], probe: dict[str, Any],
+) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+    # 1. the probe's call tree (its output also counts for the "before" error)
+    calls, probe_seq = probe["calls"], probe["sequence"]
+    before = OutputError()
+    if measure_output:
+        before.add(probe["out"], ref_outputs[0])
+    del probe["out"]
     for l in layers:
         l.joint = l.can_joint(alternate, max_joint_dim)
         if l.skip:
@@ -417,17 +431,20 @@ def _calibrate_layers(
             done.append(LayerCalibration(l.name, l.kind, l.m, "skipped", math.nan, math.nan, 0, (),
                                          f"skipped: {l.skip}"))
 
-    # 4. the "after" pass (replays everything before the last refit layer)
+    # 4. the "after" pass: whole forwards, without the cache (its bytes would sit on top of a forward's peak)
+    declined = cache.declined
+    cache.clear()
+    tracer.calls = {}
     out_after = None
     if measure_output:
+        release_free_memory()  # the refits' freed temporaries, before a whole forward (vgg16: +0.74 of the model)
         after = OutputError()
         for b, batch in enumerate(data):
-            tracer.begin(replay=cache.maps[b] if cache_on else None)
+            tracer.begin()
             after.add(call_model(rewritten, batch), ref_outputs[b])
-            cache.store(b, {})
         out_after = after.value()
-    if cache.declined:
-        notes.append(f"replay cache bounded to {cache.budget / 2**20:.0f} MiB (cache_bytes): {cache.declined} module "
+    if declined:
+        notes.append(f"replay cache bounded to {cache.budget / 2**20:.0f} MiB (cache_bytes): {declined} module "
                      "output(s) not kept were computed again (slower, same result)")
     return out_before, out_after, done, cache_on
 
