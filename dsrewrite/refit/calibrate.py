@@ -418,7 +418,7 @@ def _calibrate_layers(
             rec = layer.refit_through_relu(layer.refit(ridge, alternate), ridge)
         layer.stats = GramStats()  # free the statistics, the samples and the teacher's targets: the layer is done
         layer.samples, layer.sample_targets = [], []
-        layer.positions, layer.targets = [], []
+        layer.positions, layer.targets, layer.start = [], [], None
         done.append(rec)
         if on_layer is not None:
             on_layer(rec)
