@@ -56,11 +56,18 @@ def solve_spd_in_place(build: Callable[[], Tensor], h: Tensor) -> Tensor:
     """Solve ``a · w = h`` for the ``(D, D)`` matrix ``build()`` returns (one the caller does not keep), ``h (D, R)``.
 
     Cholesky in the matrix's own storage (one ``D×D`` matrix alive, not two or three); if the
-    matrix is not positive definite, the pseudo-inverse of a newly built one.
+    matrix is not positive definite, the pseudo-inverse of a newly built one. Off the CPU:
+    ``cholesky_ex`` then ``cholesky_solve`` as before (the matrix freed once factored).
     """
     a = build()
     if a.dim() != 2 or a.shape[0] != a.shape[1] or not a.is_contiguous():
         raise ValueError(f"expected a contiguous square matrix, got shape {tuple(a.shape)}")
+    if a.device.type != "cpu":  # bit-identity with cholesky_solve is shown for CPU LAPACK only: keep its path
+        chol, info = torch.linalg.cholesky_ex(a)
+        if bool((info == 0).all()):
+            del a
+            return torch.cholesky_solve(h, chol)
+        return torch.linalg.pinv(a, hermitian=True) @ h
     factor = mirror_lower(a).mT  # column-major: its lower triangle is a's, as LAPACK reads it
     info = torch.empty((), dtype=torch.int32, device=a.device)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
