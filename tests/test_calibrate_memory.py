@@ -150,6 +150,19 @@ def test_cache_bytes_is_checked(bad: Any) -> None:
 # ----------------------------------------------------------------------------------------
 # The solves: the system matrix is released once factored, and the ridge is added in place
 # ----------------------------------------------------------------------------------------
+def _storage(obj: Any) -> tuple[int, int]:
+    """(address, bytes) of a CPU tensor's storage; (0, 0) for anything else (lazy or meta parameters included)."""
+    if not isinstance(obj, torch.Tensor) or isinstance(obj, nn.parameter.UninitializedTensorMixin):
+        return 0, 0
+    try:
+        if obj.device.type != "cpu":
+            return 0, 0
+        st = obj.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError, ValueError):
+        return 0, 0
+
+
 @pytest.fixture
 def solve_watch(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """At each Cholesky factorisation: how many tensors of the system's size are alive; at each solve: is it freed."""
@@ -160,8 +173,7 @@ def solve_watch(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         gc.collect()
         n = a.shape[-1]  # storages from the system matrix's size up to the (n+1)-square Gram it came from
         lo, hi = a.numel() * a.element_size(), (n + 1) ** 2 * a.element_size() * (a.numel() // (n * n))
-        storages = {o.untyped_storage().data_ptr() for o in gc.get_objects()
-                    if isinstance(o, torch.Tensor) and o.device.type == "cpu" and lo <= o.untyped_storage().nbytes() <= hi}
+        storages = {ptr for ptr, size in map(_storage, gc.get_objects()) if lo <= size <= hi}
         out = kwargs.get("out")
         seen.append({"matrix": weakref.ref(a), "alive_at_factor": len(storages), "numel": a.numel(),
                      "in_place": out is not None and out[0].data_ptr() == a.data_ptr()})
