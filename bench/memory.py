@@ -156,6 +156,9 @@ class _PhaseMeter:
         self.current = name
 
     def wrap(self, module: Any, attr: str, name: str) -> None:
+        if "." in attr:  # a method: "Class.method"
+            cls, attr = attr.split(".")
+            module = getattr(module, cls)
         fn = getattr(module, attr)
 
         @functools.wraps(fn)  # keeps the signature (calibrate's options are checked against it)
@@ -185,8 +188,18 @@ CLI_PHASES: tuple[tuple[str, str, str], ...] = (
     ("dsrewrite.report", "save_report", "report file"),
 )
 
+#: With ``--detail``: calibration's own steps, nested in ``calibrate`` (where its peak comes from).
+CALIB_PHASES: tuple[tuple[str, str, str], ...] = (
+    ("dsrewrite.refit.calibrate", "teacher_pass", "calibrate: teacher pass"),
+    ("dsrewrite.refit.calibrate", "_layer_pass", "calibrate: layer passes"),
+    ("dsrewrite.refit.layer_fit", "LayerFit.refit", "calibrate: refits"),
+    ("dsrewrite.kinds.dw_pw", "refit_dwpw_spatial", "calibrate: dw_pw first-stage solves"),
+    ("dsrewrite.refit.layer_fit", "LayerFit.refit_through_relu", "calibrate: fits through ReLU"),
+)
 
-def _cli_child(model_name: str, recipe: str, shape: tuple[int, ...], workdir: str, calib: bool) -> dict[str, Any]:
+
+def _cli_child(model_name: str, recipe: str, shape: tuple[int, ...], workdir: str, calib: bool,
+               detail: bool = False) -> dict[str, Any]:
     """``dsrewrite apply`` in this (fresh) interpreter on the state-dict file the parent wrote, phase by phase."""
     import gc
     import importlib
@@ -214,7 +227,7 @@ def _cli_child(model_name: str, recipe: str, shape: tuple[int, ...], workdir: st
         raise SystemExit("the CLI phase table needs /proc/self/clear_refs (Linux)")
     base_kib = _status_kib("VmRSS") or 0
     meter = _PhaseMeter(base_kib)
-    for mod_name, attr, phase in CLI_PHASES:
+    for mod_name, attr, phase in CLI_PHASES + (CALIB_PHASES if detail else ()):
         meter.wrap(importlib.import_module(mod_name), attr, phase)
     out = d / "out.pt"
     for p in (out, out.with_suffix(".plan.json"), d / "report.json"):
@@ -244,7 +257,7 @@ def _spec(model_name: str) -> str:
 
 
 def measure_cli(model: str, recipe: str = "all_3x3", input_shape: tuple[int, ...] = (1, 3, 64, 64), calib: bool = False,
-                timeout: float = 1800.0) -> dict[str, Any]:
+                timeout: float = 1800.0, detail: bool = False) -> dict[str, Any]:
     """``dsrewrite apply MODEL.pt --arch SPEC`` (a state-dict file written here first) in a fresh interpreter,
     with the peak of each phase above the interpreter's baseline (imports done, nothing loaded)."""
     import tempfile
@@ -262,7 +275,8 @@ def measure_cli(model: str, recipe: str = "all_3x3", input_shape: tuple[int, ...
         torch.save(torch.randn((8, *input_shape[1:]), generator=torch.Generator().manual_seed(0)), Path(d) / "calib.pt")
         (Path(d) / "meta.json").write_text(json.dumps({"model_bytes": model_bytes}))
         cmd = [sys.executable, os.path.abspath(__file__), "--cli-child", d, "--model", model, "--recipe", recipe,
-               "--input-shape", ",".join(map(str, input_shape))] + (["--calib"] if calib else [])
+               "--input-shape", ",".join(map(str, input_shape))] + (["--calib"] if calib else []) + (
+                  ["--detail"] if detail else [])
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"dsrewrite apply failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -316,6 +330,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="measure the whole `dsrewrite apply` command instead, phase by phase (a state-dict file "
                          "and --arch; with --calib, 8 calibration samples)")
     ap.add_argument("--calib", action="store_true", help="with --cli: pass --calib")
+    ap.add_argument("--detail", action="store_true",
+                    help="with --cli --calib: also the peaks of calibration's own steps (nested phases)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cli-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -324,10 +340,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(_child(args.model, args.child, args.recipe, shape)))
         return 0
     if args.cli_child:
-        print(json.dumps(_cli_child(args.model, args.recipe, shape, args.cli_child, args.calib)))
+        print(json.dumps(_cli_child(args.model, args.recipe, shape, args.cli_child, args.calib, args.detail)))
         return 0
     if args.cli:
-        rec = measure_cli(args.model, args.recipe, shape, calib=args.calib)
+        rec = measure_cli(args.model, args.recipe, shape, calib=args.calib, detail=args.detail)
         print(f"`dsrewrite apply` on {rec['model']} ({rec['model_mib']} MiB of parameters and buffers), input "
               f"{rec['input_shape']}, recipe {rec['recipe']}{', --calib (8 samples)' if args.calib else ''}, "
               f"torch {rec['torch']}, baseline {rec['baseline_rss_mib']} MiB, {rec['seconds']:.1f} s\n")

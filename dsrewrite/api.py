@@ -168,6 +168,7 @@ def _carry_out(
     if calib_batches:
         from .refit.calibrate import calibrate
 
+        release_free_memory()  # what the load and the rewrite freed (a state dict's heap), before calibration's working set
         calib_result = calibrate(original, rewritten, calib_batches, names=[e.name for e in plan.replaced],
                                  example_inputs=example_inputs, **calib_options)
         release_free_memory()  # what calibration freed, before the report's forward passes (peak memory)

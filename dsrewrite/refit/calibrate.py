@@ -33,7 +33,10 @@ costs about two passes of the data, not one per layer: the outputs of module cal
 that finish before the last refit layer starts are cached and replayed, and each
 pass stops right after the layer it calibrates. Module calls are identified by
 ``(qualified name, call index)`` from a probe run; if the call structure changes
-between batches, the cache is switched off (slower, same result).
+between batches, the cache is switched off (slower, same result). The cache holds at
+most ``cache_bytes`` (default: a quarter of the model's size, at least 64 MiB); what does
+not fit is computed again in each pass (slower, same result). Each layer's statistics,
+samples and teacher targets are freed once it is refit.
 
 Example:
     >>> import copy, torch
@@ -59,21 +62,22 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..errors import CalibrationError, did_you_mean
+from ..errors import did_you_mean
 from ..kinds import kind_of
 from .coverage import least_squares_ready, not_refit
 from ..layers.dsconv import DepthwiseSeparableConv2d  # noqa: F401  (the doctests use it)
+from ..runtime.memory import release_free_memory
 from ..runtime.log import get_logger, say as log_say
-from ..runtime.run import call_model, evaluating, flatten_outputs
+from ..runtime.run import call_model, evaluating
 from .activation import following_relus
 from .batches import batch_size_of, input_spec, iter_inputs, to_device
 from .layer_fit import LayerFit
 from .lstsq import GramStats
-from .patches_nd import sample_positions_nd, values_at
-from .replay import CallTracer, Key, Stop, StructureChanged
+from .replay import CallTracer, Key, ReplayCache, Stop, StructureChanged
+from .teacher import OutputError, teacher_pass
 from .results import CalibrationResult, CalibrationUsageError, LayerCalibration
 
 _ACTIVATION_MODES = ("auto", "none")
@@ -81,7 +85,21 @@ _ACTIVATION_MODES = ("auto", "none")
 #: a layer's positions need more, an evenly strided subset is kept).
 _ACT_SAMPLE_BYTES = 256 << 20
 
-__all__ = ["calibrate", "check_options", "replaced_names"]
+__all__ = ["calibrate", "check_options", "default_cache_bytes", "replaced_names"]
+
+#: Least default bound of the replay cache (small models: their activations, not their weights, dominate).
+_MIN_CACHE_BYTES = 64 << 20
+
+
+def default_cache_bytes(model: nn.Module) -> int:
+    """The replay cache's default bound: a quarter of ``model``'s parameter and buffer bytes, at least 64 MiB.
+
+    Example:
+        >>> default_cache_bytes(nn.Linear(2, 2)) == 64 << 20
+        True
+    """
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return max(size // 4, _MIN_CACHE_BYTES)
 
 
 def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -93,7 +111,7 @@ def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         >>> check_options({"activaton": "none"})
         Traceback (most recent call last):
         ...
-        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, callback, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
+        dsrewrite.refit.results.CalibrationUsageError: calibration option 'activaton' is not one of calibrate()'s (did you mean 'activation'?). Valid options: activation, alternate, cache_bytes, callback, input_fn, input_key, max_joint_dim, max_positions, measure_output, progress, replay_cache, ridge, seed.
     """
     opts = dict(options or {})
     valid = sorted(n for n, p in inspect.signature(calibrate).parameters.items()
@@ -183,6 +201,7 @@ def calibrate(
     max_joint_dim: int = 2304,
     measure_output: bool = True,
     replay_cache: bool = True,
+    cache_bytes: Optional[int] = None,
     activation: str = "auto",
     progress: bool = False,
     callback: Optional[Callable[[LayerCalibration], None]] = None,
@@ -211,6 +230,10 @@ def calibrate(
         measure_output: also measure the model's output error before and after (one more pass).
         replay_cache: replay cached module outputs instead of re-running every layer's prefix
             (same result; turn off for models whose submodules have side effects in ``forward``).
+        cache_bytes: most bytes of module outputs the replay cache holds at any moment; outputs
+            that do not fit are computed again in each pass (slower, same result). Default:
+            :func:`default_cache_bytes` (a quarter of ``original``'s parameters and buffers, at
+            least 64 MiB), so that calibration's working set stays within one copy of the model.
         activation: ``"auto"``: where the original conv feeds only a ReLU, or an eval-mode
             ``BatchNorm2d`` then a ReLU (read from the ``torch.fx`` graph), refit the block once
             more so that the ACTIVATION's output matches (auxiliary-variable method,
@@ -246,6 +269,10 @@ def calibrate(
             f"calibrate(activation={activation!r}): expected one of {list(_ACTIVATION_MODES)}"
             f"{did_you_mean(str(activation), _ACTIVATION_MODES)}."
         )
+    if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                    or cache_bytes < 0):
+        raise CalibrationUsageError(f"calibrate(cache_bytes={cache_bytes!r}): expected a number of bytes >= 0, "
+                                    "or None for the default (a quarter of the model's size, at least 64 MiB).")
     if max_positions < 1 or not 0 <= ridge < math.inf or alternate < 0 or max_joint_dim < 0:
         raise CalibrationUsageError(
             f"calibrate: need max_positions >= 1, ridge >= 0, alternate >= 0, max_joint_dim >= 0; got "
@@ -274,11 +301,14 @@ def calibrate(
             notes += [why] if why else []
             for l in layers:
                 l.act = found.get(l.name)
-        ref_outputs = _original_pass(original, data, layers, per_image, seed, measure_output)
         tracer = CallTracer(rewritten)
-        try:
+        try:  # the probe first: its forward then runs before the teacher's targets are held (peak memory)
+            probe = _probe(rewritten, data[0], layers, tracer)
+            ref_outputs = teacher_pass(original, data, layers, per_image, seed, measure_output)
+            tracer.calls = probe.pop("traced")  # the hooks were inert during the teacher pass (shared submodules)
             result = _calibrate_layers(rewritten, data, layers, tracer, ref_outputs, ridge, alternate,
-                                       max_joint_dim, measure_output, replay_cache, notes, say, callback)
+                                       max_joint_dim, measure_output, replay_cache, notes, say, callback,
+                                       default_cache_bytes(original) if cache_bytes is None else cache_bytes, probe)
         finally:
             tracer.close()
     out_before, out_after, done, cache_on = result
@@ -287,92 +317,42 @@ def calibrate(
     return CalibrationResult(tuple(done), out_before, out_after, images, len(data), seconds, cache_on, tuple(notes))
 
 
-def _original_pass(original: nn.Module, data: list[Any], layers: list[LayerFit], per_image: int, seed: int,
-                   keep_outputs: bool) -> list[Any]:
-    """Targets (original conv outputs at sampled positions) for every layer and batch; model outputs."""
-    by_conv = {id(l.conv): l for l in layers}
-    state = {"b": 0}
-    handles = []
+def _probe(rewritten: nn.Module, batch: Any, layers: list[LayerFit], tracer: CallTracer) -> dict[str, Any]:
+    """Run the first batch recording the call tree: block ``calls``, the tracer's calls (``traced``), their order
+    (``sequence``) and the model's output (``out``).
 
-    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-        layer = by_conv[id(module)]
-        layer.calls_orig += 1
-        if layer.calls_orig > 1:
-            return
-        n = output.shape[0]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + layer.index * 7919 + state["b"])
-        pos = sample_positions_nd((n, *output.shape[2:]), per_image * n, generator=g)  # (P, 1 + d)
-        layer.positions.append(pos)
-        layer.targets.append(values_at(output, pos).detach().clone())
-
-    for l in layers:
-        handles.append(l.conv.register_forward_hook(hook))
-    outputs = []
-    try:
-        for b, batch in enumerate(data):
-            state["b"] = b
-            for l in layers:
-                l.calls_orig = 0
-            out = call_model(original, batch)
-            if keep_outputs:
-                outputs.append([t.detach() for _, t in flatten_outputs(out)])
-            for l in layers:
-                if l.calls_orig == 0:
-                    l.skip = l.skip or "the original conv was not called on the calibration batches"
-                    l.positions.append(None)
-                    l.targets.append(None)
-                elif l.calls_orig > 1:
-                    l.skip = l.skip or f"the original conv is called {l.calls_orig} times per forward (shared)"
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
-class _RelErr:
-    def __init__(self) -> None:
-        self.err = 0.0
-        self.ref = 0.0
-
-    def add(self, out: Any, ref: list[Tensor]) -> None:
-        leaves = [t for _, t in flatten_outputs(out)]
-        if len(leaves) != len(ref):
-            raise CalibrationError(
-                f"the rewritten model returns {len(leaves)} output tensors, the original {len(ref)}. "
-                "Hint: calibrate a model against the one it was rewritten from."
-            )
-        for a, r in zip(leaves, ref):
-            r64, a64 = r.to(torch.float64), a.detach().to(r.device, torch.float64)
-            self.err += float(((a64 - r64) ** 2).sum())
-            self.ref += float((r64 * r64).sum())
-
-    def value(self) -> float:
-        return math.sqrt(self.err / self.ref) if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
-
-
-def _calibrate_layers(
-    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
-    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
-    notes: list[str], say: Callable[[str], None], on_layer: Optional[Callable[[LayerCalibration], None]] = None,
-) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+    The tracer is left inert (no calls to check) until its calls are given back.
+    """
     by_block = {id(l.block): l for l in layers}
     calls: Counter = Counter()
 
     def count_hook(module: nn.Module, args: Any, output: Any) -> None:
         calls[by_block[id(module)].name] += 1
 
-    # 1. probe the call tree on the first batch (its output also counts for the "before" error)
     handles = [l.block.register_forward_hook(count_hook) for l in layers]
-    before = _RelErr()
     try:
         tracer.begin(probe=True)
-        out = call_model(rewritten, data[0])
-        if measure_output:
-            before.add(out, ref_outputs[0])
+        out = call_model(rewritten, batch)
     finally:
         for h in handles:
             h.remove()
-    probe_seq = list(tracer.sequence)
+    traced, tracer.calls = tracer.calls, {}
+    tracer.begin()
+    return {"calls": calls, "traced": traced, "sequence": list(tracer.sequence), "out": out}
+
+
+def _calibrate_layers(
+    rewritten: nn.Module, data: list[Any], layers: list[LayerFit], tracer: CallTracer, ref_outputs: list[Any],
+    ridge: float, alternate: int, max_joint_dim: int, measure_output: bool, replay_cache: bool,
+    notes: list[str], say: Callable[[str], None], on_layer: Optional[Callable[[LayerCalibration], None]],
+    cache_bytes: Optional[int], probe: dict[str, Any],
+) -> tuple[Optional[float], Optional[float], list[LayerCalibration], bool]:
+    # 1. the probe's call tree (its output also counts for the "before" error)
+    calls, probe_seq = probe["calls"], probe["sequence"]
+    before = OutputError()
+    if measure_output:
+        before.add(probe["out"], ref_outputs[0])
+    del probe["out"]
     for l in layers:
         l.joint = l.can_joint(alternate, max_joint_dim)
         if l.skip:
@@ -386,13 +366,13 @@ def _calibrate_layers(
 
     # 2. the "before" pass over the other batches; captures the first layer's prefix on the way
     cache_on = replay_cache
-    cache: list[dict[Key, Any]] = [{} for _ in data]
+    cache = ReplayCache(len(data), cache_bytes)
     out_before = None
     if measure_output:
         capture = tracer.before((ordered[0].name, 0)) if ordered and cache_on else set()
         tracer.prepare_replay(capture)
         for b in range(1, len(data)):
-            tracer.begin(capture=capture if cache_on else None)
+            tracer.begin(capture=capture if cache_on else None, room=cache.room(b))
             try:
                 out = call_model(rewritten, data[b])
             except StructureChanged:
@@ -401,7 +381,8 @@ def _calibrate_layers(
                 tracer.begin()
                 out = call_model(rewritten, data[b])
             before.add(out, ref_outputs[b])
-            cache[b] = tracer.captured if cache_on else {}
+            cache.declined += tracer.declined
+            cache.store(b, tracer.captured if cache_on else {})
             if cache_on and tracer.seen != probe_seq:
                 cache_on = False
         out_before = before.value()
@@ -410,7 +391,7 @@ def _calibrate_layers(
                      "(slower, same result)")
     if not cache_on:
         tracer.calls = {}
-        cache = [{} for _ in data]
+        cache.clear()
 
     # 3. layer by layer, in execution order
     done: list[LayerCalibration] = []
@@ -420,21 +401,24 @@ def _calibrate_layers(
             tracer.prepare_replay(capture)
         t_layer = time.perf_counter()
         try:
-            cache = _layer_pass(rewritten, data, layer, tracer, cache, capture, cache_on, probe_seq)
+            _layer_pass(rewritten, data, layer, tracer, cache, capture, cache_on, probe_seq)
         except StructureChanged:
             cache_on = False
             tracer.calls = {}
             notes.append("module call structure changed during calibration: switched the replay cache off")
             layer.stats = GramStats()
             layer.samples, layer.sample_targets = [], []
-            cache = _layer_pass(rewritten, data, layer, tracer, [{} for _ in data], set(), False, [])
+            cache.clear()
+            _layer_pass(rewritten, data, layer, tracer, cache, set(), False, [])
+        release_free_memory()  # the pass's freed activations and patches, before the refit's solves (peak memory)
         if not layer.stats.ready:
             rec = LayerCalibration(layer.name, layer.kind, layer.m, "skipped", math.nan, math.nan, 0,
                                    (), "no calibration positions reached this layer")
         else:
             rec = layer.refit_through_relu(layer.refit(ridge, alternate), ridge)
-        layer.stats = GramStats()  # free the statistics
+        layer.stats = GramStats()  # free the statistics, the samples and the teacher's targets: the layer is done
         layer.samples, layer.sample_targets = [], []
+        layer.positions, layer.targets, layer.start = [], [], None
         done.append(rec)
         if on_layer is not None:
             on_layer(rec)
@@ -447,22 +431,28 @@ def _calibrate_layers(
             done.append(LayerCalibration(l.name, l.kind, l.m, "skipped", math.nan, math.nan, 0, (),
                                          f"skipped: {l.skip}"))
 
-    # 4. the "after" pass (replays everything before the last refit layer)
+    # 4. the "after" pass: whole forwards, without the cache (its bytes would sit on top of a forward's peak)
+    declined = cache.declined
+    cache.clear()
+    tracer.calls = {}
     out_after = None
     if measure_output:
-        after = _RelErr()
+        release_free_memory()  # the refits' freed temporaries, before a whole forward (vgg16: +0.74 of the model)
+        after = OutputError()
         for b, batch in enumerate(data):
-            tracer.begin(replay=cache[b] if cache_on else None)
+            tracer.begin()
             after.add(call_model(rewritten, batch), ref_outputs[b])
-            cache[b] = {}
         out_after = after.value()
+    if declined:
+        notes.append(f"replay cache bounded to {cache.budget / 2**20:.0f} MiB (cache_bytes): {declined} module "
+                     "output(s) not kept were computed again (slower, same result)")
     return out_before, out_after, done, cache_on
 
 
-def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: CallTracer,
-                cache: list[dict[Key, Any]], capture: set[Key], cache_on: bool,
-                probe_seq: list[Key]) -> list[dict[Key, Any]]:
-    """Run every batch up to ``layer`` (replaying ``cache``), accumulate its statistics; return the new cache.
+def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: CallTracer, cache: ReplayCache,
+                capture: set[Key], cache_on: bool, probe_seq: list[Key]) -> None:
+    """Run every batch up to ``layer`` (replaying ``cache``), accumulate its statistics; ``cache`` then holds the
+    outputs of ``capture`` (those that fit in its budget).
 
     Without anything to replay, the calls seen must follow the probe run (else ``StructureChanged``).
     """
@@ -473,21 +463,22 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: 
         state["x"], state["z"] = (args[0], None) if layer.joint else (None, args[0])
         raise Stop
 
-    new_cache: list[dict[Key, Any]] = []
     handle = target.register_forward_pre_hook(grab)
     try:
         for b, batch in enumerate(data):
             pos, y = layer.positions[b], layer.targets[b]
-            tracer.begin(replay=cache[b] if cache_on else None, capture=capture if cache_on else None)
+            replayed = bool(cache.maps[b]) and cache_on
+            tracer.begin(replay=cache.maps[b] if cache_on else None, capture=capture if cache_on else None,
+                         room=cache.room(b))
             state.clear()
             try:
                 call_model(rewritten, batch)
             except Stop:
                 pass
-            if cache_on and not cache[b] and tracer.seen != probe_seq[: len(tracer.seen)]:
+            if cache_on and not replayed and tracer.seen != probe_seq[: len(tracer.seen)]:
                 raise StructureChanged(layer.name)
-            new_cache.append(tracer.captured)
-            cache[b] = {}
+            cache.declined += tracer.declined
+            cache.store(b, tracer.captured)
             if "x" not in state or pos is None or y is None:
                 continue
             feats = layer.features(state["x"], state["z"], pos)
@@ -496,4 +487,3 @@ def _layer_pass(rewritten: nn.Module, data: list[Any], layer: LayerFit, tracer: 
                 layer.keep_samples(feats, y, len(data), _ACT_SAMPLE_BYTES)
     finally:
         handle.remove()
-    return new_cache

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kinds import LAYOUT_MEMBERS, kind_of, missing_members
+from ..runtime.memory import release_free_memory
 from .activation import FollowingReLU
 from .lstsq import GramStats, block_error, gram_matrix, quadratic_error, ridge_solve
 from .patches_nd import gather_patches_nd
@@ -106,7 +107,8 @@ class LayerFit:
             if step == "last":
                 l_new, b_new = self.lay.refit_last(st, first, bias=has_bias, ridge=ridge)
                 cand = (first, l_new, b_new)
-            else:
+            else:  # its system matrix is the largest allocation: first return what earlier steps freed
+                release_free_memory()
                 cand = (self.lay.refit_first(st, last, bias, ridge=ridge), last, bias)
             e_new = err(*cand)
             if not e_new < e:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .spd_solve import solve_spd_in_place
+
 __all__ = [
     "sample_positions",
     "explicit_padding",
@@ -255,17 +257,8 @@ def ridge_solve(gram: Tensor, cross: Tensor, ridge: float, *, bias: bool = True)
         [1.0, 2.0, 3.0, 4.0]
     """
     d = gram.shape[-1] - 1
-    a = gram if bias else gram[..., :d, :d]
     h = cross if bias else cross[..., :d, :]
-    a = a.clone()
-    diag = torch.diagonal(a[..., :d, :d], dim1=-2, dim2=-1)
-    lam = ridge * diag.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    diag += lam
-    chol, info = torch.linalg.cholesky_ex(a)
-    if bool((info == 0).all()):
-        w = torch.cholesky_solve(h, chol)
-    else:
-        w = torch.linalg.pinv(a, hermitian=True) @ h
+    w = _solve_owned([_ridge_matrix(gram if bias else gram[..., :d, :d], ridge, d)], h)
     if not bias:
         w = torch.cat([w, w.new_zeros(*w.shape[:-2], 1, w.shape[-1])], dim=-2)
     return w
@@ -344,16 +337,25 @@ def _split(stats: GramStats, c_in: int, k: int) -> tuple[Tensor, Tensor, Tensor,
     return spp, s, g[dim, dim], cp, h[dim]
 
 
-def _ridge_matrix(a: Tensor, ridge: float, n_pen: int) -> Tensor:
-    a = a.clone()
+def _ridge_matrix(a: Tensor, ridge: float, n_pen: int, *, inplace: bool = False) -> Tensor:
+    """``a`` plus ``λ`` on the first ``n_pen`` diagonal entries; a copy unless ``inplace`` (a matrix the caller owns)."""
+    a = a if inplace else a.clone()
     diag = torch.diagonal(a[..., :n_pen, :n_pen], dim1=-2, dim2=-1)
     diag += ridge * diag.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     return a
 
 
-def _solve(a: Tensor, h: Tensor) -> Tensor:
+def _solve_owned(held: list[Tensor], h: Tensor) -> Tensor:
+    """Solve ``held[0] · w = h`` (Cholesky, pseudo-inverse fallback), releasing ``held[0]`` once it is factored.
+
+    The system matrix comes in a list that this function empties, so that no caller keeps it
+    alive: while the factor is solved only the factor (and LAPACK's copy of it) exists, two
+    ``D×D`` matrices at a time instead of three (peak memory; the same operations, the same bits).
+    """
+    a = held.pop()
     chol, info = torch.linalg.cholesky_ex(a)
     if bool((info == 0).all()):
+        del a
         return torch.cholesky_solve(h, chol)
     return torch.linalg.pinv(a, hermitian=True) @ h
 
@@ -400,14 +402,16 @@ def refit_dwpw_spatial(stats: GramStats, p: Tensor, b: Optional[Tensor], *, k: i
     spp, sv, _, cp, _ = _split(stats, c_in, k)
     p64 = p.to(spp)
     qm = torch.einsum("ocj,oei->cjei", p64, p64)  # (C_in, m, C_in, m)
-    big = qm[:, :, None, :, :, None] * spp[:, None, :, :, None, :]  # (C_in,m,K,C_in,m,K)
     dim = c_in * m * k
-    big = big.reshape(dim, dim)
     r = torch.einsum("ocj,cko->cjk", p64, cp)
     if b is not None:
         r = r - torch.einsum("ocj,o,ck->cjk", p64, b.to(spp), sv)
-    sol = _solve(_ridge_matrix(big, ridge, dim), r.reshape(dim, 1))
-    return sol.reshape(c_in, m, k)
+
+    def system() -> Tensor:  # (C_in,m,K,C_in,m,K), built here: the ridge goes in place, the factor overwrites it
+        return _ridge_matrix((qm[:, :, None, :, :, None] * spp[:, None, :, :, None, :]).reshape(dim, dim), ridge, dim,
+                             inplace=True)
+
+    return solve_spd_in_place(system, r.reshape(dim, 1)).reshape(c_in, m, k)
 
 
 def refit_pwdw_spatial(
@@ -477,7 +481,9 @@ def refit_pwdw_pointwise(
         if b is not None:
             co = co - sv[:, :, None] * b.to(spp)[None, None, lo : lo + oc]
         h = torch.einsum("ojk,cko->ojc", sc, co)
-        sol = _solve(_ridge_matrix(g, ridge, m * c_in), h.reshape(oc, m * c_in, 1))
+        held = [_ridge_matrix(g, ridge, m * c_in, inplace=True)]  # g is this chunk's own
+        del g
+        sol = _solve_owned(held, h.reshape(oc, m * c_in, 1))
         out.append(sol.reshape(oc, m, c_in))
     return torch.cat(out)
 

@@ -6,6 +6,11 @@ probe run (:class:`CallTracer`); the outputs of calls that finish before the lay
 being calibrated starts are cached and replayed, and a pass stops (:class:`Stop`)
 right after that layer. A call not seen in the probe run raises
 :class:`StructureChanged` and the cache is switched off.
+
+The cache is bounded in bytes (:class:`ReplayCache`): an output that would take it past its
+budget is not kept, and that call (with everything it contains) runs again in the next
+pass. Every kept output is replayed exactly as recomputing would give it, so the budget
+changes the time only, never the result.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["Key", "Stop", "StructureChanged", "CallTracer"]
+__all__ = ["Key", "Stop", "StructureChanged", "CallTracer", "ReplayCache", "value_bytes"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -45,6 +50,61 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def value_bytes(value: Any) -> int:
+    """Bytes of the tensors in a module output (tensors, nested tuples, lists, dicts), as :func:`_clone` keeps them.
+
+    Example:
+        >>> import torch
+        >>> value_bytes((torch.zeros(2, 3), {"a": torch.zeros(4, dtype=torch.float64)}, None))
+        56
+    """
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(value_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(value_bytes(v) for v in value.values())
+    return 0
+
+
+class ReplayCache:
+    """Per batch, the module outputs kept for replay; at most ``budget`` bytes in all (``None``: no bound).
+
+    The driver stores each batch's new captures with :meth:`store` (which drops what that batch
+    held before) and asks :meth:`room` how many bytes a pass over batch ``b`` may add: the budget
+    less everything held, that batch's old entries included (they are alive until the pass ends),
+    so the cache never holds more than ``budget`` bytes at any moment.
+
+    Example:
+        >>> import torch
+        >>> c = ReplayCache(2, budget=100)
+        >>> c.store(0, {("a", 0): torch.zeros(10)}); c.held, c.room(1)
+        (40, 60)
+    """
+
+    def __init__(self, batches: int, budget: Optional[int]) -> None:
+        self.budget = budget
+        self.maps: list[dict[Key, Any]] = [{} for _ in range(batches)]
+        self.sizes = [0] * batches
+        self.declined = 0  #: outputs not kept because the budget was spent
+
+    @property
+    def held(self) -> int:
+        return sum(self.sizes)
+
+    def room(self, b: int) -> Optional[int]:
+        """Bytes a pass over batch ``b`` may capture anew (``None``: no bound)."""
+        return None if self.budget is None else max(0, self.budget - self.held)
+
+    def store(self, b: int, captured: dict[Key, Any]) -> None:
+        self.maps[b] = captured
+        self.sizes[b] = sum(value_bytes(v) for v in captured.values())
+
+    def clear(self) -> None:
+        for b in range(len(self.maps)):
+            self.store(b, {})
+
+
 @dataclass
 class _Call:
     start: int
@@ -64,6 +124,8 @@ class CallTracer:
         self.replay: dict[Key, Any] = {}
         self.capture: set[Key] = set()
         self.captured: dict[Key, Any] = {}
+        self.room: Optional[int] = None  # bytes of new captures this forward may still keep (None: no bound)
+        self.declined = 0  # captures not kept for want of room, this forward
         self.skip_counts: dict[Key, Counter] = {}
         self.patched: dict[str, tuple[nn.Module, bool, Any]] = {}
         self.handles: list[Any] = []
@@ -79,8 +141,14 @@ class CallTracer:
         self.seen: list[Key] = []
 
     def begin(self, *, probe: bool = False, replay: Optional[dict[Key, Any]] = None,
-              capture: Optional[set[Key]] = None) -> None:
+              capture: Optional[set[Key]] = None, room: Optional[int] = None) -> None:
+        """Start a forward: probe the call tree, or replay ``replay`` and capture the calls in ``capture``.
+
+        Outputs replayed and captured again are kept as they are; new outputs are cloned and
+        kept while their bytes fit in ``room`` (``None``: no bound).
+        """
         self._reset()
+        self.room, self.declined = room, 0
         self.probing = probe
         if probe:
             self.calls, self.sequence = {}, []
@@ -115,7 +183,13 @@ class CallTracer:
                 if key in self.capture:
                     self.captured[key] = self.replay[key]
             elif key in self.capture:
-                self.captured[key] = _clone(output)
+                size = value_bytes(output) if self.room is not None else 0
+                if self.room is None or size <= self.room:
+                    self.captured[key] = _clone(output)
+                    if self.room is not None:
+                        self.room -= size
+                else:
+                    self.declined += 1
 
         return hook
 
