@@ -13,7 +13,8 @@ These measured single-conv errors replace the predicted ones in the same allocat
 :func:`dsrewrite.budget.allocate.allocate`); the resulting "oracle" plan is then calibrated and measured on the
 held-out images like the bench's rows, and printed as one JSON line that ``bench.budget --merge`` reads
 (``part`` = ``oracle:F``). Also printed: measured vs predicted single-conv errors (``--skip-predicted``: only
-measured, saving one planning's sensitivity pass).
+measured, saving one planning's sensitivity pass). The candidates can be measured in parts, as separate
+processes (``--conv NAME``, repeated), and the allocation run on their logs (``--reuse LOG``, repeated).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m bench.budget_oracle --held-out 4096 --budget m2 --budget 0.5
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m bench.budget_oracle --model unet --held-out 256 --budget m2 --budget 0.5
@@ -28,7 +29,9 @@ import argparse
 import json
 import math
 import os
+import re
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -100,15 +103,36 @@ def err2(model: nn.Module, x: Tensor, ref: Tensor) -> float:
     return float(((outputs(model, x).double() - ref).norm() / ref.norm()) ** 2)
 
 
-def single_conv_errors(b: Bench, prob: Any, ex: Tensor, predicted: Any | None) -> list[list[float]]:
-    """Each candidate of each selected conv alone (others dense), calibrated: its squared validation error."""
+def read_measured(logs: list[str]) -> dict[tuple[str, str], float]:
+    """The single-conv errors printed by earlier runs (``single conv NAME LABEL: measured V``), keyed (NAME, LABEL)."""
+    pat = re.compile(r"single conv (\S+) (.+?): measured ([0-9.eE+-]+)")
+    found = {}
+    for log in logs:
+        for m in pat.finditer(Path(log).read_text(encoding="utf-8")):
+            found[(m.group(1), m.group(2))] = float(m.group(3))
+    return found
+
+
+def single_conv_errors(b: Bench, prob: Any, ex: Tensor, predicted: Any | None,
+                       reused: dict[tuple[str, str], float] | None = None,
+                       convs: set[str] | None = None) -> list[list[float]]:
+    """Each candidate of each selected conv alone (others dense), calibrated: its squared validation error.
+
+    ``reused`` errors (from :func:`read_measured`) are taken as they are; with ``convs``, only those convs are
+    measured (the others' rows are left empty: a partial run that a later ``--reuse`` completes)."""
     ref_v = outputs(b.dense, b.xv).double()
     measured: list[list[float]] = []
     for j, lc in enumerate(prob.layers):
-        row = []
+        row: list[float] = []
+        if convs is not None and lc.name not in convs:
+            measured.append(row)
+            continue
         for i, c in enumerate(lc.candidates):
             if c.dense:
                 row.append(0.0)
+                continue
+            if reused and (lc.name, c.label) in reused:
+                row.append(reused[(lc.name, c.label)])
                 continue
             alone = {other.name: other.candidates[0] for other in prob.layers}  # candidates[0] is dense
             alone[lc.name] = c
@@ -156,6 +180,10 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=4096)
     ap.add_argument("--budget", action="append", default=None, help="m2 (the MACs of uniform dw_pw m=2) or a fraction")
     ap.add_argument("--skip-predicted", action="store_true", help="do not compute the predicted errors to compare")
+    ap.add_argument("--reuse", action="append", default=[], metavar="LOG",
+                    help="take the single-conv errors printed in these logs of earlier runs instead of measuring them")
+    ap.add_argument("--conv", action="append", default=None, metavar="NAME",
+                    help="only measure these convs' candidates and stop (a part; merge the logs with --reuse)")
     args = ap.parse_args()
     torch.manual_seed(0)
     b = (unet_bench if args.model == "unet" else classifier_bench)(args.held_out)
@@ -164,7 +192,10 @@ def main() -> None:
     print(f"{b.name}: {len(prob.layers)} convs, {sum(len(lc.candidates) for lc in prob.layers)} candidates "
           f"(with dense); load {os.getloadavg()}", flush=True)
     predicted = None if args.skip_predicted else data_sensitivity(b.dense, prob.layers, b.calib)
-    measured = single_conv_errors(b, prob, ex, predicted)
+    reused = read_measured(args.reuse)
+    measured = single_conv_errors(b, prob, ex, predicted, reused, set(args.conv) if args.conv else None)
+    if args.conv:
+        return
     for budget in args.budget or ["m2", "0.5"]:
         print(json.dumps(oracle_row(b, prob, ex, measured, budget)), flush=True)
 
