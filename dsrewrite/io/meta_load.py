@@ -29,8 +29,11 @@ A loaded tensor is used as it is only when it has the architecture's dtype, stri
 and owns its storage alone; otherwise it is copied into a new tensor laid out as the
 architecture's (what ``load_state_dict``'s copy gives: the architecture's dtype wins).
 
-One visible difference: building on meta draws no random numbers, so torch's global generator
-is not advanced by the architecture's initialisation (dsrewrite itself seeds its own generators).
+Visible differences: building on meta draws no random numbers, so torch's global generator is
+not advanced by the architecture's initialisation (dsrewrite itself seeds its own generators);
+where the meta path falls back after building, the factory runs twice (once on meta); while
+building on meta, imports not yet done are refused process-wide (``sys.meta_path``), so another
+thread importing at that moment would fail.
 
 Example:
     >>> import torch
