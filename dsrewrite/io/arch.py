@@ -365,6 +365,17 @@ def _factory(a: ArchSpec) -> nn.Module:
     return model
 
 
+def import_arch_module(a: ArchSpec) -> None:
+    """Import the module :func:`build_arch` would import for ``a`` (guarded as there), without building.
+
+    Lets a caller build afterwards under a device context (``torch.device("meta")``) without
+    the import itself running under it. Raises what the import would raise in :func:`build_arch`.
+    """
+    library = {"timm": "timm", "torchvision": "torchvision", "smp": "segmentation_models_pytorch",
+               "demo": "dsrewrite.demo"}.get(a.library)
+    _import(a, library or a.spec.partition(":")[0])
+
+
 def build_arch(spec: Union[str, ArchSpec], arch_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Build a model with random weights from an arch spec and its arguments (never downloads).
 

@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import ModelLoadError, TrustedPickleWarning
 from .arch import ARCH_EXAMPLES, ARCH_FLAG_EXAMPLES, ArchSpec, arch_spec, build_arch
 from .arch_spec import DEMO_MODELS
+from .meta_load import fit_on_meta
 from .safe_load import safe_torch_load
 from .state_dict import (  # noqa: F401  (re-exported: dsrewrite.io.load.X, old paths)
     STATE_DICT_KEYS,
@@ -341,11 +342,15 @@ def load_model(
             f"{path} holds a state dict ({len(sd)} tensors, e.g. {next(iter(sd))!r}), not a whole model: "
             f"pass --arch (arch=... in Python) to say which architecture to load it into, e.g. {ARCH_FLAG_EXAMPLES}."
         )
-    model = build_arch(spec_arch)
-    try:
-        fitted = fit_state_dict(model, sd, source=str(path), arch=str(spec_arch))
-    except ModelLoadError:
-        model, fitted = _fit_rewritten(model, sd, path, str(spec_arch))
+    on_meta = fit_on_meta(spec_arch, sd, source=str(path))  # no second copy of the weights, where safe
+    if on_meta is not None:
+        model, fitted = on_meta
+    else:
+        model = build_arch(spec_arch)
+        try:
+            fitted = fit_state_dict(model, sd, source=str(path), arch=str(spec_arch))
+        except ModelLoadError:
+            model, fitted = _fit_rewritten(model, sd, path, str(spec_arch))
     detail = ", ".join(x for x in (how, where, fitted) if x)
     return LoadedModel(model, f"{path}: state dict ({len(sd)} tensors; {detail}) into {spec_arch}", "state_dict",
                        text, path, arch=spec_arch)

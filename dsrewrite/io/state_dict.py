@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ModelLoadError, did_you_mean
 
 __all__ = ["STATE_DICT_KEYS", "WRAPPER_PREFIXES", "extract_state_dict", "fit_state_dict",
-           "load_state_dict_checked", "is_tensor_mapping"]
+           "load_state_dict_checked", "is_tensor_mapping", "select_state_dict"]
 
 #: Keys under which a checkpoint dict may hold the state dict (searched in this order).
 STATE_DICT_KEYS: tuple[str, ...] = (
@@ -160,6 +160,29 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: 
         >>> fit_state_dict(nn.Linear(2, 3), sd, source="ck.pt", arch="lin")
         "stripped 'model._orig_mod.' prefix"
     """
+    cand, note = select_state_dict(model, sd, source=source, arch=arch)
+    try:
+        model.load_state_dict(cand, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"state dict in {source} does not load into arch {arch!r}: {exc}") from exc
+    return note
+
+
+def select_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str,
+                      arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The keys of ``sd`` that fit ``model`` exactly (a wrapper prefix stripped if needed), and the note.
+
+    What :func:`fit_state_dict` loads, without loading it (``model`` may be on the meta device).
+
+    Raises:
+        ModelLoadError: nothing fits (the message :func:`fit_state_dict` gives).
+
+    Example:
+        >>> cand, note = select_state_dict(nn.Linear(2, 3), {"module.bias": torch.ones(3), "module.weight":
+        ...                                torch.ones(3, 2)}, source="ck.pt", arch="lin")
+        >>> sorted(cand), note
+        (['bias', 'weight'], "stripped 'module.' prefix")
+    """
     own = model.state_dict()
     own_shapes = {k: tuple(v.shape) for k, v in own.items()}
     chosen = None
@@ -190,13 +213,9 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: 
             f"state dict in {source} does not fit arch {arch!r}: {_describe_mismatch(own, sd)}. {hint}"
         )
     prefix, cand, dropped = chosen
-    try:
-        model.load_state_dict(cand, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"state dict in {source} does not load into arch {arch!r}: {exc}") from exc
     if not prefix:
-        return ""
-    return f"stripped {prefix!r} prefix" + (f", dropped {dropped} keys without it" if dropped else "")
+        return cand, ""
+    return cand, f"stripped {prefix!r} prefix" + (f", dropped {dropped} keys without it" if dropped else "")
 
 
 def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str) -> None:
