@@ -135,9 +135,11 @@ def test_zero_budget_caches_nothing(cached_bytes: dict[str, int]) -> None:
 
 
 def test_default_budget_is_a_quarter_of_the_model_with_a_floor() -> None:
-    big = nn.Linear(16384, 16384, bias=False, device="meta")  # 1 GiB of float32, never allocated
-    assert default_cache_bytes(big) == (1 << 30) // 4
-    assert default_cache_bytes(nn.Linear(4, 4)) == 64 << 20
+    big = nn.Linear(32768, 32768, bias=False, device="meta")  # 4 GiB of float32, never allocated
+    assert default_cache_bytes(big) == (4 << 30) // 4
+    mid = nn.Linear(16384, 16384, bias=False, device="meta")  # 1 GiB: a quarter is under the floor
+    assert default_cache_bytes(mid) == 512 << 20
+    assert default_cache_bytes(nn.Linear(4, 4)) == 512 << 20
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
