@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,15 +297,21 @@ def test_cli_budget_refusal_exits_2_and_plan_prints_the_choice(tmp_path) -> None
     assert r.exit_code == 2 and "not both" in r.output
 
 
+def _saved_net_and_calib(tmp_path: Path) -> tuple[Path, Path]:
+    """``_net()`` pickled to ``net.pt`` and ``_data()`` to ``calib.pt`` in ``tmp_path``, for the CLI tests."""
+    path, data = tmp_path / "net.pt", tmp_path / "calib.pt"
+    torch.save(_net(), path)
+    torch.save(torch.cat(_data()), data)
+    return path, data
+
+
 def test_cli_budget_sweep_prints_and_plots(tmp_path) -> None:
     from click.testing import CliRunner
 
     from dsrewrite.cli import main
 
-    net = _net()
-    path, data, png = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "sweep.png"
-    torch.save(net, path)
-    torch.save(torch.cat(_data()), data)
+    path, data = _saved_net_and_calib(tmp_path)
+    png = tmp_path / "sweep.png"
     r = CliRunner().invoke(main, ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
                                   "--trust-pickle", "--calib", str(data), "--budget-sweep", "0.4,0.7",
                                   "--sweep-plot", str(png)])
@@ -321,10 +328,8 @@ def test_cli_budget_sweep_times_each_point_when_asked(tmp_path) -> None:
 
     from dsrewrite.cli import main
 
-    net = _net()
-    path, data, png = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "sweep.png"
-    torch.save(net, path)
-    torch.save(torch.cat(_data()), data)
+    path, data = _saved_net_and_calib(tmp_path)
+    png = tmp_path / "sweep.png"
     args = ["plan", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16", "--trust-pickle", "--calib",
             str(data), "--budget-sweep", "0.5"]
     plain = CliRunner().invoke(main, args)
@@ -350,10 +355,8 @@ def test_cli_apply_with_a_budget_writes_a_model_within_it(tmp_path) -> None:
 
     from dsrewrite.cli import main
 
-    net = _net()
-    path, data, out = tmp_path / "net.pt", tmp_path / "calib.pt", tmp_path / "light.pt"
-    torch.save(net, path)
-    torch.save(torch.cat(_data()), data)
+    path, data = _saved_net_and_calib(tmp_path)
+    out = tmp_path / "light.pt"
     r = CliRunner().invoke(main, ["apply", str(path), "--recipe", "all_3x3", "--input-shape", "1,3,16,16",
                                   "--trust-pickle", "--calib", str(data), "--target-macs", "0.5", "--order", "auto",
                                   "-o", str(out)])
@@ -361,4 +364,4 @@ def test_cli_apply_with_a_budget_writes_a_model_within_it(tmp_path) -> None:
     assert "budget (budget: macs 0.5 of the model)" in r.output and "measured after calibration" in r.output
     light = torch.load(out, weights_only=False)
     x = torch.zeros(1, 3, 16, 16)
-    assert count_costs(light, x).total_macs <= 0.5 * count_costs(net, x).total_macs
+    assert count_costs(light, x).total_macs <= 0.5 * count_costs(_net(), x).total_macs

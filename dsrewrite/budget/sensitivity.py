@@ -68,7 +68,7 @@ from ..planning.types import LayerConfig
 from ..refit.batches import batch_size_of, first_samples
 from ..refit.layer_fit import LayerFit
 from ..refit.lstsq import GramStats, gather_patches, quadratic_error, ridge_solve, sample_positions
-from ..runtime.run import call_model, evaluating, flatten_outputs
+from ..runtime.run import call_model, evaluating, first_tensor, flatten_outputs
 from .candidates import LayerCandidates
 
 __all__ = ["LayerSensitivity", "Sensitivity", "data_sensitivity", "weight_sensitivity"]
@@ -214,22 +214,11 @@ def _gain_at(measured: Sequence[tuple[int, float]], m: int) -> float:
 GAIN_ELEMENTS = 1 << 19
 
 
-def _first_tensor(obj: Any) -> Optional[Tensor]:
-    if isinstance(obj, Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
 def _auto_gain_images(batches: Sequence[Any]) -> int:
     """Images for the gain runs: enough to cover :data:`GAIN_ELEMENTS` input elements (at least one)."""
     if not batches:
         return 1
-    t = _first_tensor(batches[0])
+    t = first_tensor(batches[0])
     per = t.numel() // max(1, batch_size_of(batches[0])) if t is not None else 0
     return max(1, math.ceil(GAIN_ELEMENTS / per)) if per > 0 else 8
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, UsageError
-from ..runtime.run import call_model, evaluating, run_model
+from ..runtime.run import call_model, evaluating, first_tensor, run_model
 
 __all__ = ["LatencyComparison", "compare_latency"]
 
@@ -101,17 +101,6 @@ def _prepare_input(x: Any, device: torch.device, fmt: Optional[torch.memory_form
     return x
 
 
-def _first_tensor(x: Any) -> Optional[Tensor]:
-    if isinstance(x, Tensor):
-        return x
-    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
 def compare_latency(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -146,7 +135,7 @@ def compare_latency(
     dev = torch.device(device) if device is not None else _device_of(model_a)
     fmt = None
     if channels_last:
-        first = _first_tensor(example_input)
+        first = first_tensor(example_input)
         if first is None:
             raise InputShapeError("channels_last needs a tensor input; got none. Hint: pass the input tensor.")
         fmt = _memory_format(first)

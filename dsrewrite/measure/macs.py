@@ -45,12 +45,12 @@ from math import prod
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import PlanError, did_you_mean
 from ..runtime.conv_weight import raw_weight
-from ..runtime.run import evaluating, run_model
+from ..runtime.run import evaluating, first_tensor, run_model
 
 __all__ = [
     "ModuleCost",
@@ -210,17 +210,6 @@ class _Frame:
         self.children: Counter[str] = Counter()
 
 
-def _first_tensor(value: Any) -> Optional[Tensor]:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
 def measure(model: nn.Module, example_inputs: Any, *, cross_check: bool = True) -> ModelCosts:
     """Count every conv/linear module's MACs in one forward; optionally cross-check with FlopCounterMode.
 
@@ -258,8 +247,8 @@ def measure(model: nn.Module, example_inputs: Any, *, cross_check: bool = True) 
 
     def post_hook(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if id(mod) in counted:
-            x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
-            y = _first_tensor(out)
+            x = first_tensor(args) if args else first_tensor(list(kwargs.values()))
+            y = first_tensor(out)
             if x is not None and y is not None:
                 shapes[id(mod)].append((tuple(x.shape), tuple(y.shape)))
         if counter is not None and stack and stack[-1].name == names[id(mod)]:
@@ -302,7 +291,7 @@ def measure(model: nn.Module, example_inputs: Any, *, cross_check: bool = True) 
         )
     total = sum(c.macs for c in modules.values())
     check = _make_check(counter, own, inside_counted, counted, total) if counter is not None else None
-    first = _first_tensor(example_inputs if not isinstance(example_inputs, Mapping) else list(example_inputs.values()))
+    first = first_tensor(example_inputs if not isinstance(example_inputs, Mapping) else list(example_inputs.values()))
     return ModelCosts(
         modules=modules,
         total_macs=total,

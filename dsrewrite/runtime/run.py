@@ -12,14 +12,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputShapeError
 
-__all__ = ["evaluating", "call_model", "describe_inputs", "run_model", "flatten_outputs"]
+__all__ = ["evaluating", "call_model", "describe_inputs", "run_model", "flatten_outputs", "first_tensor"]
 
 
 @contextlib.contextmanager
@@ -93,6 +93,23 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
             f"{type(exc).__name__}: {exc}. Hint: pass an input of the shape, dtype and device "
             "the model expects (e.g. --input-shape 1,3,224,224)."
         ) from exc
+
+
+def first_tensor(value: Any) -> Optional[Tensor]:
+    """The first tensor leaf of ``value`` (tuples and lists by position, dicts in their own order), or ``None``.
+
+    Example:
+        >>> first_tensor((None, {"x": torch.zeros(2)})).shape
+        torch.Size([2])
+    """
+    if isinstance(value, Tensor):
+        return value
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for v in values:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
 
 
 def flatten_outputs(out: Any, path: str = "", *, strict: bool = False,
